@@ -1,0 +1,53 @@
+"""DualGuide-SDXL: training-free TPG + NAG (+ PAG/SoftPAG, CFG) guidance for SDXL in one UNet call per step.
+
+Public names are imported lazily so that ``import dualguide`` (and the ``dualguide`` command) stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "GuidedDenoiser": "denoiser",
+    "Conditioning": "conditioning",
+    "encode_sdxl": "conditioning",
+    "encode_nag_negative": "conditioning",
+    "CFG": "config",
+    "TPG": "config",
+    "PAG": "config",
+    "NAG": "config",
+    "Interval": "config",
+    "DEFAULT_TPG_LAYERS": "config",
+    "DEFAULT_PAG_LAYERS": "config",
+    "guided_prediction": "guidance",
+    "rescale_guidance": "guidance",
+    "nag_extrapolate": "guidance",
+    "parse_layer_ids": "layers",
+    "resolve_layers": "layers",
+    "transformer_blocks": "layers",
+    "token_shuffle": "perturb",
+    "perturbed_self_attention": "perturb",
+    "normalized_attention_guidance": "nag",
+    "DiscreteModelSchedule": "schedule",
+    "StableDiffusionXLTPGPipeline": "pipeline",
+    "apply_softpag": "pipeline",
+    "apply_nag": "pipeline",
+    "build_tiny_sdxl": "tiny",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dualguide' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -1,0 +1,81 @@
+"""Pieces of a diffusers ``Attention`` forward, shared by the guidance processors.
+
+They follow the arithmetic of diffusers' ``AttnProcessor2_0`` step by step so that a
+row that no guidance touches gets exactly the standard attention output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class AttentionInput:
+    """Hidden states flattened to ``[B, N, C]`` plus what ``finish`` needs to undo that."""
+
+    hidden_states: Tensor
+    residual: Tensor
+    spatial_shape: Optional[Tuple[int, int, int, int]]
+
+
+def prepare(attn, hidden_states: Tensor, temb: Optional[Tensor] = None) -> AttentionInput:
+    """Spatial norm, 4D -> tokens, group norm: everything before the projections."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    spatial_shape = None
+    if hidden_states.ndim == 4:
+        spatial_shape = tuple(hidden_states.shape)
+        batch, channels, height, width = spatial_shape
+        hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    return AttentionInput(hidden_states, residual, spatial_shape)
+
+
+def context(attn, hidden_states: Tensor, encoder_hidden_states: Optional[Tensor]) -> Tensor:
+    """The key/value source: the text context (normed if the module asks) or the tokens themselves."""
+    if encoder_hidden_states is None:
+        return hidden_states
+    if attn.norm_cross:
+        return attn.norm_encoder_hidden_states(encoder_hidden_states)
+    return encoder_hidden_states
+
+
+def split_heads(attn, projected: Tensor) -> Tensor:
+    """``[B, N, H*d]`` -> ``[B, H, N, d]``."""
+    batch = projected.shape[0]
+    return projected.view(batch, -1, attn.heads, projected.shape[-1] // attn.heads).transpose(1, 2)
+
+
+def merge_heads(heads: Tensor) -> Tensor:
+    """``[B, H, N, d]`` -> ``[B, N, H*d]``."""
+    batch, num_heads, tokens, head_dim = heads.shape
+    return heads.transpose(1, 2).reshape(batch, tokens, num_heads * head_dim)
+
+
+def attend(attn, query_states: Tensor, key_states: Tensor, value_states: Tensor) -> Tensor:
+    """Multi-head attention of already projected ``[B, N, H*d]`` inputs; heads merged, before ``to_out``."""
+    query = split_heads(attn, query_states)
+    key = split_heads(attn, key_states)
+    value = split_heads(attn, value_states)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    return merge_heads(out).to(query.dtype)
+
+
+def finish(attn, merged: Tensor, prepared: AttentionInput) -> Tensor:
+    """``to_out``, back to 4D if needed, residual connection and output rescale."""
+    out = attn.to_out[1](attn.to_out[0](merged))
+    if prepared.spatial_shape is not None:
+        out = out.transpose(-1, -2).reshape(prepared.spatial_shape)
+    if attn.residual_connection:
+        out = out + prepared.residual
+    return out / attn.rescale_output_factor

@@ -1,0 +1,177 @@
+"""Guidance terms and their settings, validated on construction.
+
+Each term (CFG, TPG, PAG/SoftPAG, NAG) is a small frozen dataclass. Errors name the
+parameter as the pipeline spells it (``tpg_scale``, ``nag_alpha``, ...) and the valid values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple, Union
+
+from torch import Tensor
+
+from .layers import LayerSpec, parse_layer_ids
+
+DEFAULT_TPG_LAYERS = "d6-d23"
+DEFAULT_PAG_LAYERS = "m0-m9"
+
+
+def _check_number(value, name: str, low: float, high: float = math.inf, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    if math.isnan(value) or too_low or value > high:
+        bracket = "(" if low_open else "["
+        upper = "inf)" if high == math.inf else f"{high:g}]"
+        raise ValueError(f"{name} must lie in {bracket}{low:g}, {upper}, got {value:g}")
+    return value
+
+
+@dataclass(frozen=True)
+class Interval:
+    """When a term is active: fractions ``[start, end)`` of the schedule's steps and sigmas ``(sigma_low, sigma_high]``.
+
+    Fractions follow diffusers' guiders: step ``i`` of ``n`` is active when
+    ``int(start*n) <= i < int(end*n)``; evaluations between two steps count with the
+    earlier one. The defaults keep a term on for the whole schedule.
+    """
+
+    start: float = 0.0
+    end: float = 1.0
+    sigma_low: float = 0.0
+    sigma_high: float = math.inf
+    name: str = field(default="interval", compare=False)
+
+    def __post_init__(self) -> None:
+        _check_number(self.start, f"{self.name} start", 0.0, 1.0)
+        _check_number(self.end, f"{self.name} end", 0.0, 1.0)
+        if self.end < self.start:
+            raise ValueError(f"{self.name}: end ({self.end:g}) must not be before start ({self.start:g})")
+        _check_number(self.sigma_low, f"{self.name} sigma_low", 0.0)
+        _check_number(self.sigma_high, f"{self.name} sigma_high", self.sigma_low)
+
+    @property
+    def uses_fractions(self) -> bool:
+        return self.start > 0.0 or self.end < 1.0
+
+    def sigma_bounds(self, schedule: Optional[Tensor]) -> Tuple[float, float]:
+        """The active sigmas ``(low, high]`` given the run's schedule (needed only for fractions)."""
+        low, high = self.sigma_low, self.sigma_high
+        if not self.uses_fractions:
+            return low, high
+        if schedule is None:
+            raise ValueError(
+                f"{self.name} is given as fractions of the schedule; pass the run's sigmas to the denoiser "
+                "(GuidedDenoiser(..., sigmas=sigmas) or denoiser.set_schedule(sigmas))"
+            )
+        steps = len(schedule) - 1
+        first, stop = int(self.start * steps), int(self.end * steps)
+        if first >= stop:
+            return math.inf, -math.inf  # empty
+        return max(low, float(schedule[stop])), min(high, float(schedule[first]))
+
+
+IntervalLike = Union[Interval, Tuple[float, float], None]
+
+
+def as_interval(value: IntervalLike, name: str) -> Interval:
+    """Accept an ``Interval``, a ``(start, end)`` pair of fractions, or None (always on)."""
+    if value is None:
+        return Interval(name=name)
+    if isinstance(value, Interval):
+        return Interval(value.start, value.end, value.sigma_low, value.sigma_high, name=name)
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return Interval(value[0], value[1], name=name)
+    raise TypeError(f"{name} must be an Interval or a (start, end) pair of fractions in [0, 1], got {value!r}")
+
+
+@dataclass(frozen=True)
+class CFG:
+    """Classifier-free guidance; active when ``scale > 1``."""
+
+    scale: float = 5.0
+    rescale: float = 0.0
+    interval: IntervalLike = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", _check_number(self.scale, "guidance_scale", 0.0))
+        object.__setattr__(self, "rescale", _check_number(self.rescale, "guidance_rescale", 0.0, 1.0))
+        object.__setattr__(self, "interval", as_interval(self.interval, "cfg_interval"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.scale > 1.0
+
+
+@dataclass(frozen=True)
+class TPG:
+    """Token Perturbation Guidance: a branch whose tokens are shuffled in ``layers``."""
+
+    scale: float = 3.0
+    layers: LayerSpec = DEFAULT_TPG_LAYERS
+    interval: IntervalLike = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", _check_number(self.scale, "tpg_scale", 0.0))
+        object.__setattr__(self, "layers", tuple(parse_layer_ids(self.layers, "tpg_applied_layers_index")))
+        if self.scale > 0 and not self.layers:
+            raise ValueError("tpg_applied_layers_index is empty while tpg_scale > 0; give ids such as 'd6-d23'")
+        object.__setattr__(self, "interval", as_interval(self.interval, "tpg_interval"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.scale > 0.0
+
+
+@dataclass(frozen=True)
+class PAG:
+    """Perturbed-Attention Guidance; ``beta < 1`` or ``heads`` make it SoftPAG."""
+
+    scale: float = 3.0
+    layers: LayerSpec = DEFAULT_PAG_LAYERS
+    beta: float = 1.0
+    heads: Optional[Sequence[int]] = None
+    interval: IntervalLike = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", _check_number(self.scale, "pag_scale", 0.0))
+        object.__setattr__(self, "layers", tuple(parse_layer_ids(self.layers, "pag_applied_layers_index")))
+        if self.scale > 0 and not self.layers:
+            raise ValueError("pag_applied_layers_index is empty while pag_scale > 0; give ids such as 'm0-m9'")
+        object.__setattr__(self, "beta", _check_number(self.beta, "beta", 0.0, 1.0))
+        if self.heads is not None:
+            heads = tuple(self.heads)
+            if not heads or any(isinstance(h, bool) or not isinstance(h, int) or h < 0 for h in heads):
+                raise ValueError(f"selected_heads must be a non-empty list of head indices >= 0 or None, got {self.heads!r}")
+            object.__setattr__(self, "heads", tuple(sorted(set(heads))))
+        object.__setattr__(self, "interval", as_interval(self.interval, "pag_interval"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.scale > 0.0
+
+
+@dataclass(frozen=True)
+class NAG:
+    """Normalized Attention Guidance; ``scale <= 1`` means off. SDXL defaults of the paper."""
+
+    scale: float = 3.0
+    tau: float = 2.5
+    alpha: float = 0.5
+    use_l1: bool = True
+    interval: IntervalLike = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", _check_number(self.scale, "nag_scale", 1.0))
+        object.__setattr__(self, "tau", _check_number(self.tau, "nag_tau", 0.0, low_open=True))
+        object.__setattr__(self, "alpha", _check_number(self.alpha, "nag_alpha", 0.0, 1.0))
+        if not isinstance(self.use_l1, bool):
+            raise TypeError(f"nag_use_l1 must be True or False, got {self.use_l1!r}")
+        object.__setattr__(self, "interval", as_interval(self.interval, "nag_interval"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.scale > 1.0

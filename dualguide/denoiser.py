@@ -1,0 +1,247 @@
+"""GuidedDenoiser: a k-diffusion model wrapper with CFG, TPG, PAG/SoftPAG and NAG in one UNet call.
+
+``denoised = model(x, sigma, cond=..., uncond=..., nag_negative=...)`` with ``x`` ``[B,C,H,W]``
+float32 and ``sigma`` ``[B]``: the x0 prediction in float32, usable by any k-diffusion
+sampler through ``extra_args``.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .batch import BRANCH_ORDER, CallRows, GuidanceState, TokenPermutations, plan_calls
+from .conditioning import Conditioning
+from .config import CFG, NAG, PAG, TPG
+from .guidance import guided_prediction, rescale_guidance
+from .layers import resolve_layers
+from .nag import normalized_attention_guidance
+from .perturb import perturbed_self_attention, token_shuffle
+from .schedule import DiscreteModelSchedule
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _check_heads(blocks, heads) -> None:
+    if heads is None:
+        return
+    available = min(module.attn1.heads for _, module in blocks)
+    bad = [h for h in heads if h >= available]
+    if bad:
+        raise ValueError(f"selected_heads {bad} out of range: the selected PAG layers have heads 0-{available - 1}")
+
+
+class GuidedDenoiser:
+    """k-diffusion denoiser around a diffusers ``UNet2DConditionModel`` with dual guidance.
+
+    Per call it stacks the active branches ``[uncond, cond, tpg, pag]`` along the batch,
+    runs the UNet once (or in chunks of ``max_batch_rows``), and combines the branch
+    predictions with the CFG + perturbation-guidance formula. NAG acts inside the
+    cross-attention of the positive rows. ``last_predictions`` holds the last call's x0
+    prediction of each branch and of the guided result, for callbacks and custom samplers.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        schedule,
+        *,
+        prediction_type: Optional[str] = None,
+        cfg: Optional[CFG] = None,
+        tpg: Optional[TPG] = None,
+        pag: Optional[PAG] = None,
+        nag: Optional[NAG] = None,
+        seed: int = 0,
+        max_batch_rows: Optional[int] = None,
+        sigmas: Optional[Tensor] = None,
+        cross_attention_kwargs: Optional[dict] = None,
+    ) -> None:
+        if not isinstance(schedule, DiscreteModelSchedule):
+            prediction_type = prediction_type or getattr(getattr(schedule, "config", None), "prediction_type", None)
+            schedule = DiscreteModelSchedule.from_scheduler(schedule)
+        prediction_type = prediction_type or "epsilon"
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+        for name, term, kind in (("cfg", cfg, CFG), ("tpg", tpg, TPG), ("pag", pag, PAG), ("nag", nag, NAG)):
+            if term is not None and not isinstance(term, kind):
+                raise TypeError(f"{name} must be a dualguide.{kind.__name__} or None, got {type(term).__name__}")
+        if max_batch_rows is not None and (isinstance(max_batch_rows, bool) or not isinstance(max_batch_rows, int) or max_batch_rows < 1):
+            raise ValueError(f"max_batch_rows must be a positive integer or None, got {max_batch_rows!r}")
+        self.unet = unet
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+        self.cfg = cfg or CFG(scale=1.0)
+        self.tpg = tpg if tpg is not None and tpg.enabled else None
+        self.pag = pag if pag is not None and pag.enabled else None
+        self.nag = nag if nag is not None and nag.enabled else None
+        self.max_batch_rows = max_batch_rows
+        self.cross_attention_kwargs = cross_attention_kwargs
+        self._tpg_blocks = resolve_layers(unet, self.tpg.layers, "tpg_applied_layers_index") if self.tpg else []
+        self._pag_blocks = resolve_layers(unet, self.pag.layers, "pag_applied_layers_index") if self.pag else []
+        if self.pag:
+            _check_heads(self._pag_blocks, self.pag.heads)
+        self.state = GuidanceState(permutations=TokenPermutations(seed))
+        self._hooks_depth = 0
+        self._batch_cache: Dict[tuple, tuple] = {}
+        self._cached_inputs: Optional[tuple] = None
+        self.last_predictions: Dict[str, Tensor] = {}
+        self.last_branches: Tuple[str, ...] = ()
+        self.set_schedule(sigmas)
+
+    # -- schedule -----------------------------------------------------------------------------
+    def set_schedule(self, sigmas: Optional[Tensor]) -> None:
+        """Give the run's sigmas, needed by intervals written as fractions of the schedule."""
+        schedule = None if sigmas is None else torch.as_tensor(sigmas).detach().float().cpu()
+        self._bounds = {
+            name: term.interval.sigma_bounds(schedule)
+            for name, term in (("cfg", self.cfg), ("tpg", self.tpg), ("pag", self.pag), ("nag", self.nag))
+            if term is not None
+        }
+
+    @property
+    def sigma_min(self) -> float:
+        return self.schedule.sigma_min
+
+    @property
+    def sigma_max(self) -> float:
+        return self.schedule.sigma_max
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        return self.schedule.sigma_to_t(sigma)
+
+    def _active(self, name: str, sigma: float) -> bool:
+        low, high = self._bounds[name]
+        return low < sigma <= high
+
+    def active_branches(self, sigma: float) -> Tuple[str, ...]:
+        """The branches that a call at ``sigma`` puts into the batch, in batch order."""
+        on = {
+            "uncond": self.cfg.enabled and self._active("cfg", sigma),
+            "cond": True,
+            "tpg": self.tpg is not None and self._active("tpg", sigma),
+            "pag": self.pag is not None and self._active("pag", sigma),
+        }
+        return tuple(name for name in BRANCH_ORDER if on[name])
+
+    # -- hooks --------------------------------------------------------------------------------
+    @contextmanager
+    def hooks(self) -> Iterator["GuidedDenoiser"]:
+        """Keep the guidance hooks installed over many calls (a whole sampling run); re-entrant.
+
+        Without it each call installs and removes them itself. On exit, successful or not,
+        the UNet has exactly its previous processors and no hooks.
+        """
+        if self._hooks_depth:
+            self._hooks_depth += 1
+            try:
+                yield self
+            finally:
+                self._hooks_depth -= 1
+            return
+        with ExitStack() as stack:
+            if self.tpg:
+                stack.enter_context(token_shuffle(self._tpg_blocks, self.state))
+            if self.pag:
+                stack.enter_context(perturbed_self_attention(self._pag_blocks, self.state, self.pag.beta, self.pag.heads))
+            if self.nag:
+                stack.enter_context(
+                    normalized_attention_guidance(self.unet, self.state, self.nag.scale, self.nag.tau, self.nag.alpha, self.nag.use_l1)
+                )
+            self._hooks_depth = 1
+            try:
+                yield self
+            finally:
+                self._hooks_depth = 0
+                self.state.rows = CallRows({})
+                self.state.nag_negative = None
+
+    # -- the call -----------------------------------------------------------------------------
+    def __call__(
+        self,
+        x: Tensor,
+        sigma: Tensor,
+        cond: Conditioning,
+        uncond: Optional[Conditioning] = None,
+        nag_negative: Optional[Tensor] = None,
+    ) -> Tensor:
+        self._check_call(x, cond, uncond, nag_negative)
+        sigma = sigma.float().reshape(-1).expand(x.shape[0])
+        branches = self.active_branches(float(sigma.max()))
+        nag_on = self.nag is not None and self._active("nag", float(sigma.max()))
+        outputs = self._run_unet(x, sigma, branches, cond, uncond, nag_negative if nag_on else None)
+        predictions = dict(zip(branches, outputs.float().chunk(len(branches))))
+        guided = guided_prediction(
+            predictions["cond"],
+            predictions.get("uncond"),
+            self.cfg.scale,
+            [(term.scale, predictions[name]) for name, term in (("tpg", self.tpg), ("pag", self.pag)) if name in predictions],
+        )
+        if "uncond" in predictions:
+            guided = rescale_guidance(guided, predictions["cond"], self.cfg.rescale)
+        self.last_branches = branches
+        self.last_predictions = {name: self._to_denoised(x, sigma, p) for name, p in predictions.items()}
+        self.last_predictions["guided"] = self._to_denoised(x, sigma, guided)
+        return self.last_predictions["guided"]
+
+    def _check_call(self, x: Tensor, cond, uncond, nag_negative) -> None:
+        if not isinstance(cond, Conditioning):
+            raise TypeError(f"cond must be a dualguide.Conditioning, got {type(cond).__name__}")
+        if self.cfg.enabled and not isinstance(uncond, Conditioning):
+            raise ValueError("uncond (a Conditioning) is required while guidance_scale > 1")
+        if self.nag is not None and not isinstance(nag_negative, Tensor):
+            raise ValueError("nag_negative (prompt embeds [B, L, D]) is required while nag_scale > 1")
+        for name, value in (("cond", cond), ("uncond", uncond)):
+            if isinstance(value, Conditioning) and value.batch_size != x.shape[0]:
+                raise ValueError(f"{name} has batch size {value.batch_size}, x has {x.shape[0]}")
+        if isinstance(nag_negative, Tensor) and nag_negative.shape[0] != x.shape[0]:
+            raise ValueError(f"nag_negative has batch size {nag_negative.shape[0]}, x has {x.shape[0]}")
+
+    def _to_denoised(self, x: Tensor, sigma: Tensor, output: Tensor) -> Tensor:
+        sigma = sigma.view(-1, *([1] * (x.ndim - 1)))
+        if self.prediction_type == "epsilon":
+            return x - sigma * output
+        return x / (sigma**2 + 1) - sigma / (sigma**2 + 1).sqrt() * output
+
+    def _step_inputs(self, branches, cond: Conditioning, uncond, nag_negative) -> tuple:
+        """Stacked UNet conditioning for the branches (and the NAG negative of every row).
+
+        Computed once per set of branches for the conditioning in use, not at every step.
+        """
+        if self._cached_inputs is None or any(a is not b for a, b in zip(self._cached_inputs, (cond, uncond, nag_negative))):
+            self._cached_inputs = (cond, uncond, nag_negative)
+            self._batch_cache.clear()
+        if branches not in self._batch_cache:
+            dtype = self.unet.dtype
+            stacked = Conditioning.cat([uncond if name == "uncond" else cond for name in branches]).to(dtype=dtype)
+            negative = None if nag_negative is None else nag_negative.to(dtype=dtype).repeat(len(branches), 1, 1)
+            self._batch_cache[branches] = (stacked, negative)
+        return self._batch_cache[branches]
+
+    def _run_unet(self, x, sigma, branches, cond, uncond, nag_negative) -> Tensor:
+        batch = x.shape[0]
+        dtype = self.unet.dtype
+        c_in = (sigma**2 + 1).rsqrt().view(-1, *([1] * (x.ndim - 1)))
+        model_input = (x * c_in).to(dtype).repeat(len(branches), 1, 1, 1)
+        timesteps = self.sigma_to_t(sigma).repeat(len(branches))
+        stacked, negative = self._step_inputs(branches, cond, uncond, nag_negative)
+        self.state.permutations.new_step()
+        outputs = []
+        with self.hooks():
+            for rows, call_rows in plan_calls(branches, batch, self.max_batch_rows):
+                self.state.rows = call_rows
+                guided = call_rows.guided
+                self.state.nag_negative = None if negative is None or guided is None else negative[rows][guided]
+                outputs.append(
+                    self.unet(
+                        model_input[rows],
+                        timesteps[rows],
+                        encoder_hidden_states=stacked.prompt_embeds[rows],
+                        added_cond_kwargs={"text_embeds": stacked.pooled_embeds[rows], "time_ids": stacked.time_ids[rows]},
+                        cross_attention_kwargs=self.cross_attention_kwargs,
+                        return_dict=False,
+                    )[0]
+                )
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

@@ -1,0 +1,63 @@
+"""Pure guidance math: combine the branch predictions of one step.
+
+Every function here is affine in its inputs with weights that sum to one, so it
+gives the same result whether it is applied to x0 ("denoised"), eps or v
+predictions of the same (x, sigma). The denoiser applies it to the model's own
+prediction space so that ``guidance_rescale`` matches diffusers exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def guided_prediction(
+    cond: Tensor,
+    uncond: Optional[Tensor] = None,
+    guidance_scale: float = 1.0,
+    perturbed: Iterable[Tuple[float, Tensor]] = (),
+) -> Tensor:
+    """Combine branch predictions with the CFG + perturbation-guidance formula.
+
+    ``D = D_u + w (D_c - D_u) + sum_k s_k (D_c - D_pk)`` when ``uncond`` is given
+    (CFG active), else ``D = D_c + sum_k s_k (D_c - D_pk)``. ``perturbed`` holds
+    ``(scale, prediction)`` pairs, one per perturbed branch (TPG, PAG).
+    """
+    guided = cond if uncond is None else uncond + guidance_scale * (cond - uncond)
+    for scale, prediction in perturbed:
+        guided = guided + scale * (cond - prediction)
+    return guided
+
+
+def rescale_guidance(guided: Tensor, cond: Tensor, guidance_rescale: float) -> Tensor:
+    """Rescale a guided prediction towards the cond prediction's std (Lin et al. 2023, sec. 3.4).
+
+    ``guidance_rescale`` = 0 returns ``guided`` unchanged, 1 matches the std of ``cond`` per sample.
+    """
+    if guidance_rescale == 0.0:
+        return guided
+    dims = list(range(1, guided.ndim))
+    ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+    return guidance_rescale * (guided * ratio) + (1.0 - guidance_rescale) * guided
+
+
+def nag_extrapolate(
+    positive: Tensor, negative: Tensor, scale: float, tau: float, alpha: float, use_l1: bool = True
+) -> Tensor:
+    """Normalized Attention Guidance on attention outputs (heads merged, before ``to_out``).
+
+    ``Zt = s Z+ - (s-1) Z-``; the per-token norm ratio ``r = |Zt| / |Z+|`` (L1 or L2
+    over the last dim) is clipped at ``tau``; the result is ``alpha Zt + (1-alpha) Z+``.
+    """
+    extrapolated = scale * positive - (scale - 1.0) * negative
+    order = 1 if use_l1 else 2
+    norm_positive = torch.linalg.vector_norm(positive, ord=order, dim=-1, keepdim=True)
+    norm_extrapolated = torch.linalg.vector_norm(extrapolated, ord=order, dim=-1, keepdim=True)
+    tiny = torch.finfo(positive.dtype).tiny
+    ratio = norm_extrapolated / norm_positive.clamp_min(tiny)
+    # min(r, tau) / r, written so that r = 0 gives 1 instead of 0/0.
+    clip = torch.where(ratio > tau, tau / ratio.clamp_min(tiny), torch.ones_like(ratio))
+    return alpha * (extrapolated * clip) + (1.0 - alpha) * positive

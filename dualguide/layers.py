@@ -1,0 +1,82 @@
+"""Layer ids ("d6", "m0", "u3", ranges "d6-d23") <-> the UNet's transformer blocks.
+
+Blocks are the diffusers ``BasicTransformerBlock`` modules in ``unet.named_modules()``
+order, grouped by the first component of their name (``down_blocks`` -> d,
+``mid_block`` -> m, ``up_blocks`` -> u) and numbered within each group, as the
+official TPG code does.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Iterable, List, Sequence, Tuple, Union
+
+from torch import nn
+
+GROUP_PREFIX = {"down_blocks": "d", "mid_block": "m", "up_blocks": "u"}
+LayerSpec = Union[str, Sequence[str]]
+_ID = re.compile(r"^([dmu])(\d+)(?:-(?:\1)?(\d+))?$")
+
+
+def transformer_blocks(unet: nn.Module) -> Dict[str, Tuple[str, nn.Module]]:
+    """Map every layer id of ``unet`` to ``(module name, BasicTransformerBlock)``."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    blocks: Dict[str, Tuple[str, nn.Module]] = {}
+    counts = {prefix: 0 for prefix in GROUP_PREFIX.values()}
+    for name, module in unet.named_modules():
+        if not isinstance(module, BasicTransformerBlock):
+            continue
+        prefix = GROUP_PREFIX.get(name.split(".", 1)[0])
+        if prefix is None:
+            continue
+        blocks[f"{prefix}{counts[prefix]}"] = (name, module)
+        counts[prefix] += 1
+    return blocks
+
+
+def valid_ranges(blocks: Iterable[str]) -> str:
+    """Describe the ids present as ranges, e.g. ``"d0-d23, m0-m9, u0-u35"``."""
+    counts: Dict[str, int] = {}
+    for layer_id in blocks:
+        counts[layer_id[0]] = counts.get(layer_id[0], 0) + 1
+    return ", ".join(f"{p}0-{p}{counts[p] - 1}" if counts[p] > 1 else f"{p}0" for p in "dmu" if p in counts)
+
+
+def parse_layer_ids(spec: LayerSpec, parameter: str = "layers") -> List[str]:
+    """Expand ``"d6-d23"``, ``"m0"``, ``"d1,u0-u3"`` or a list of such into single ids, in order."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    ids: List[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"{parameter} must hold strings like 'd6', 'm0-m9', got {item!r}")
+        for part in filter(None, (p.strip() for p in item.split(","))):
+            match = _ID.match(part)
+            if match is None:
+                raise ValueError(
+                    f"{parameter}: malformed layer id {part!r}; use 'd<i>', 'm<i>', 'u<i>' or a range such as 'd6-d23'"
+                )
+            prefix, first, last = match.group(1), int(match.group(2)), match.group(3)
+            last = first if last is None else int(last)
+            if last < first:
+                raise ValueError(f"{parameter}: empty range {part!r}; write the lower index first")
+            ids.extend(f"{prefix}{i}" for i in range(first, last + 1))
+    return list(dict.fromkeys(ids))
+
+
+def resolve_layers(unet: nn.Module, spec: LayerSpec, parameter: str = "layers") -> List[Tuple[str, nn.Module]]:
+    """Resolve a layer spec to ``(module name, BasicTransformerBlock)`` pairs of ``unet``.
+
+    Raises ``ValueError`` naming ``parameter`` and the valid ranges for an id this UNet lacks
+    or for an empty selection.
+    """
+    blocks = transformer_blocks(unet)
+    ids = parse_layer_ids(spec, parameter)
+    if not ids:
+        raise ValueError(f"{parameter} selects no layer; valid ranges for this UNet: {valid_ranges(blocks)}")
+    unknown = [i for i in ids if i not in blocks]
+    if unknown:
+        raise ValueError(
+            f"{parameter}: unknown layer id(s) {', '.join(unknown)}; valid ranges for this UNet: {valid_ranges(blocks)}"
+        )
+    return [blocks[i] for i in ids]

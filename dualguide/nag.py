@@ -1,0 +1,67 @@
+"""Normalized Attention Guidance (arXiv 2505.21179) as a cross-attention processor.
+
+For the guided rows (those that use the positive prompt) every ``attn2`` computes
+``Z+`` with the positive context and ``Z-`` with the NAG negative context from the
+same queries, and replaces ``Z+`` by ``nag_extrapolate(Z+, Z-)`` before ``to_out``.
+Uncond rows get the standard attention. NAG adds no UNet rows, only K/V.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+from diffusers.models.attention import BasicTransformerBlock
+from torch import Tensor, nn
+
+from . import attention
+from .batch import GuidanceState
+from .guidance import nag_extrapolate
+from .hooks import replaced_processors
+
+
+class NAGCrossAttnProcessor:
+    """Cross-attention with NAG on the guided rows of the call in flight.
+
+    While the state holds no NAG negative (NAG outside its interval) every call goes
+    to the processor that was installed before.
+    """
+
+    def __init__(self, previous, state: GuidanceState, scale: float, tau: float, alpha: float, use_l1: bool) -> None:
+        self.previous = previous
+        self.state = state
+        self.scale = scale
+        self.tau = tau
+        self.alpha = alpha
+        self.use_l1 = use_l1
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        guided = self.state.rows.guided
+        negative = self.state.nag_negative
+        if negative is None or guided is None or encoder_hidden_states is None or attention_mask is not None:
+            return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        prepared = attention.prepare(attn, hidden_states, temb)
+        query = attn.to_q(prepared.hidden_states)
+        positive_context = attention.context(attn, prepared.hidden_states, encoder_hidden_states)
+        merged = attention.attend(attn, query, attn.to_k(positive_context), attn.to_v(positive_context))
+        negative_context = attention.context(attn, prepared.hidden_states, negative.to(query.dtype))
+        z_negative = attention.attend(attn, query[guided], attn.to_k(negative_context), attn.to_v(negative_context))
+        guided_out = nag_extrapolate(
+            merged[guided].float(), z_negative.float(), self.scale, self.tau, self.alpha, self.use_l1
+        )
+        merged[guided] = guided_out.to(merged.dtype)
+        return attention.finish(attn, merged, prepared)
+
+
+@contextmanager
+def normalized_attention_guidance(
+    unet: nn.Module, state: GuidanceState, scale: float, tau: float, alpha: float, use_l1: bool = True
+) -> Iterator[None]:
+    """Install ``NAGCrossAttnProcessor`` on every ``attn2`` of ``unet``; restore the previous processors."""
+    replacements = {
+        module.attn2: (lambda previous: NAGCrossAttnProcessor(previous, state, scale, tau, alpha, use_l1))
+        for module in unet.modules()
+        if isinstance(module, BasicTransformerBlock) and module.attn2 is not None
+    }
+    with replaced_processors(replacements):
+        yield
