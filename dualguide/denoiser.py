@@ -91,6 +91,10 @@ class GuidedDenoiser:
         self.last_branches: Tuple[str, ...] = ()
         self.set_schedule(sigmas)
 
+    def reseed(self, seed: int) -> None:
+        """Restart the TPG permutation stream from ``seed``."""
+        self.state.permutations = TokenPermutations(seed)
+
     # -- schedule -----------------------------------------------------------------------------
     def set_schedule(self, sigmas: Optional[Tensor]) -> None:
         """Give the run's sigmas, needed by intervals written as fractions of the schedule."""

@@ -84,7 +84,7 @@ class PerturbedSelfAttnProcessor:
         mixed = torch.lerp(attended_heads, value_heads, self.beta)
         if self.heads is not None:
             selected = torch.zeros(attn.heads, dtype=torch.bool, device=attended.device)
-            selected[self.heads] = True
+            selected[list(self.heads)] = True
             mixed = torch.where(selected[None, :, None, None], mixed, attended_heads)
         return attention.merge_heads(mixed)
 

@@ -222,13 +222,13 @@ class StableDiffusionXLTPGPipeline(StableDiffusionXLPipeline):
             negatives = nag_settings["nag_negative_prompt"]
             if not isinstance(negatives, str) and prompt_batch_size(negatives, "nag_negative_prompt") != batch:
                 raise ValueError(f"nag_negative_prompt has {len(negatives)} entries but prompt has {batch}")
-        denoiser = GuidedDenoiser(
-            self.unet, self.scheduler, cfg=cfg, tpg=tpg, pag=pag, nag=nag,
-            max_batch_rows=max_batch_rows, cross_attention_kwargs=cross_attention_kwargs,
-        )  # fmt: skip
         sigmas, init_noise_scale = samplers.get_sigmas(
             sigma_schedule, num_inference_steps, self.scheduler, sigma_min=sigma_min, sigma_max=sigma_max
         )
+        denoiser = GuidedDenoiser(
+            self.unet, self.scheduler, cfg=cfg, tpg=tpg, pag=pag, nag=nag, sigmas=sigmas,
+            max_batch_rows=max_batch_rows, cross_attention_kwargs=cross_attention_kwargs,
+        )  # fmt: skip
 
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
@@ -261,8 +261,7 @@ class StableDiffusionXLTPGPipeline(StableDiffusionXLPipeline):
         images = batch * num_images_per_prompt
         x = self._initial_noise(images, height, width, device, generator, latents) * init_noise_scale
         seed = _derive_seed(generator)
-        denoiser.state.permutations = type(denoiser.state.permutations)(seed)
-        denoiser.set_schedule(sigmas)
+        denoiser.reseed(seed)
 
         # 4. Sample.
         sigmas = sigmas.to(device)

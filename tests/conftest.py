@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny SDXL-layout models built in code (no downloads)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dualguide import StableDiffusionXLTPGPipeline, build_tiny_sdxl  # noqa: E402
+
+torch.set_num_threads(2)
+SIZE = 32  # pixels; the tiny VAE's factor is 2, so 16x16 latents
+
+
+@pytest.fixture(scope="session")
+def components():
+    return build_tiny_sdxl(seed=0)
+
+
+@pytest.fixture(scope="session")
+def pipe(components):
+    pipeline = StableDiffusionXLTPGPipeline(**components, add_watermarker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="session")
+def sdxl_pipe(components):
+    from diffusers import StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline(**components, add_watermarker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+@pytest.fixture(scope="session")
+def unet(components):
+    return components["unet"]
+
+
+def unet_snapshot(unet):
+    """Processors and hook dicts of every module: equal snapshots mean the UNet is exactly as it was."""
+    processors = {name: id(module.processor) for name, module in unet.named_modules() if hasattr(module, "processor")}
+    hooks = {
+        name: (len(m._forward_pre_hooks), len(m._forward_hooks), len(m._backward_hooks))
+        for name, m in unet.named_modules()
+    }
+    return processors, hooks
+
+
+def generate(pipeline, seed=0, **kwargs):
+    """Latents from a short, small run with a seeded generator."""
+    settings = dict(prompt="a red circle", num_inference_steps=3, height=SIZE, width=SIZE, output_type="latent")
+    settings.update(kwargs)
+    return pipeline(generator=torch.Generator().manual_seed(seed), **settings).images
