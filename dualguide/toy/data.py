@@ -1,0 +1,174 @@
+"""Procedural, seeded text-image data: one coloured shape on a plain background, captioned from a small grammar.
+
+Grammar (optional parts in brackets)::
+
+    a [small|large] COLOR SHAPE [on the left|on the right|at the top|at the bottom|in the center] on a COLOR background
+
+About 10% of the captions are empty (for classifier-free guidance). Only numpy and PIL are used.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES: Tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
+COLORS: Dict[str, Tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (245, 220, 30),
+    "purple": (140, 40, 170),
+    "orange": (250, 140, 20),
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+}
+SIZES: Dict[str, Tuple[float, float]] = {"small": (0.14, 0.18), "medium": (0.22, 0.27), "large": (0.32, 0.38)}
+POSITIONS: Dict[str, Tuple[float, float]] = {
+    "center": (0.5, 0.5), "left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom": (0.5, 0.7),
+}  # fmt: skip
+POSITION_PHRASES: Dict[str, str] = {
+    "left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom", "center": "in the center",
+}  # fmt: skip
+EMPTY_CAPTION_RATE = 0.1
+SUPERSAMPLING = 4
+
+Labels = Dict[str, str]
+
+_PROMPT = re.compile(
+    r"^an? (?:(?P<size>small|large) )?(?P<color>\w+) (?P<shape>\w+)"
+    r"(?: (?:on the|at the|in the) (?P<position>left|right|top|bottom|center))?"
+    r" on an? (?P<background>\w+) background$"
+)
+
+
+def grammar_words() -> List[str]:
+    """Every word the caption grammar can produce (for the tokenizer vocabulary)."""
+    words = {"a", "an", "on", "the", "at", "in", "background"}
+    words.update(SHAPES, COLORS, (s for s in SIZES if s != "medium"), POSITIONS)
+    return sorted(words)
+
+
+def random_labels(rng: np.random.Generator, size_rate: float = 0.3, position_rate: float = 0.3) -> Labels:
+    """A random scene: shape, colour, a different background colour, size and position.
+
+    ``size`` is "small"/"large" with probability ``size_rate`` (else "medium", which has no caption word);
+    ``position`` is a side or "center" with probability ``position_rate`` (else "", centred without a word).
+    """
+    color, background = rng.choice(list(COLORS), size=2, replace=False)
+    size = str(rng.choice(["small", "large"])) if rng.random() < size_rate else "medium"
+    position = str(rng.choice(list(POSITIONS))) if rng.random() < position_rate else ""
+    return {"shape": str(rng.choice(SHAPES)), "color": str(color), "background": str(background), "size": size,
+            "position": position}  # fmt: skip
+
+
+def caption(labels: Labels) -> str:
+    """The grammar caption of ``labels``."""
+    size = f"{labels['size']} " if labels.get("size", "medium") != "medium" else ""
+    position = f" {POSITION_PHRASES[labels['position']]}" if labels.get("position") else ""
+    thing = f"{size}{labels['color']} {labels['shape']}"
+    return f"{_article(thing)} {thing}{position} on {_article(labels['background'])} {labels['background']} background"
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def parse_prompt(prompt: str) -> Labels:
+    """Labels of a grammar prompt: shape, color, background, size ("medium" when absent) and position ("" when absent).
+
+    Raises ``ValueError`` for a prompt outside the grammar.
+    """
+    match = _PROMPT.match(" ".join(prompt.lower().split()))
+    if match is None or match["shape"] not in SHAPES or match["color"] not in COLORS or match["background"] not in COLORS:
+        raise ValueError(f"prompt {prompt!r} is not in the toy grammar, e.g. {caption(random_labels(np.random.default_rng(0)))!r}")
+    return {"shape": match["shape"], "color": match["color"], "background": match["background"],
+            "size": match["size"] or "medium", "position": match["position"] or ""}  # fmt: skip
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> List[Tuple[float, float]]:
+    if shape == "square":
+        corners = [(r * math.cos(a), r * math.sin(a)) for a in (math.pi / 4 + k * math.pi / 2 for k in range(4))]
+        corners = [(x * 0.85, y * 0.85) for x, y in corners]
+    elif shape == "triangle":
+        corners = [(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2 + k * 2 * math.pi / 3 for k in range(3))]
+        corners = [(x, y + 0.2 * r) for x, y in corners]
+    elif shape == "star":
+        corners = [((r if k % 2 == 0 else 0.45 * r) * math.cos(-math.pi / 2 + k * math.pi / 5),
+                    (r if k % 2 == 0 else 0.45 * r) * math.sin(-math.pi / 2 + k * math.pi / 5)) for k in range(10)]  # fmt: skip
+    elif shape == "cross":
+        w = 0.33 * r
+        corners = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+    else:
+        raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
+    cos, sin = math.cos(angle), math.sin(angle)
+    return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in corners]
+
+
+def _jitter(color: Tuple[int, int, int], rng: np.random.Generator, amount: int = 12) -> Tuple[int, int, int]:
+    return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in color)  # type: ignore[return-value]
+
+
+def render(labels: Labels, resolution: int = 64, rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """Draw ``labels`` as a uint8 ``[resolution, resolution, 3]`` image (anti-aliased, slightly jittered by ``rng``)."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    big = resolution * SUPERSAMPLING
+    image = Image.new("RGB", (big, big), _jitter(COLORS[labels["background"]], rng))
+    draw = ImageDraw.Draw(image)
+    r = rng.uniform(*SIZES[labels.get("size", "medium")]) * big
+    cx, cy = POSITIONS[labels.get("position") or "center"]
+    spread = 0.04 if labels.get("position") else 0.06
+    cx, cy = (cx + rng.uniform(-spread, spread)) * big, (cy + rng.uniform(-spread, spread)) * big
+    fill = _jitter(COLORS[labels["color"]], rng)
+    if labels["shape"] == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        draw.polygon(_polygon(labels["shape"], cx, cy, r, rng.uniform(-0.25, 0.25)), fill=fill)
+    return np.asarray(image.resize((resolution, resolution), Image.Resampling.BOX))
+
+
+def sample(rng: np.random.Generator, resolution: int = 64, empty_rate: float = EMPTY_CAPTION_RATE) -> Tuple[np.ndarray, str, Labels]:
+    """One random ``(image, caption, labels)``; the caption is "" with probability ``empty_rate``."""
+    labels = random_labels(rng)
+    text = "" if rng.random() < empty_rate else caption(labels)
+    return render(labels, resolution, rng), text, labels
+
+
+def make_dataset(
+    count: int, seed: int = 0, resolution: int = 64, empty_rate: float = EMPTY_CAPTION_RATE
+) -> Tuple[np.ndarray, List[str], List[Labels]]:
+    """``count`` samples from ``seed``: images ``[count, H, W, 3]`` uint8, captions and labels."""
+    rng = np.random.default_rng(seed)
+    images = np.empty((count, resolution, resolution, 3), dtype=np.uint8)
+    captions, labels = [], []
+    for i in range(count):
+        images[i], text, label = sample(rng, resolution, empty_rate)
+        captions.append(text)
+        labels.append(label)
+    return images, captions, labels
+
+
+def evaluation_prompts(count: int = 32, seed: int = 1234, plain: bool = False) -> List[str]:
+    """``count`` distinct grammar prompts from ``seed``; ``plain`` leaves out size and position words."""
+    rng = np.random.default_rng(seed)
+    rates = (0.0, 0.0) if plain else (0.3, 0.3)
+    prompts: List[str] = []
+    while len(prompts) < count:
+        text = caption(random_labels(rng, *rates))
+        if text not in prompts:
+            prompts.append(text)
+    return prompts
+
+
+def label_indices(labels: Sequence[Labels]) -> Dict[str, np.ndarray]:
+    """Class indices of shape, color and background (in ``SHAPES`` / ``COLORS`` order) as int64 arrays."""
+    colors = list(COLORS)
+    return {
+        "shape": np.array([SHAPES.index(l["shape"]) for l in labels], dtype=np.int64),
+        "color": np.array([colors.index(l["color"]) for l in labels], dtype=np.int64),
+        "background": np.array([colors.index(l["background"]) for l in labels], dtype=np.int64),
+    }
