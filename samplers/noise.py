@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 def seeded_gaussian(x: Tensor, seed: int) -> Callable[[Tensor, Tensor], Tensor]:
     """Independent Gaussian noise shaped like ``x`` at every call, from a generator seeded with ``seed``."""
+    import torch
+
     generator = torch.Generator(device="cpu").manual_seed(seed)
 
     def sample(sigma: Tensor, sigma_next: Tensor) -> Tensor:

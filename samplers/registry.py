@@ -8,9 +8,10 @@ noise, SDE Brownian noise), so the same seed gives the same image for every samp
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Optional, Tuple
 
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 from .noise import noise_sampler_for
 
@@ -32,7 +33,7 @@ SAMPLER_NAMES: Tuple[str, ...] = (
     "dpmpp_3m_sde",
 )
 
-Sampler = Callable[..., Tensor]
+Sampler = Callable[..., "Tensor"]
 
 
 def names() -> Tuple[str, ...]:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 SCHEDULE_NAMES: Tuple[str, ...] = ("model", "karras", "exponential")
 
@@ -30,6 +30,8 @@ def get_sigmas(
     schedules span ``[sigma_min, sigma_max]``, by default the model's trained range, and start
     from ``sigma_max``.
     """
+    import torch
+
     check_schedule_name(name)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")

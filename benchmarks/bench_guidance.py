@@ -1,0 +1,92 @@
+"""Seconds per image of each guidance mode against diffusers' SDXL pipelines, on the tiny SDXL-layout model.
+
+    python benchmarks/bench_guidance.py [--repeats 3] [--sizes 64 128] [--steps 8]
+
+Baseline: diffusers' StableDiffusionXLPipeline with CFG (guidance_scale 5, Euler). Also timed:
+diffusers' StableDiffusionXLPAGPipeline (mid layers) and this project's modes. Each figure is
+the min of several full pipeline calls (text encoding, sampling, VAE decode) after a warm-up,
+all in this one process; ratios and targets go to stdout and benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from common import OUR_MODES, TABLE_HEAD, best_time, environment, ratio_rows
+
+TARGETS = {
+    64: {"CFG": 1.03, "CFG+TPG": 1.30, "CFG+NAG": 1.15, "CFG+TPG+NAG": 1.45, "CFG+PAG": 1.25,
+         "CFG+TPG (TPG first half)": 1.18},
+    128: {"CFG+TPG": 1.55, "CFG+NAG": 1.15, "CFG+TPG+NAG": 1.65, "CFG+TPG (TPG first half)": 1.30},
+}  # fmt: skip
+BASELINE = "diffusers SDXL (CFG)"
+PROMPT = "a red circle on a blue background"
+
+
+def time_size(components, size: int, steps: int, repeats: int) -> dict:
+    from diffusers import StableDiffusionXLPAGPipeline, StableDiffusionXLPipeline
+
+    from dualguide import StableDiffusionXLTPGPipeline
+
+    pipes = {
+        "sdxl": StableDiffusionXLPipeline(**components, add_watermarker=False),
+        "pag": StableDiffusionXLPAGPipeline(**components, add_watermarker=False, pag_applied_layers=["mid"]),
+        "ours": StableDiffusionXLTPGPipeline(**components, add_watermarker=False),
+    }
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    common = dict(prompt=PROMPT, num_inference_steps=steps, height=size, width=size)
+
+    def call(name, **kwargs):
+        return lambda: pipes[name](generator=torch.Generator().manual_seed(0), **common, **kwargs)
+
+    runs = {BASELINE: call("sdxl", guidance_scale=5.0), "diffusers PAG (CFG+PAG)": call("pag", guidance_scale=5.0, pag_scale=3.0)}
+    runs.update({f"ours {mode}": call("ours", **kwargs) for mode, kwargs in OUR_MODES.items()})
+    seconds = {}
+    for name, run in runs.items():
+        seconds[name] = best_time(run, repeats)
+        print(f"  {size}px  {name:34s} {seconds[name]:.3f} s", flush=True)
+    return seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from dualguide.tiny import build_tiny_sdxl
+
+    lines = ["# Benchmark: seconds per image, tiny SDXL-layout model", "", f"Machine: {environment()}.", "",
+             f"{args.steps} Euler steps, one image, float32, full pipeline call; min of {args.repeats} after a warm-up.",
+             "Ratios are to diffusers' StableDiffusionXLPipeline with CFG in the same run.", ""]  # fmt: skip
+    all_misses = []
+    with torch.inference_mode():
+        for size in args.sizes:
+            components = build_tiny_sdxl(seed=0, sample_size=size // 2)
+            seconds = time_size(components, size, args.steps, args.repeats)
+            targets = {f"ours {k}": v for k, v in TARGETS.get(size, {}).items()}
+            rows, misses = ratio_rows(seconds, BASELINE, targets)
+            all_misses += [f"{size}px {m}" for m in misses]
+            lines += [f"## {size}x{size} pixels ({size // 2}x{size // 2} latents)", "",
+                      *TABLE_HEAD, *rows, ""]  # fmt: skip
+    lines += ["Missed targets: " + ("none" if not all_misses else "; ".join(all_misses)), ""]
+    report = "\n".join(lines)
+    print(report)
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(report)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
