@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from common import OUR_MODES, TABLE_HEAD, best_time, environment, ratio_rows
+from common import OUR_MODES, TABLE_HEAD, best_times, environment, ratio_rows
 
 TARGETS = {
     64: {"CFG": 1.03, "CFG+TPG": 1.30, "CFG+NAG": 1.15, "CFG+TPG+NAG": 1.45, "CFG+PAG": 1.25,
@@ -46,10 +46,9 @@ def time_size(components, size: int, steps: int, repeats: int) -> dict:
 
     runs = {BASELINE: call("sdxl", guidance_scale=5.0), "diffusers PAG (CFG+PAG)": call("pag", guidance_scale=5.0, pag_scale=3.0)}
     runs.update({f"ours {mode}": call("ours", **kwargs) for mode, kwargs in OUR_MODES.items()})
-    seconds = {}
-    for name, run in runs.items():
-        seconds[name] = best_time(run, repeats)
-        print(f"  {size}px  {name:34s} {seconds[name]:.3f} s", flush=True)
+    seconds = best_times(runs, repeats)
+    for name, value in seconds.items():
+        print(f"  {size}px  {name:34s} {value:.3f} s", flush=True)
     return seconds
 
 
@@ -67,7 +66,7 @@ def main() -> int:
     from dualguide.tiny import build_tiny_sdxl
 
     lines = ["# Benchmark: seconds per image, tiny SDXL-layout model", "", f"Machine: {environment()}.", "",
-             f"{args.steps} Euler steps, one image, float32, full pipeline call; min of {args.repeats} after a warm-up.",
+             f"{args.steps} Euler steps, one image, float32, full pipeline call; min of {args.repeats} rounds over all modes after a warm-up round.",
              "Ratios are to diffusers' StableDiffusionXLPipeline with CFG in the same run.", ""]  # fmt: skip
     all_misses = []
     with torch.inference_mode():

@@ -20,17 +20,23 @@ OUR_MODES: Dict[str, dict] = {
 }
 
 
-def best_time(run: Callable[[], object], repeats: int, synchronize: Callable[[], None] = lambda: None) -> float:
-    """Min wall time of ``repeats`` runs after one warm-up run."""
-    run()
-    synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def best_times(
+    runs: Dict[str, Callable[[], object]], repeats: int, synchronize: Callable[[], None] = lambda: None
+) -> Dict[str, float]:
+    """Min wall time of each run over ``repeats`` rounds, after a warm-up round.
+
+    The rounds go through all runs in turn, so a slow spell of the machine hits every mode alike.
+    """
+    seconds = {name: float("inf") for name in runs}
+    for round_index in range(repeats + 1):
+        for name, run in runs.items():
+            synchronize()
+            start = time.perf_counter()
+            run()
+            synchronize()
+            if round_index:
+                seconds[name] = min(seconds[name], time.perf_counter() - start)
+    return seconds
 
 
 TABLE_HEAD = ["| mode | s/image | ratio | target | verdict | note |", "|---|---|---|---|---|---|"]

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from common import OUR_MODES, TABLE_HEAD, best_time, environment, ratio_rows
+from common import OUR_MODES, TABLE_HEAD, best_times, environment, ratio_rows
 
 SDXL_BASE_UNET = dict(
     act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
@@ -91,17 +91,19 @@ def main() -> int:
     runs = {BASELINE: call("sdxl", guidance_scale=5.0), "diffusers PAG (CFG+PAG)": call("pag", guidance_scale=5.0, pag_scale=3.0)}
     runs.update({f"ours {mode}": call("ours", **kwargs) for mode, kwargs in OUR_MODES.items()})
     runs["ours CFG+TPG+NAG, max_batch_rows=1"] = call("ours", **OUR_MODES["CFG+TPG+NAG"], max_batch_rows=1)
-    seconds, peaks = {}, {}
-    for name, run in runs.items():
+    peaks = {}
+    for name, run in runs.items():  # one run each for the peak memory (also a warm-up)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        seconds[name] = best_time(run, args.repeats, synchronize)
+        run()
         peaks[name] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    seconds = best_times(runs, args.repeats, synchronize)
+    for name in runs:
         print(f"{name:40s} {seconds[name]:.3f} s  peak {peaks[name]:.2f} GiB", flush=True)
     rows, _ = ratio_rows(seconds, BASELINE, {}, {name: f"peak {peak:.2f} GiB" for name, peak in peaks.items()})
     lines = ["# GPU benchmark: full-size SDXL UNet, random weights", "", f"Machine: {environment(device.type)}.", "",
              f"{args.size}x{args.size}, {args.steps} Euler steps, {dtype}, one image, denoising loop only; "
-             f"min of {args.repeats} after a warm-up. Ratios to diffusers' StableDiffusionXLPipeline with CFG.", "",
+             f"min of {args.repeats} rounds over all modes after a warm-up. Ratios to diffusers' StableDiffusionXLPipeline with CFG.", "",
              *TABLE_HEAD, *rows, ""]  # fmt: skip
     report = "\n".join(lines)
     print(report)

@@ -56,18 +56,16 @@ def plan_calls(branches: Sequence[str], rows_per_branch: int, max_rows: Optional
 
 @dataclass
 class TokenPermutations:
-    """One token permutation per TPG block per step, drawn from a seeded generator.
+    """One token permutation per TPG block per step, drawn with ``torch.randperm`` from a seeded generator.
 
-    Drawn on the CPU with ``torch.randperm`` and moved without waiting on the device;
-    cached for the step so that a step split over several UNet calls uses the same ones.
+    The generator lives on the hidden states' device (seeded with ``seed``), so drawing needs
+    no host-device transfer or synchronisation; the same seed on the same device gives the
+    same permutations. Cached for the step, so a step split over several UNet calls uses the same ones.
     """
 
     seed: int
-    generator: torch.Generator = field(init=False)
+    _generators: Dict[str, torch.Generator] = field(init=False, default_factory=dict)
     _step: Dict[Tuple[int, int, str], Tensor] = field(init=False, default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.generator = torch.Generator().manual_seed(self.seed)
 
     def new_step(self) -> None:
         self._step.clear()
@@ -75,7 +73,9 @@ class TokenPermutations:
     def get(self, block: int, tokens: int, device: torch.device) -> Tensor:
         key = (block, tokens, str(device))
         if key not in self._step:
-            self._step[key] = torch.randperm(tokens, generator=self.generator).to(device, non_blocking=True)
+            if key[2] not in self._generators:
+                self._generators[key[2]] = torch.Generator(device=device).manual_seed(self.seed)
+            self._step[key] = torch.randperm(tokens, generator=self._generators[key[2]], device=device)
         return self._step[key]
 
 

@@ -7,6 +7,7 @@ sampler through ``extra_args``.
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack, contextmanager
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -104,6 +105,7 @@ class GuidedDenoiser:
             for name, term in (("cfg", self.cfg), ("tpg", self.tpg), ("pag", self.pag), ("nag", self.nag))
             if term is not None
         }
+        self._has_intervals = any(bounds != (0.0, math.inf) for bounds in self._bounds.values())
 
     @property
     def sigma_min(self) -> float:
@@ -173,8 +175,10 @@ class GuidedDenoiser:
     ) -> Tensor:
         self._check_call(x, cond, uncond, nag_negative)
         sigma = sigma.float().reshape(-1).expand(x.shape[0])
-        branches = self.active_branches(float(sigma.max()))
-        nag_on = self.nag is not None and self._active("nag", float(sigma.max()))
+        # Reading sigma on the host waits for the device; only intervals need it.
+        level = float(sigma.max()) if self._has_intervals else math.inf
+        branches = self.active_branches(level)
+        nag_on = self.nag is not None and self._active("nag", level)
         outputs = self._run_unet(x, sigma, branches, cond, uncond, nag_negative if nag_on else None)
         predictions = dict(zip(branches, outputs.float().chunk(len(branches))))
         guided = guided_prediction(
