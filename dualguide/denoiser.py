@@ -228,6 +228,16 @@ class GuidedDenoiser:
             self._batch_cache[branches] = (stacked, negative)
         return self._batch_cache[branches]
 
+    def _call_negative(self, negative: Optional[Tensor], rows: slice, guided: Optional[slice]) -> Optional[Tensor]:
+        """The NAG negative of the guided rows of one UNet call; the same tensor object at every step
+        (the NAG processors key their cached K/V on it)."""
+        if negative is None or guided is None:
+            return None
+        key = (id(negative), rows.start, rows.stop, guided.start, guided.stop)
+        if key not in self._batch_cache:
+            self._batch_cache[key] = negative[rows][guided]
+        return self._batch_cache[key]
+
     def _run_unet(self, x, sigma, branches, cond, uncond, nag_negative) -> Tensor:
         batch = x.shape[0]
         dtype = self.unet.dtype
@@ -241,7 +251,7 @@ class GuidedDenoiser:
             for rows, call_rows in plan_calls(branches, batch, self.max_batch_rows):
                 self.state.rows = call_rows
                 guided = call_rows.guided
-                self.state.nag_negative = None if negative is None or guided is None else negative[rows][guided]
+                self.state.nag_negative = self._call_negative(negative, rows, guided)
                 outputs.append(
                     self.unet(
                         model_input[rows],

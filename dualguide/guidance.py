@@ -50,14 +50,13 @@ def nag_extrapolate(
     """Normalized Attention Guidance on attention outputs (heads merged, before ``to_out``).
 
     ``Zt = s Z+ - (s-1) Z-``; the per-token norm ratio ``r = |Zt| / |Z+|`` (L1 or L2
-    over the last dim) is clipped at ``tau``; the result is ``alpha Zt + (1-alpha) Z+``.
+    over the last dim, accumulated in float32) is clipped at ``tau``, i.e. ``Zt`` is
+    multiplied by ``min(r, tau) / r = min(1, tau / r)``; the result is
+    ``alpha Zt + (1-alpha) Z+``. Zero norms give finite results.
     """
-    extrapolated = scale * positive - (scale - 1.0) * negative
+    extrapolated = torch.lerp(negative, positive, scale)  # s Z+ - (s-1) Z-
     order = 1 if use_l1 else 2
-    norm_positive = torch.linalg.vector_norm(positive, ord=order, dim=-1, keepdim=True)
-    norm_extrapolated = torch.linalg.vector_norm(extrapolated, ord=order, dim=-1, keepdim=True)
-    tiny = torch.finfo(positive.dtype).tiny
-    ratio = norm_extrapolated / norm_positive.clamp_min(tiny)
-    # min(r, tau) / r, written so that r = 0 gives 1 instead of 0/0.
-    clip = torch.where(ratio > tau, tau / ratio.clamp_min(tiny), torch.ones_like(ratio))
-    return alpha * (extrapolated * clip) + (1.0 - alpha) * positive
+    norm_positive = torch.linalg.vector_norm(positive, ord=order, dim=-1, keepdim=True, dtype=torch.float32)
+    norm_extrapolated = torch.linalg.vector_norm(extrapolated, ord=order, dim=-1, keepdim=True, dtype=torch.float32)
+    shrink = (norm_positive * tau / norm_extrapolated.clamp_min(torch.finfo(torch.float32).tiny)).clamp_(max=1.0)
+    return torch.lerp(positive, extrapolated * shrink.to(extrapolated.dtype), alpha)

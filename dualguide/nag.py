@@ -9,7 +9,7 @@ Uncond rows get the standard attention. NAG adds no UNet rows, only K/V.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional, Tuple
 
 from diffusers.models.attention import BasicTransformerBlock
 from torch import Tensor, nn
@@ -34,6 +34,8 @@ class NAGCrossAttnProcessor:
         self.tau = tau
         self.alpha = alpha
         self.use_l1 = use_l1
+        self._cached_for: Optional[Tensor] = None
+        self._cached_key_value: Tuple[Tensor, Tensor] = ()
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         guided = self.state.rows.guided
@@ -44,13 +46,17 @@ class NAGCrossAttnProcessor:
         query = attn.to_q(prepared.hidden_states)
         positive_context = attention.context(attn, prepared.hidden_states, encoder_hidden_states)
         merged = attention.attend(attn, query, attn.to_k(positive_context), attn.to_v(positive_context))
-        negative_context = attention.context(attn, prepared.hidden_states, negative.to(query.dtype))
-        z_negative = attention.attend(attn, query[guided], attn.to_k(negative_context), attn.to_v(negative_context))
-        guided_out = nag_extrapolate(
-            merged[guided].float(), z_negative.float(), self.scale, self.tau, self.alpha, self.use_l1
-        )
-        merged[guided] = guided_out.to(merged.dtype)
+        negative_key, negative_value = self._negative_key_value(attn, negative.to(query.dtype))
+        z_negative = attention.attend(attn, query[guided], negative_key, negative_value)
+        merged[guided] = nag_extrapolate(merged[guided], z_negative, self.scale, self.tau, self.alpha, self.use_l1)
         return attention.finish(attn, merged, prepared)
+
+    def _negative_key_value(self, attn, negative: Tensor) -> Tuple[Tensor, Tensor]:
+        """K/V of the NAG negative: the same at every step of a run, so computed once per negative tensor."""
+        if self._cached_for is not negative:
+            context = attention.context(attn, negative, negative)
+            self._cached_for, self._cached_key_value = negative, (attn.to_k(context), attn.to_v(context))
+        return self._cached_key_value
 
 
 @contextmanager
