@@ -32,7 +32,8 @@ POSITIONS: Dict[str, Tuple[float, float]] = {
     "center": (0.5, 0.5), "left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom": (0.5, 0.7),
 }  # fmt: skip
 POSITION_PHRASES: Dict[str, str] = {
-    "left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom", "center": "in the center",
+    "left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
+    "center": "in the center",
 }  # fmt: skip
 EMPTY_CAPTION_RATE = 0.1
 SUPERSAMPLING = 4
@@ -84,33 +85,41 @@ def parse_prompt(prompt: str) -> Labels:
     Raises ``ValueError`` for a prompt outside the grammar.
     """
     match = _PROMPT.match(" ".join(prompt.lower().split()))
-    if match is None or match["shape"] not in SHAPES or match["color"] not in COLORS or match["background"] not in COLORS:
-        raise ValueError(f"prompt {prompt!r} is not in the toy grammar, e.g. {caption(random_labels(np.random.default_rng(0)))!r}")
+    if match is None or match["shape"] not in SHAPES or not {match["color"], match["background"]} <= set(COLORS):
+        example = caption(random_labels(np.random.default_rng(0)))
+        raise ValueError(f"prompt {prompt!r} is not in the toy grammar, e.g. {example!r}")
     return {"shape": match["shape"], "color": match["color"], "background": match["background"],
             "size": match["size"] or "medium", "position": match["position"] or ""}  # fmt: skip
 
 
-def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> List[Tuple[float, float]]:
+def _ring(count: int, start: float, radii: Sequence[float] = (1.0,)) -> List[Tuple[float, float]]:
+    """``count`` points evenly spaced in angle from ``start``, at radii cycling through ``radii``."""
+    angles = [start + 2 * math.pi * k / count for k in range(count)]
+    return [(radii[k % len(radii)] * math.cos(a), radii[k % len(radii)] * math.sin(a)) for k, a in enumerate(angles)]
+
+
+def _unit_polygon(shape: str) -> List[Tuple[float, float]]:
+    """Corners of ``shape`` (not circle) with radius 1 around the origin, y pointing down."""
     if shape == "square":
-        corners = [(r * math.cos(a), r * math.sin(a)) for a in (math.pi / 4 + k * math.pi / 2 for k in range(4))]
-        corners = [(x * 0.85, y * 0.85) for x, y in corners]
-    elif shape == "triangle":
-        corners = [(r * math.cos(a), r * math.sin(a)) for a in (-math.pi / 2 + k * 2 * math.pi / 3 for k in range(3))]
-        corners = [(x, y + 0.2 * r) for x, y in corners]
-    elif shape == "star":
-        corners = [((r if k % 2 == 0 else 0.45 * r) * math.cos(-math.pi / 2 + k * math.pi / 5),
-                    (r if k % 2 == 0 else 0.45 * r) * math.sin(-math.pi / 2 + k * math.pi / 5)) for k in range(10)]  # fmt: skip
-    elif shape == "cross":
-        w = 0.33 * r
-        corners = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
-    else:
-        raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
+        return _ring(4, math.pi / 4)
+    if shape == "triangle":
+        return [(x, y + 0.2) for x, y in _ring(3, -math.pi / 2)]
+    if shape == "star":
+        return _ring(10, -math.pi / 2, (1.0, 0.45))
+    if shape == "cross":
+        w = 0.33
+        arm = [(-w, -1.0), (w, -1.0), (w, -w)]  # one arm; the other three are its quarter turns
+        return [point for quarter in range(4) for point in _rotate(arm, quarter * math.pi / 2)]
+    raise ValueError(f"unknown shape {shape!r}; valid: {', '.join(SHAPES)}")
+
+
+def _rotate(points: Sequence[Tuple[float, float]], angle: float) -> List[Tuple[float, float]]:
     cos, sin = math.cos(angle), math.sin(angle)
-    return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in corners]
+    return [(x * cos - y * sin, x * sin + y * cos) for x, y in points]
 
 
-def _jitter(color: Tuple[int, int, int], rng: np.random.Generator, amount: int = 12) -> Tuple[int, int, int]:
-    return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in color)  # type: ignore[return-value]
+def _jitter(color: Tuple[int, int, int], rng: np.random.Generator, amount: int = 12) -> Tuple[int, ...]:
+    return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in color)
 
 
 def render(labels: Labels, resolution: int = 64, rng: Optional[np.random.Generator] = None) -> np.ndarray:
@@ -127,11 +136,14 @@ def render(labels: Labels, resolution: int = 64, rng: Optional[np.random.Generat
     if labels["shape"] == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     else:
-        draw.polygon(_polygon(labels["shape"], cx, cy, r, rng.uniform(-0.25, 0.25)), fill=fill)
+        corners = _rotate(_unit_polygon(labels["shape"]), rng.uniform(-0.25, 0.25))
+        draw.polygon([(cx + r * x, cy + r * y) for x, y in corners], fill=fill)
     return np.asarray(image.resize((resolution, resolution), Image.Resampling.BOX))
 
 
-def sample(rng: np.random.Generator, resolution: int = 64, empty_rate: float = EMPTY_CAPTION_RATE) -> Tuple[np.ndarray, str, Labels]:
+def sample(
+    rng: np.random.Generator, resolution: int = 64, empty_rate: float = EMPTY_CAPTION_RATE
+) -> Tuple[np.ndarray, str, Labels]:
     """One random ``(image, caption, labels)``; the caption is "" with probability ``empty_rate``."""
     labels = random_labels(rng)
     text = "" if rng.random() < empty_rate else caption(labels)
