@@ -200,14 +200,19 @@ def save_png(image, path: str, metadata: Dict[str, object]) -> None:
             os.remove(temporary)
 
 
-def command_generate(args) -> int:
+def _prepare(args) -> Tuple[str, Dict[str, object], Dict[str, object], object]:
+    """Check the command line, then load: ``(model, recommended settings, sampling arguments, pipeline)``."""
     model, folder = resolve_model(args.model)
     args.model_path = model
     settings = recommended_settings(folder)
     sampling = _sampling_kwargs(args, settings)
     _check_names(sampling)
+    return model, settings, sampling, _load(args)
+
+
+def command_generate(args) -> int:
+    model, settings, sampling, pipe = _prepare(args)
     guidance = _guidance_kwargs(args, settings)
-    pipe = _load(args)
     os.makedirs(args.out, exist_ok=True)
     written = []
     for index, prompt in enumerate(args.prompt):
@@ -239,12 +244,7 @@ def compare_modes(args, settings, with_pag: bool) -> List[Tuple[str, Dict[str, o
 
 
 def command_compare(args) -> int:
-    model, folder = resolve_model(args.model)
-    args.model_path = model
-    settings = recommended_settings(folder)
-    sampling = _sampling_kwargs(args, settings)
-    _check_names(sampling)
-    pipe = _load(args)
+    model, settings, sampling, pipe = _prepare(args)
     panels = []
     modes = compare_modes(args, settings, args.with_pag)
     for label, guidance in modes:
