@@ -6,68 +6,14 @@
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Iterable, Sequence
 
 import torch
 
-SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
-
-
-def byte_alphabet() -> List[str]:
-    """The 256 printable characters that byte-level BPE uses for the 256 byte values (GPT-2 / CLIP convention)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    mapping = dict(zip(printable, codes))
-    return [chr(mapping[byte]) for byte in range(256)]
-
-
-def byte_level_vocabulary(words: Iterable[str] = ()) -> Tuple[Dict[str, int], List[str]]:
-    """A CLIP-style byte-level BPE vocabulary: every byte (so any text tokenizes) plus whole ``words``.
-
-    Each word of ``words`` (lower-case ASCII) becomes one token through a chain of merges.
-    Returns ``(vocab, merges)``.
-    """
-    alphabet = byte_alphabet()
-    tokens = alphabet + [c + "</w>" for c in alphabet]
-    merges: List[str] = []
-    for word in sorted(set(words)):
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merged = pieces[0] + pieces[1]
-            merge = f"{pieces[0]} {pieces[1]}"
-            if merge not in merges:
-                merges.append(merge)
-                tokens.append(merged)
-            pieces = [merged] + pieces[2:]
-    tokens = list(dict.fromkeys(tokens)) + list(SPECIAL_TOKENS)
-    return {token: index for index, token in enumerate(tokens)}, merges
-
-
-def write_tokenizer_files(folder: str, words: Iterable[str] = (), model_max_length: int = 77) -> None:
-    """Write ``vocab.json``, ``merges.txt`` and a tokenizer config that ``CLIPTokenizer.from_pretrained`` reads."""
-    vocab, merges = byte_level_vocabulary(words)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(m + "\n" for m in merges))
-    config = {"model_max_length": model_max_length, "tokenizer_class": "CLIPTokenizer",
-              "bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[1], "unk_token": SPECIAL_TOKENS[1],
-              "pad_token": SPECIAL_TOKENS[1]}  # fmt: skip
-    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f)
-
+from .vocab import word_vocabulary, write_tokenizer_files
 
 def tiny_tokenizer(words: Iterable[str] = (), model_max_length: int = 77):
-    """A ``CLIPTokenizer`` over ``byte_level_vocabulary(words)``, built in memory."""
+    """A ``CLIPTokenizer`` over ``word_vocabulary(words)``, built in memory."""
     import tempfile
 
     from transformers import CLIPTokenizer
@@ -136,7 +82,7 @@ def build_tiny_sdxl(seed: int = 0, sample_size: int = 32, prediction_type: str =
         norm_num_groups=16,
         sample_size=sample_size * 2,
     )
-    vocab_size = len(byte_level_vocabulary()[0])
+    vocab_size = len(word_vocabulary(())[0])
     text_config = dict(
         hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3, vocab_size=vocab_size,
         max_position_embeddings=model_max_length, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..tiny import sdxl_scheduler_config, tiny_unet_config
 from .data import grammar_words
-from .vocab import word_vocabulary, write_tokenizer_files
+from ..vocab import word_vocabulary, write_tokenizer_files
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
 RECOMMENDED_FILE = "recommended.json"

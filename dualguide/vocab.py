@@ -1,9 +1,9 @@
-"""A byte-level BPE vocabulary in which every grammar word is exactly one token (any other text still tokenizes).
+"""CLIP-style byte-level BPE vocabularies built by the project: every byte, so any text tokenizes,
+plus chosen words as single tokens.
 
-``dualguide.tiny.byte_level_vocabulary`` chains each word's merges left to right, but BPE applies merges by
-rank across words, so an earlier word's merge can break a later word (there "r i" from "right" splits
-"triangle" into 7 tokens). Here each word gets the merges that BPE, run with the merges so far, still
-needs; a merge added later has a lower rank and never changes a word already made one token.
+BPE applies merges by rank across all words, so each word gets the merges that BPE, run with the
+merges made so far, still needs; a merge added later has a lower rank and never splits a word already
+made one token (a per-word chain of merges would let "r i" from "right" split "triangle").
 """
 
 from __future__ import annotations
@@ -12,7 +12,21 @@ import json
 import os
 from typing import Dict, Iterable, List, Tuple
 
-from ..tiny import SPECIAL_TOKENS, byte_alphabet
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+
+
+def byte_alphabet() -> List[str]:
+    """The 256 printable characters that byte-level BPE uses for the 256 byte values (GPT-2 / CLIP convention)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    mapping = dict(zip(printable, codes))
+    return [chr(mapping[byte]) for byte in range(256)]
 
 
 def bpe(word: str, ranks: Dict[Tuple[str, str], int]) -> List[str]:
@@ -42,7 +56,7 @@ def word_vocabulary(words: Iterable[str]) -> Tuple[Dict[str, int], List[str]]:
     return {token: index for index, token in enumerate(tokens)}, [f"{a} {b}" for a, b in ranks]
 
 
-def write_tokenizer_files(folder: str, words: Iterable[str], model_max_length: int) -> None:
+def write_tokenizer_files(folder: str, words: Iterable[str] = (), model_max_length: int = 77) -> None:
     """``vocab.json``, ``merges.txt`` and the config that ``CLIPTokenizer.from_pretrained`` reads (eos pads)."""
     vocab, merges = word_vocabulary(words)
     os.makedirs(folder, exist_ok=True)
