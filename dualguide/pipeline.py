@@ -104,7 +104,7 @@ class StableDiffusionXLTPGPipeline(StableDiffusionXLPipeline):
         )
         return cfg, tpg, pag, nag
 
-    def _check_call(self, prompt, prompt_embeds, negative_prompt, negative_prompt_2, height, width, num_images_per_prompt):
+    def _check_call(self, prompt, negative_prompt, negative_prompt_2, height, width, num_images_per_prompt):
         if not isinstance(height, int) or not isinstance(width, int) or height <= 0 or width <= 0:
             raise ValueError(f"height and width must be positive integers, got height={height!r}, width={width!r}")
         factor = self.vae_scale_factor
@@ -195,7 +195,7 @@ class StableDiffusionXLTPGPipeline(StableDiffusionXLPipeline):
         # 1. Everything that can be wrong is checked before any work.
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
-        self._check_call(prompt, prompt_embeds, negative_prompt, negative_prompt_2, height, width, num_images_per_prompt)
+        self._check_call(prompt, negative_prompt, negative_prompt_2, height, width, num_images_per_prompt)
         nag_settings = {
             "do_nag": False, "nag_scale": 3.0, "nag_tau": 2.5, "nag_alpha": 0.5, "nag_use_l1": True,
             "nag_negative_prompt": None, "nag_end": 1.0, **self._nag_defaults,
@@ -268,7 +268,7 @@ class StableDiffusionXLTPGPipeline(StableDiffusionXLPipeline):
         extra_args = {"cond": positive.to(device), "uncond": negative.to(device) if negative is not None else None,
                       "nag_negative": nag_negative}  # fmt: skip
         with self.progress_bar(total=num_inference_steps) as progress_bar:
-            callback = self._step_callback(denoiser, callback_on_step_end, callback_on_step_end_tensor_inputs, progress_bar)
+            callback = _StepCallback(self, denoiser, callback_on_step_end, list(callback_on_step_end_tensor_inputs), progress_bar)
             try:
                 with denoiser.hooks():
                     x = run_sampler(denoiser, x, sigmas, extra_args=extra_args, callback=callback, disable=True, seed=seed)
@@ -298,9 +298,6 @@ class StableDiffusionXLTPGPipeline(StableDiffusionXLPipeline):
         if isinstance(generator, list) and len(generator) != images:
             raise ValueError(f"generator is a list of {len(generator)}; give one per image ({images}) or a single one")
         return randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype).float()
-
-    def _step_callback(self, denoiser, callback_on_step_end, tensor_inputs, progress_bar) -> "_StepCallback":
-        return _StepCallback(self, denoiser, callback_on_step_end, list(tensor_inputs), progress_bar)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode with diffusers' upcasting and latent (de)normalisation."""
