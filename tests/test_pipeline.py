@@ -136,6 +136,14 @@ def test_pil_output(pipe):
         (dict(do_nag=True, nag_end=1.5), "nag_interval"),
         (dict(do_nag=True, prompt=["a", "b"], nag_negative_prompt=["c", "d", "e"]), "nag_negative_prompt"),
         (dict(max_batch_rows=0), "max_batch_rows"),
+        (dict(guidance_rescale=2.0), "guidance_rescale"),
+        (dict(cfg_interval=(0.8, 0.2)), "cfg_interval"),
+        (dict(tpg_interval=(0.0, 1.5)), "tpg_interval"),
+        (dict(do_nag=True, nag_interval=(0.5, 0.25)), "nag_interval"),
+        (dict(sigma_schedule="karras", sigma_min=5.0, sigma_max=1.0), "sigma_min"),
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(do_nag=True, nag_negative_prompt_embeds=torch.zeros(3, 77, 64)), "nag_negative_prompt_embeds"),
     ],
 )
 def test_bad_input_names_parameter_before_any_step(pipe, kwargs, name):
@@ -148,6 +156,13 @@ def test_bad_input_names_parameter_before_any_step(pipe, kwargs, name):
     finally:
         handle.remove()
     assert calls == []
+    assert unet_snapshot(pipe.unet) == before
+
+
+def test_interval_of_wrong_type_names_parameter(pipe):
+    before = unet_snapshot(pipe.unet)
+    with pytest.raises(TypeError, match="pag_interval"):
+        generate(pipe, pag_scale=1.0, pag_interval="late")
     assert unet_snapshot(pipe.unet) == before
 
 
