@@ -84,10 +84,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Command-line option -> pipeline argument of the same setting.
+OPTION_ARGUMENTS = {
+    "steps": "num_inference_steps", "cfg": "guidance_scale", "tpg": "tpg_scale", "tpg_layers": "tpg_applied_layers_index",
+    "pag": "pag_scale", "nag": "nag_scale", "nag_tau": "nag_tau", "nag_alpha": "nag_alpha", "sampler": "sampler",
+    "schedule": "sigma_schedule", "negative": "negative_prompt", "nag_negative": "nag_negative_prompt",
+}  # fmt: skip
+DEFAULTS: Dict[str, object] = {
+    "num_inference_steps": 25, "guidance_scale": 5.0, "tpg_scale": 3.0, "tpg_applied_layers_index": "d6-d23",
+    "sampler": "euler", "sigma_schedule": "model",
+}  # fmt: skip
+PANEL_SCALE = 3.0  # PAG / NAG scale of the comparison panels when neither the model nor the command sets one
+
+
 def recommended_settings(model_folder: Optional[str]) -> Dict[str, object]:
-    """The model's recommended settings (``recommended.json`` beside its weights), or SDXL's."""
-    settings: Dict[str, object] = {"steps": 25, "cfg": 5.0, "tpg": 3.0, "tpg_layers": "d6-d23", "pag": 3.0, "nag": 3.0,
-                                   "nag_tau": 2.5, "nag_alpha": 0.5, "sampler": "euler", "schedule": "model", "size": None}  # fmt: skip
+    """Pipeline arguments recommended for the model (``recommended.json`` beside its weights) over SDXL's defaults."""
+    settings = dict(DEFAULTS)
     path = os.path.join(model_folder, "recommended.json") if model_folder else None
     if path and os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
@@ -137,32 +149,20 @@ def _load(args) -> object:
     return pipe
 
 
-def _guidance_kwargs(args, settings) -> Dict[str, object]:
-    def pick(name):
-        value = getattr(args, name)
-        return settings[name] if value is None else value
-
-    kwargs: Dict[str, object] = dict(
-        guidance_scale=pick("cfg"), tpg_scale=pick("tpg"), tpg_applied_layers_index=pick("tpg_layers"),
-        pag_scale=args.pag or 0.0, do_nag=args.nag is not None and args.nag > 1, nag_scale=args.nag or 1.0,
-        nag_tau=pick("nag_tau"), nag_alpha=pick("nag_alpha"), nag_negative_prompt=args.nag_negative,
-    )  # fmt: skip
+def call_arguments(args, settings: Dict[str, object]) -> Dict[str, object]:
+    """Pipeline arguments: the model's recommended settings, overridden by the options given."""
+    kwargs = dict(settings)
+    for option, argument in OPTION_ARGUMENTS.items():
+        value = getattr(args, option)
+        if value is not None:
+            kwargs[argument] = value
+    if args.size:
+        kwargs.update(width=args.size[0], height=args.size[1])
+    kwargs["do_nag"] = float(kwargs.get("nag_scale", 1.0)) > 1.0
     for term in ("cfg", "tpg", "pag", "nag"):
         interval = getattr(args, f"{term}_interval")
         if interval is not None:
             kwargs[f"{term}_interval"] = interval
-    return kwargs
-
-
-def _sampling_kwargs(args, settings) -> Dict[str, object]:
-    size = args.size or settings["size"]
-    kwargs: Dict[str, object] = dict(
-        sampler=args.sampler or settings["sampler"], sigma_schedule=args.schedule or settings["schedule"],
-        num_inference_steps=args.steps or settings["steps"], negative_prompt=args.negative,
-    )  # fmt: skip
-    if size:
-        height, width = (size, size) if isinstance(size, int) else (size[1], size[0])
-        kwargs.update(height=height, width=width)
     return kwargs
 
 
@@ -200,37 +200,35 @@ def save_png(image, path: str, metadata: Dict[str, object]) -> None:
             os.remove(temporary)
 
 
-def _prepare(args) -> Tuple[str, Dict[str, object], Dict[str, object], object]:
-    """Check the command line, then load: ``(model, recommended settings, sampling arguments, pipeline)``."""
+def _prepare(args) -> Tuple[str, Dict[str, object], object]:
+    """Check the command line, then load: ``(model, pipeline arguments, pipeline)``."""
     model, folder = resolve_model(args.model)
     args.model_path = model
-    settings = recommended_settings(folder)
-    sampling = _sampling_kwargs(args, settings)
-    _check_names(sampling)
-    return model, settings, sampling, _load(args)
+    kwargs = call_arguments(args, recommended_settings(folder))
+    _check_names(kwargs)
+    return model, kwargs, _load(args)
 
 
 def command_generate(args) -> int:
-    model, settings, sampling, pipe = _prepare(args)
-    guidance = _guidance_kwargs(args, settings)
+    model, kwargs, pipe = _prepare(args)
     os.makedirs(args.out, exist_ok=True)
     written = []
     for index, prompt in enumerate(args.prompt):
-        images = _run(pipe, prompt, args.seed + index, dict(sampling, **guidance, num_images_per_prompt=args.n))
+        images = _run(pipe, prompt, args.seed + index, dict(kwargs, num_images_per_prompt=args.n))
         for number, image in enumerate(images):
             path = os.path.join(args.out, f"{index:03d}_{number:02d}_{_slug(prompt)}.png")
-            save_png(image, path, {"prompt": prompt, "seed": args.seed + index, "model": model, **sampling, **guidance})
+            save_png(image, path, {"prompt": prompt, "seed": args.seed + index, "model": model, **kwargs})
             written.append(path)
     print(f"wrote {len(written)} image(s) to {os.path.abspath(args.out)}")
     return 0
 
 
-def compare_modes(args, settings, with_pag: bool) -> List[Tuple[str, Dict[str, object]]]:
-    """The panels of ``compare``: (label, guidance arguments)."""
-    base = _guidance_kwargs(args, settings)
-    cfg, tpg = base["guidance_scale"], base["tpg_scale"]
-    nag = args.nag if args.nag and args.nag > 1 else settings["nag"]
-    off = dict(base, guidance_scale=1.0, tpg_scale=0.0, pag_scale=0.0, do_nag=False)
+def compare_modes(kwargs: Dict[str, object], with_pag: bool) -> List[Tuple[str, Dict[str, object]]]:
+    """The panels of ``compare``: (label, pipeline arguments), all from the same settings and seed."""
+    cfg, tpg = kwargs["guidance_scale"], kwargs["tpg_scale"]
+    nag = kwargs["nag_scale"] if kwargs["do_nag"] else PANEL_SCALE
+    pag = kwargs.get("pag_scale") or PANEL_SCALE
+    off = dict(kwargs, guidance_scale=1.0, tpg_scale=0.0, pag_scale=0.0, do_nag=False)
     modes = [
         ("no guidance", off),
         (f"CFG {cfg:g}", dict(off, guidance_scale=cfg)),
@@ -239,20 +237,18 @@ def compare_modes(args, settings, with_pag: bool) -> List[Tuple[str, Dict[str, o
         ("CFG+TPG+NAG", dict(off, guidance_scale=cfg, tpg_scale=tpg, do_nag=True, nag_scale=nag)),
     ]
     if with_pag:
-        modes.append((f"CFG+PAG {settings['pag']:g}", dict(off, guidance_scale=cfg, pag_scale=args.pag or settings["pag"])))
+        modes.append((f"CFG+PAG {pag:g}", dict(off, guidance_scale=cfg, pag_scale=pag)))
     return modes
 
 
 def command_compare(args) -> int:
-    model, settings, sampling, pipe = _prepare(args)
-    panels = []
-    modes = compare_modes(args, settings, args.with_pag)
-    for label, guidance in modes:
-        panels.append((label, _run(pipe, args.prompt, args.seed, dict(sampling, **guidance))[0]))
+    model, kwargs, pipe = _prepare(args)
+    modes = compare_modes(kwargs, args.with_pag)
+    panels = [(label, _run(pipe, args.prompt, args.seed, arguments)[0]) for label, arguments in modes]
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"compare_{_slug(args.prompt)}.png")
-    save_png(labelled_grid(panels), path, {"prompt": args.prompt, "seed": args.seed, "model": model, **sampling,
-                                             "panels": {label: guidance for label, guidance in modes}})  # fmt: skip
+    save_png(labelled_grid(panels), path, {"prompt": args.prompt, "seed": args.seed, "model": model,
+                                             "panels": dict(modes)})  # fmt: skip
     print(f"wrote the comparison grid to {os.path.abspath(path)}")
     return 0
 

@@ -23,8 +23,9 @@ def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: Optio
         pipe = StableDiffusionXLTPGPipeline(**build_tiny_sdxl(), add_watermarker=False)
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
-    elif os.path.isfile(model):
-        pipe = StableDiffusionXLTPGPipeline.from_single_file(model, torch_dtype=dtype)
     else:
-        pipe = StableDiffusionXLTPGPipeline.from_pretrained(model, torch_dtype=dtype)
+        # float32 is what the loaders give by default; naming it only adds a deprecation warning.
+        options = {} if dtype == torch.float32 else {"torch_dtype": dtype}
+        load = StableDiffusionXLTPGPipeline.from_single_file if os.path.isfile(model) else StableDiffusionXLTPGPipeline.from_pretrained
+        pipe = load(model, **options)
     return pipe.to(device)

@@ -16,7 +16,7 @@ def model_folder(pipe, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_sdxl")
     pipe.save_pretrained(folder)
     with open(folder / "recommended.json", "w") as f:
-        json.dump({"steps": 2, "size": 32, "cfg": 4.0, "tpg": 2.0}, f)
+        json.dump({"num_inference_steps": 2, "height": 32, "width": 32, "guidance_scale": 4.0, "tpg_scale": 2.0}, f)
     return str(folder)
 
 
