@@ -161,7 +161,7 @@ def export(parts: dict, folder: Path, recommended: dict) -> int:
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = common.parser(__doc__.splitlines()[0], out="outputs/training/unet", steps=1600, batch=128, lr=5e-4, minutes=68)
+    p = common.parser(__doc__.splitlines()[0], out="outputs/training/unet", steps=1400, batch=128, lr=5e-4, minutes=68)
     p.add_argument("--vae", default="outputs/training/vae/vae", help="trained VAE folder (from training.train_vae)")
     p.add_argument("--images", type=int, default=20000, help="procedural images whose latents are cached")
     p.add_argument("--prediction-type", choices=("v_prediction", "epsilon"), default="v_prediction")
