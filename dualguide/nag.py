@@ -48,7 +48,8 @@ class NAGCrossAttnProcessor:
         merged = attention.attend(attn, query, attn.to_k(positive_context), attn.to_v(positive_context))
         negative_key, negative_value = self._negative_key_value(attn, negative.to(query.dtype))
         z_negative = attention.attend(attn, query[guided], negative_key, negative_value)
-        merged[guided] = nag_extrapolate(merged[guided], z_negative, self.scale, self.tau, self.alpha, self.use_l1)
+        positive = merged[guided]  # a view: the result is written into ``merged`` in place
+        nag_extrapolate(positive, z_negative, self.scale, self.tau, self.alpha, self.use_l1, out=positive)
         return attention.finish(attn, merged, prepared)
 
     def _negative_key_value(self, attn, negative: Tensor) -> Tuple[Tensor, Tensor]:

@@ -78,3 +78,14 @@ def test_nag_scale_one_is_identity():
     torch.manual_seed(1)
     positive, negative = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     assert torch.allclose(nag_extrapolate(positive, negative, 1.0, 2.5, 0.5), positive)
+
+
+@pytest.mark.parametrize("use_l1", [True, False])
+def test_nag_out_may_be_positive_itself(use_l1):
+    torch.manual_seed(2)
+    positive, negative = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    expected = nag_extrapolate(positive.clone(), negative.clone(), 4.0, 2.5, 0.5, use_l1)
+    target = positive.clone()
+    result = nag_extrapolate(target, negative, 4.0, 2.5, 0.5, use_l1, out=target)
+    assert result.data_ptr() == target.data_ptr() and torch.equal(target, expected)
+    assert not torch.equal(target, positive)
