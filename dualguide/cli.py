@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(generate)
     _add_guidance_arguments(generate)
     compare = commands.add_parser("compare", help="one labelled grid of the same seed under each guidance mode")
-    compare.add_argument("prompt")
+    compare.add_argument("prompt", nargs="+", help="one grid row per prompt, all with the same seed")
     compare.add_argument("--with-pag", action="store_true", help="add a CFG+PAG panel")
     _add_model_arguments(compare)
     _add_guidance_arguments(compare)
@@ -244,27 +244,30 @@ def compare_modes(kwargs: Dict[str, object], with_pag: bool) -> List[Tuple[str, 
 def command_compare(args) -> int:
     model, kwargs, pipe = _prepare(args)
     modes = compare_modes(kwargs, args.with_pag)
-    panels = [(label, _run(pipe, args.prompt, args.seed, arguments)[0]) for label, arguments in modes]
+    rows = [[_run(pipe, prompt, args.seed, arguments)[0] for _, arguments in modes] for prompt in args.prompt]
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"compare_{_slug(args.prompt)}.png")
-    save_png(labelled_grid(panels), path, {"prompt": args.prompt, "seed": args.seed, "model": model,
-                                             "panels": dict(modes)})  # fmt: skip
+    path = os.path.join(args.out, f"compare_{_slug(' '.join(args.prompt))}.png")
+    prompt = args.prompt[0] if len(args.prompt) == 1 else args.prompt
+    metadata = {"prompt": prompt, "seed": args.seed, "model": model, "panels": dict(modes)}
+    save_png(labelled_grid([label for label, _ in modes], rows), path, metadata)
     print(f"wrote the comparison grid to {os.path.abspath(path)}")
     return 0
 
 
-def labelled_grid(panels: Sequence[Tuple[str, object]], scale: int = 0):
-    """One row of images, each with its label underneath (images upscaled to at least 128 px)."""
+def labelled_grid(labels: Sequence[str], rows: Sequence[Sequence[object]], scale: int = 0):
+    """Rows of images, one column per label, the labels under the last row (images upscaled to at least 128 px)."""
     from PIL import Image, ImageDraw
 
-    width, height = panels[0][1].size
+    width, height = rows[0][0].size
     factor = scale or max(1, 128 // min(width, height))
     cell_w, cell_h, label_h = width * factor, height * factor, 16
-    grid = Image.new("RGB", (cell_w * len(panels), cell_h + label_h), "white")
+    grid = Image.new("RGB", (cell_w * len(labels), cell_h * len(rows) + label_h), "white")
     draw = ImageDraw.Draw(grid)
-    for column, (label, image) in enumerate(panels):
-        grid.paste(image.resize((cell_w, cell_h), Image.NEAREST), (column * cell_w, 0))
-        draw.text((column * cell_w + 3, cell_h + 2), label, fill="black")
+    for row, images in enumerate(rows):
+        for column, image in enumerate(images):
+            grid.paste(image.resize((cell_w, cell_h), Image.NEAREST), (column * cell_w, row * cell_h))
+    for column, label in enumerate(labels):
+        draw.text((column * cell_w + 3, cell_h * len(rows) + 2), label, fill="black")
     return grid
 
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -55,6 +56,17 @@ def test_compare_writes_one_labelled_grid(model_folder, tmp_path):
     assert image.size == (6 * 128, 128 + 16)  # six 32 px panels upscaled to 128 px, labels below
     panels = json.loads(image.text["parameters"])["panels"]
     assert list(panels)[:2] == ["no guidance", "CFG 4"] and any("TPG+NAG" in p for p in panels)
+
+
+def test_compare_gives_each_prompt_a_row(model_folder, tmp_path):
+    prompts = ["a red circle", "a blue square"]
+    assert run_cli("compare", *prompts, "--model", model_folder, "--out", tmp_path, "--steps", "1") == 0
+    (grid,) = os.listdir(tmp_path)
+    image = Image.open(tmp_path / grid)
+    assert image.size == (5 * 128, 2 * 128 + 16)
+    assert json.loads(image.text["parameters"])["prompt"] == prompts
+    top, bottom = np.asarray(image)[:128], np.asarray(image)[128:256]
+    assert not np.array_equal(top, bottom)  # different prompts, different rows
 
 
 @pytest.mark.parametrize(
