@@ -1,15 +1,15 @@
-"""Judged adherence of a trained toy pipeline over grammar prompts, for a sweep of CFG and TPG scales.
+"""Judged adherence of a trained toy pipeline over grammar prompts, for a sweep of CFG and TPG settings.
 
-    python -m training.evaluate --model dualguide/embedded --write      # about 30 s per setting on 2 CPU cores
+    python -m training.evaluate --model dualguide/embedded --write      # about 15 s per setting on 2 CPU cores
 
-Prints one JSON line per (guidance_scale, tpg_scale); ``--write`` stores the best setting with both CFG
-and TPG on (by adherence, then background accuracy) in the model's ``recommended.json``.
+Prints one JSON line per (guidance_scale, tpg_scale, tpg_applied_layers_index), with the mean absolute
+pixel difference (0-255) to the same seed without TPG; ``--write`` stores the best setting with both
+CFG and TPG on (by adherence, then background accuracy, then that difference) in ``recommended.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -17,7 +17,7 @@ from typing import List, Optional
 import torch
 
 from dualguide.toy.data import evaluation_prompts
-from dualguide.toy.judge import JUDGE_DIR, ShapeJudge, adherence
+from dualguide.toy.judge import JUDGE_DIR, ShapeJudge, adherence, mean_pixel_difference
 from dualguide.toy.model import RECOMMENDED_FILE, load_pipeline, load_recommended
 
 
@@ -27,7 +27,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--model", default="dualguide/embedded")
     p.add_argument("--judge", default=str(JUDGE_DIR))
     p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 4.0, 6.0], help="guidance scales (1: CFG off)")
-    p.add_argument("--tpg", type=float, nargs="+", default=[0.0, 2.0, 3.0], help="TPG scales (0: TPG off)")
+    p.add_argument("--tpg", type=float, nargs="+", default=[0.0, 3.0, 4.0], help="TPG scales (0: TPG off)")
+    p.add_argument("--tpg-layers", nargs="+", default=["d6-d23", "d0-d23"], help="TPG layer sets")
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
@@ -44,19 +45,29 @@ def main(argv: Optional[List[str]] = None) -> None:
     judge = ShapeJudge.load(args.judge)
     recommended = load_recommended(args.model)
     prompts = evaluation_prompts(args.prompts)
+
+    def generate(settings: dict) -> list:
+        return pipe(prompts, generator=torch.Generator().manual_seed(args.seed), **settings).images
+
+    tpg_settings = [(0.0, recommended["tpg_applied_layers_index"])] if 0.0 in args.tpg else []
+    tpg_settings += [(tpg, layers) for tpg in args.tpg if tpg > 0 for layers in args.tpg_layers]
     results = []
-    for cfg, tpg in itertools.product(args.cfg, args.tpg):
-        settings = {**recommended, "guidance_scale": cfg, "tpg_scale": tpg}
-        images = pipe(prompts, generator=torch.Generator().manual_seed(args.seed), **settings).images
-        result = adherence(images, prompts, judge)
-        results.append((result, cfg, tpg))
-        print(json.dumps({"guidance_scale": cfg, "tpg_scale": tpg, **vars(result)}), flush=True)
-    dual = [r for r in results if r[1] > 1 and r[2] > 0]
+    for cfg in args.cfg:
+        without_tpg = generate({**recommended, "guidance_scale": cfg, "tpg_scale": 0.0})
+        for tpg, layers in tpg_settings:
+            settings = {**recommended, "guidance_scale": cfg, "tpg_scale": tpg, "tpg_applied_layers_index": layers}
+            images = without_tpg if tpg == 0.0 else generate(settings)
+            result = adherence(images, prompts, judge)
+            change = mean_pixel_difference(images, without_tpg)
+            results.append((result, change, settings))
+            print(json.dumps({"guidance_scale": cfg, "tpg_scale": tpg, "tpg_layers": layers, **vars(result),
+                              "difference_to_no_tpg": round(change, 2)}), flush=True)  # fmt: skip
+    dual = [r for r in results if r[2]["guidance_scale"] > 1 and r[2]["tpg_scale"] > 0]
     if args.write and dual:
-        best, cfg, tpg = max(dual, key=lambda r: (r[0].adherence, r[0].background))
-        recommended.update(guidance_scale=cfg, tpg_scale=tpg)
+        best, _, settings = max(dual, key=lambda r: (r[0].adherence, r[0].background, r[1]))
+        recommended.update(settings)
         (Path(args.model) / RECOMMENDED_FILE).write_text(json.dumps(recommended, indent=2), encoding="utf-8")
-        print(f"recommended.json: guidance_scale={cfg}, tpg_scale={tpg} (adherence {best.adherence:.3f})")
+        print(f"recommended.json: {settings} (adherence {best.adherence:.3f})")
 
 
 if __name__ == "__main__":

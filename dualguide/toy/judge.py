@@ -122,3 +122,11 @@ def adherence(images, prompts: Sequence[str], judge: Optional[ShapeJudge] = None
         adherence=float(np.mean(hits["shape"] & hits["color"])), shape=float(hits["shape"].mean()),
         color=float(hits["color"].mean()), background=float(hits["background"].mean()), count=len(prompts),
     )  # fmt: skip
+
+
+def mean_pixel_difference(images, reference) -> float:
+    """Mean absolute difference of two equally long image lists, in 0-255 pixel units."""
+    if len(images) != len(reference):
+        raise ValueError(f"got {len(images)} images against {len(reference)} reference images")
+    pairs = zip(images, reference)
+    return float(np.mean([np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).mean() for a, b in pairs]))
