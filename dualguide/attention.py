@@ -58,17 +58,27 @@ def merge_heads(heads: Tensor) -> Tensor:
     return heads.transpose(1, 2).reshape(batch, tokens, num_heads * head_dim)
 
 
-def attend(attn, query_states: Tensor, key_states: Tensor, value_states: Tensor) -> Tensor:
-    """Multi-head attention of already projected ``[B, N, H*d]`` inputs; heads merged, before ``to_out``."""
+def query_heads(attn, query_states: Tensor) -> Tensor:
+    """Projected queries ``[B, N, H*d]`` -> ``[B, H, N, d]``, with the module's query norm."""
     query = split_heads(attn, query_states)
+    return query if attn.norm_q is None else attn.norm_q(query)
+
+
+def key_heads(attn, key_states: Tensor) -> Tensor:
+    """Projected keys ``[B, N, H*d]`` -> ``[B, H, N, d]``, with the module's key norm."""
     key = split_heads(attn, key_states)
-    value = split_heads(attn, value_states)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    return key if attn.norm_k is None else attn.norm_k(key)
+
+
+def attend_heads(query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    """Attention of ``[B, H, N, d]`` heads; heads merged, before ``to_out``."""
     out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
     return merge_heads(out).to(query.dtype)
+
+
+def attend(attn, query_states: Tensor, key_states: Tensor, value_states: Tensor) -> Tensor:
+    """Multi-head attention of already projected ``[B, N, H*d]`` inputs; heads merged, before ``to_out``."""
+    return attend_heads(query_heads(attn, query_states), key_heads(attn, key_states), split_heads(attn, value_states))
 
 
 def finish(attn, merged: Tensor, prepared: AttentionInput) -> Tensor:

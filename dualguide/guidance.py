@@ -74,6 +74,6 @@ def nag_extrapolate(
     extrapolated = torch.lerp(negative, positive, scale)  # s Z+ - (s-1) Z-
     norm_positive = _token_norm(positive, use_l1)
     norm_extrapolated = _token_norm(extrapolated, use_l1)
-    shrink = (norm_positive * tau / norm_extrapolated.clamp_min(torch.finfo(torch.float32).tiny)).clamp_(max=1.0)
+    shrink = norm_positive.mul_(tau).div_(norm_extrapolated.clamp_min_(torch.finfo(torch.float32).tiny)).clamp_(max=1.0)
     extrapolated.mul_(shrink.to(extrapolated.dtype))
     return torch.lerp(positive, extrapolated, alpha, out=out)

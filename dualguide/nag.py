@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator, Optional, Tuple
 
+import torch
 from diffusers.models.attention import BasicTransformerBlock
 from torch import Tensor, nn
 
@@ -46,17 +47,18 @@ class NAGCrossAttnProcessor:
         query = attn.to_q(prepared.hidden_states)
         positive_context = attention.context(attn, prepared.hidden_states, encoder_hidden_states)
         merged = attention.attend(attn, query, attn.to_k(positive_context), attn.to_v(positive_context))
-        negative_key, negative_value = self._negative_key_value(attn, negative.to(query.dtype))
-        z_negative = attention.attend(attn, query[guided], negative_key, negative_value)
+        negative_key, negative_value = self._negative_key_value(attn, negative, query.dtype)
+        z_negative = attention.attend_heads(attention.query_heads(attn, query[guided]), negative_key, negative_value)
         positive = merged[guided]  # a view: the result is written into ``merged`` in place
         nag_extrapolate(positive, z_negative, self.scale, self.tau, self.alpha, self.use_l1, out=positive)
         return attention.finish(attn, merged, prepared)
 
-    def _negative_key_value(self, attn, negative: Tensor) -> Tuple[Tensor, Tensor]:
-        """K/V of the NAG negative: the same at every step of a run, so computed once per negative tensor."""
+    def _negative_key_value(self, attn, negative: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """K/V heads of the NAG negative: the same at every step of a run, so computed once per negative tensor."""
         if self._cached_for is not negative:
-            context = attention.context(attn, negative, negative)
-            self._cached_for, self._cached_key_value = negative, (attn.to_k(context), attn.to_v(context))
+            context = attention.context(attn, negative, negative.to(dtype))
+            key_value = attention.key_heads(attn, attn.to_k(context)), attention.split_heads(attn, attn.to_v(context))
+            self._cached_for, self._cached_key_value = negative, key_value
         return self._cached_key_value
 
 
