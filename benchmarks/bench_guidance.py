@@ -1,6 +1,6 @@
 """Seconds per image of each guidance mode against diffusers' SDXL pipelines, on the tiny SDXL-layout model.
 
-    python benchmarks/bench_guidance.py [--repeats 3] [--sizes 64 128] [--steps 8]
+    python benchmarks/bench_guidance.py [--repeats 5] [--sizes 64 128] [--steps 8]
 
 Baseline: diffusers' StableDiffusionXLPipeline with CFG (guidance_scale 5, Euler). Also timed:
 diffusers' StableDiffusionXLPAGPipeline (mid layers) and this project's modes. Each figure is
@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from common import OUR_MODES, TABLE_HEAD, best_times, environment, ratio_rows
+from common import OUR_MODES, TABLE_HEAD, Timings, environment, paired_timings, ratio_rows
 
 TARGETS = {
     64: {"CFG": 1.03, "CFG+TPG": 1.30, "CFG+NAG": 1.15, "CFG+TPG+NAG": 1.45, "CFG+PAG": 1.25,
@@ -27,7 +27,7 @@ BASELINE = "diffusers SDXL (CFG)"
 PROMPT = "a red circle on a blue background"
 
 
-def time_size(components, size: int, steps: int, repeats: int) -> dict:
+def time_size(components, size: int, steps: int, repeats: int) -> Timings:
     from diffusers import StableDiffusionXLPAGPipeline, StableDiffusionXLPipeline
 
     from dualguide import StableDiffusionXLTPGPipeline
@@ -46,17 +46,17 @@ def time_size(components, size: int, steps: int, repeats: int) -> dict:
 
     runs = {BASELINE: call("sdxl", guidance_scale=5.0), "diffusers PAG (CFG+PAG)": call("pag", guidance_scale=5.0, pag_scale=3.0)}
     runs.update({f"ours {mode}": call("ours", **kwargs) for mode, kwargs in OUR_MODES.items()})
-    seconds = best_times(runs, repeats)
-    for name, value in seconds.items():
-        print(f"  {size}px  {name:34s} {value:.3f} s", flush=True)
-    return seconds
+    timings = paired_timings(runs, BASELINE, repeats)
+    for name, value in timings.seconds.items():
+        print(f"  {size}px  {name:34s} {value:.3f} s  ratio {timings.ratios[name]:.3f}", flush=True)
+    return timings
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     args = parser.parse_args()
@@ -66,15 +66,16 @@ def main() -> int:
     from dualguide.tiny import build_tiny_sdxl
 
     lines = ["# Benchmark: seconds per image, tiny SDXL-layout model", "", f"Machine: {environment()}.", "",
-             f"{args.steps} Euler steps, one image, float32, full pipeline call; min of {args.repeats} rounds over all modes after a warm-up round.",
-             "Ratios are to diffusers' StableDiffusionXLPipeline with CFG in the same run.", ""]  # fmt: skip
+             f"{args.steps} Euler steps, one image, float32, full pipeline call; after a warm-up call of each, {args.repeats} rounds",
+             "in which every mode runs right after the baseline (diffusers' StableDiffusionXLPipeline with CFG): s/image is the",
+             "min over rounds, the ratio the median over rounds of mode / the baseline run just before it.", ""]  # fmt: skip
     all_misses = []
     with torch.inference_mode():
         for size in args.sizes:
             components = build_tiny_sdxl(seed=0, sample_size=size // 2)
-            seconds = time_size(components, size, args.steps, args.repeats)
+            timings = time_size(components, size, args.steps, args.repeats)
             targets = {f"ours {k}": v for k, v in TARGETS.get(size, {}).items()}
-            rows, misses = ratio_rows(seconds, BASELINE, targets)
+            rows, misses = ratio_rows(timings, targets)
             all_misses += [f"{size}px {m}" for m in misses]
             lines += [f"## {size}x{size} pixels ({size // 2}x{size // 2} latents)", "",
                       *TABLE_HEAD, *rows, ""]  # fmt: skip

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import time
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -20,35 +22,59 @@ OUR_MODES: Dict[str, dict] = {
 }
 
 
-def best_times(
-    runs: Dict[str, Callable[[], object]], repeats: int, synchronize: Callable[[], None] = lambda: None
-) -> Dict[str, float]:
-    """Min wall time of each run over ``repeats`` rounds, after a warm-up round.
+@dataclass(frozen=True)
+class Timings:
+    """``seconds``: min wall time of each run; ``ratios``: median over rounds of run / baseline, timed in pairs."""
 
-    The rounds go through all runs in turn, so a slow spell of the machine hits every mode alike.
+    seconds: Dict[str, float]
+    ratios: Dict[str, float]
+
+
+def paired_timings(
+    runs: Dict[str, Callable[[], object]],
+    baseline: str,
+    repeats: int,
+    synchronize: Callable[[], None] = lambda: None,
+    warm_up: bool = True,
+) -> Timings:
+    """Time every run against ``baseline`` run just before it, ``repeats`` rounds (after one warm-up call each).
+
+    A slow spell of the machine hits both halves of a pair alike, so the median of the per-round
+    ratios is steadier than a ratio of two minima taken at different times.
     """
-    seconds = {name: float("inf") for name in runs}
-    for round_index in range(repeats + 1):
-        for name, run in runs.items():
-            synchronize()
-            start = time.perf_counter()
+
+    def seconds_of(run: Callable[[], object]) -> float:
+        synchronize()
+        start = time.perf_counter()
+        run()
+        synchronize()
+        return time.perf_counter() - start
+
+    if warm_up:
+        for run in runs.values():
             run()
-            synchronize()
-            if round_index:
-                seconds[name] = min(seconds[name], time.perf_counter() - start)
-    return seconds
+    samples: Dict[str, List[float]] = {name: [] for name in runs}
+    ratios: Dict[str, List[float]] = {name: [] for name in runs if name != baseline}
+    for _ in range(repeats):
+        for name in ratios:
+            base, value = seconds_of(runs[baseline]), seconds_of(runs[name])
+            samples[baseline].append(base)
+            samples[name].append(value)
+            ratios[name].append(value / base)
+    medians = {name: statistics.median(values) for name, values in ratios.items()}
+    return Timings({name: min(values) for name, values in samples.items()}, {baseline: 1.0, **medians})
 
 
-TABLE_HEAD = ["| mode | s/image | ratio | target | verdict | note |", "|---|---|---|---|---|---|"]
+TABLE_HEAD = ["| mode | s/image (min) | ratio (median of pairs) | target | verdict | note |", "|---|---|---|---|---|---|"]
 
 
 def ratio_rows(
-    seconds: Dict[str, float], baseline: str, targets: Dict[str, float], notes: Optional[Dict[str, str]] = None
+    timings: Timings, targets: Dict[str, float], notes: Optional[Dict[str, str]] = None
 ) -> Tuple[List[str], List[str]]:
     """Markdown rows under ``TABLE_HEAD`` (mode, s/image, ratio, target, verdict, note) and the missed targets."""
     rows, misses = [], []
-    for mode, value in seconds.items():
-        ratio = value / seconds[baseline]
+    for mode, value in timings.seconds.items():
+        ratio = timings.ratios[mode]
         target = targets.get(mode)
         verdict = "" if target is None else ("ok" if ratio <= target else f"MISSED by {ratio - target:.3f}")
         if target is not None and ratio > target:

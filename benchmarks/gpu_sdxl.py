@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from common import OUR_MODES, TABLE_HEAD, best_times, environment, ratio_rows
+from common import OUR_MODES, TABLE_HEAD, environment, paired_timings, ratio_rows
 
 SDXL_BASE_UNET = dict(
     act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
@@ -97,13 +97,14 @@ def main() -> int:
             torch.cuda.reset_peak_memory_stats()
         run()
         peaks[name] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
-    seconds = best_times(runs, args.repeats, synchronize)
+    timings = paired_timings(runs, BASELINE, args.repeats, synchronize, warm_up=False)
     for name in runs:
-        print(f"{name:40s} {seconds[name]:.3f} s  peak {peaks[name]:.2f} GiB", flush=True)
-    rows, _ = ratio_rows(seconds, BASELINE, {}, {name: f"peak {peak:.2f} GiB" for name, peak in peaks.items()})
+        print(f"{name:40s} {timings.seconds[name]:.3f} s  ratio {timings.ratios[name]:.3f}  peak {peaks[name]:.2f} GiB", flush=True)
+    rows, _ = ratio_rows(timings, {}, {name: f"peak {peak:.2f} GiB" for name, peak in peaks.items()})
     lines = ["# GPU benchmark: full-size SDXL UNet, random weights", "", f"Machine: {environment(device.type)}.", "",
              f"{args.size}x{args.size}, {args.steps} Euler steps, {dtype}, one image, denoising loop only; "
-             f"min of {args.repeats} rounds over all modes after a warm-up. Ratios to diffusers' StableDiffusionXLPipeline with CFG.", "",
+             f"{args.repeats} rounds after a warm-up, each mode right after the baseline (diffusers' StableDiffusionXLPipeline with CFG): "
+             "s/image is the min over rounds, the ratio the median of mode / baseline over rounds.", "",
              *TABLE_HEAD, *rows, ""]  # fmt: skip
     report = "\n".join(lines)
     print(report)
