@@ -3,9 +3,10 @@
     python benchmarks/bench_guidance.py [--repeats 5] [--sizes 64 128] [--steps 8]
 
 Baseline: diffusers' StableDiffusionXLPipeline with CFG (guidance_scale 5, Euler). Also timed:
-diffusers' StableDiffusionXLPAGPipeline (mid layers) and this project's modes. Each figure is
-the min of several full pipeline calls (text encoding, sampling, VAE decode) after a warm-up,
-all in this one process; ratios and targets go to stdout and benchmarks/RESULTS.md.
+diffusers' StableDiffusionXLPAGPipeline (mid layers) and this project's modes. Every mode is timed
+in pairs with the baseline (full pipeline calls: text encoding, sampling, VAE decode), all in this
+one process; each ratio is the median over rounds of the pair's ratio. Ratios and targets go to
+stdout and benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of pairs (at least 1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "RESULTS.md"))
     args = parser.parse_args()
@@ -67,8 +68,8 @@ def main() -> int:
 
     lines = ["# Benchmark: seconds per image, tiny SDXL-layout model", "", f"Machine: {environment()}.", "",
              f"{args.steps} Euler steps, one image, float32, full pipeline call; after a warm-up call of each, {args.repeats} rounds",
-             "in which every mode runs right after the baseline (diffusers' StableDiffusionXLPipeline with CFG): s/image is the",
-             "min over rounds, the ratio the median over rounds of mode / the baseline run just before it.", ""]  # fmt: skip
+             "in which every mode runs in a pair with the baseline (diffusers' StableDiffusionXLPipeline with CFG), the order",
+             "alternating by round: s/image is the median over rounds, the ratio the median over rounds of mode / baseline.", ""]  # fmt: skip
     all_misses = []
     with torch.inference_mode():
         for size in args.sizes:

@@ -24,7 +24,7 @@ OUR_MODES: Dict[str, dict] = {
 
 @dataclass(frozen=True)
 class Timings:
-    """``seconds``: min wall time of each run; ``ratios``: median over rounds of run / baseline, timed in pairs."""
+    """Median seconds of each run, and the median over rounds of run / the baseline run paired with it."""
 
     seconds: Dict[str, float]
     ratios: Dict[str, float]
@@ -37,11 +37,14 @@ def paired_timings(
     synchronize: Callable[[], None] = lambda: None,
     warm_up: bool = True,
 ) -> Timings:
-    """Time every run against ``baseline`` run just before it, ``repeats`` rounds (after one warm-up call each).
+    """Time every run in a pair with ``baseline``, ``repeats`` rounds (after one warm-up call each).
 
     A slow spell of the machine hits both halves of a pair alike, so the median of the per-round
-    ratios is steadier than a ratio of two minima taken at different times.
+    ratios is steadier than a ratio of two figures taken at different times; the order within a
+    pair alternates by round so that neither side always runs on a warmer machine.
     """
+    if repeats < 1 or baseline not in runs or len(runs) < 2:
+        raise ValueError(f"need repeats >= 1 and runs holding {baseline!r} and at least one other run")
 
     def seconds_of(run: Callable[[], object]) -> float:
         synchronize()
@@ -55,17 +58,20 @@ def paired_timings(
             run()
     samples: Dict[str, List[float]] = {name: [] for name in runs}
     ratios: Dict[str, List[float]] = {name: [] for name in runs if name != baseline}
-    for _ in range(repeats):
+    for round_index in range(repeats):
         for name in ratios:
-            base, value = seconds_of(runs[baseline]), seconds_of(runs[name])
+            if round_index % 2:
+                value, base = seconds_of(runs[name]), seconds_of(runs[baseline])
+            else:
+                base, value = seconds_of(runs[baseline]), seconds_of(runs[name])
             samples[baseline].append(base)
             samples[name].append(value)
             ratios[name].append(value / base)
     medians = {name: statistics.median(values) for name, values in ratios.items()}
-    return Timings({name: min(values) for name, values in samples.items()}, {baseline: 1.0, **medians})
+    return Timings({name: statistics.median(values) for name, values in samples.items()}, {baseline: 1.0, **medians})
 
 
-TABLE_HEAD = ["| mode | s/image (min) | ratio (median of pairs) | target | verdict | note |", "|---|---|---|---|---|---|"]
+TABLE_HEAD = ["| mode | s/image (median) | ratio (median of pairs) | target | verdict | note |", "|---|---|---|---|---|---|"]
 
 
 def ratio_rows(

@@ -103,8 +103,8 @@ def main() -> int:
     rows, _ = ratio_rows(timings, {}, {name: f"peak {peak:.2f} GiB" for name, peak in peaks.items()})
     lines = ["# GPU benchmark: full-size SDXL UNet, random weights", "", f"Machine: {environment(device.type)}.", "",
              f"{args.size}x{args.size}, {args.steps} Euler steps, {dtype}, one image, denoising loop only; "
-             f"{args.repeats} rounds after a warm-up, each mode right after the baseline (diffusers' StableDiffusionXLPipeline with CFG): "
-             "s/image is the min over rounds, the ratio the median of mode / baseline over rounds.", "",
+             f"{args.repeats} rounds after a warm-up, each mode in a pair with the baseline (diffusers' StableDiffusionXLPipeline with CFG): "
+             "s/image is the median over rounds, the ratio the median of mode / baseline over rounds.", "",
              *TABLE_HEAD, *rows, ""]  # fmt: skip
     report = "\n".join(lines)
     print(report)

@@ -7,10 +7,14 @@ Heavy modules (torch, diffusers) are imported only by the subcommands that need 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded")
 
@@ -242,11 +246,12 @@ def compare_modes(kwargs: Dict[str, object], with_pag: bool) -> List[Tuple[str, 
 
 
 def command_compare(args) -> int:
+    """One grid: a row per prompt, a column per guidance mode, all from the same seed."""
     model, kwargs, pipe = _prepare(args)
     modes = compare_modes(kwargs, args.with_pag)
     rows = [[_run(pipe, prompt, args.seed, arguments)[0] for _, arguments in modes] for prompt in args.prompt]
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"compare_{_slug(' '.join(args.prompt))}.png")
+    path = os.path.join(args.out, f"compare_{_grid_name(args.prompt)}.png")
     prompt = args.prompt[0] if len(args.prompt) == 1 else args.prompt
     metadata = {"prompt": prompt, "seed": args.seed, "model": model, "panels": dict(modes)}
     save_png(labelled_grid([label for label, _ in modes], rows), path, metadata)
@@ -254,7 +259,7 @@ def command_compare(args) -> int:
     return 0
 
 
-def labelled_grid(labels: Sequence[str], rows: Sequence[Sequence[object]], scale: int = 0):
+def labelled_grid(labels: Sequence[str], rows: Sequence[Sequence["Image.Image"]], scale: int = 0) -> "Image.Image":
     """Rows of images, one column per label, the labels under the last row (images upscaled to at least 128 px)."""
     from PIL import Image, ImageDraw
 
@@ -278,6 +283,14 @@ def command_samplers(args) -> int:
     print("samplers: " + ", ".join(SAMPLER_NAMES))
     print("schedules: " + ", ".join(SCHEDULE_NAMES))
     return 0
+
+
+def _grid_name(prompts: Sequence[str]) -> str:
+    """The first prompt's slug; with several prompts, their count and a digest of all of them."""
+    if len(prompts) == 1:
+        return _slug(prompts[0])
+    digest = hashlib.sha1("\n".join(prompts).encode("utf-8")).hexdigest()[:8]
+    return f"{_slug(prompts[0])}_and_{len(prompts) - 1}_more_{digest}"
 
 
 def _slug(text: str) -> str:

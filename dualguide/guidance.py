@@ -45,13 +45,14 @@ def rescale_guidance(guided: Tensor, cond: Tensor, guidance_rescale: float) -> T
 
 
 def _token_norm(hidden_states: Tensor, use_l1: bool = True) -> Tensor:
-    """Per-token L1 or L2 norm over the last dim, accumulated in float32, keepdim.
+    """Per-token L1 or L2 norm over the last dim, accumulated in float32 (or wider), keepdim.
 
     L1 is ``abs().sum()``: ``linalg.vector_norm(ord=1)`` is several times slower on CPU.
     """
+    dtype = torch.promote_types(hidden_states.dtype, torch.float32)
     if use_l1:
-        return hidden_states.abs().sum(dim=-1, keepdim=True, dtype=torch.float32)
-    return torch.linalg.vector_norm(hidden_states, dim=-1, keepdim=True, dtype=torch.float32)
+        return hidden_states.abs().sum(dim=-1, keepdim=True, dtype=dtype)
+    return torch.linalg.vector_norm(hidden_states, dim=-1, keepdim=True, dtype=dtype)
 
 
 def nag_extrapolate(
@@ -66,14 +67,13 @@ def nag_extrapolate(
     """Normalized Attention Guidance on attention outputs (heads merged, before ``to_out``).
 
     ``Zt = s Z+ - (s-1) Z-``; the per-token norm ratio ``r = |Zt| / |Z+|`` (L1 or L2
-    over the last dim, accumulated in float32) is clipped at ``tau``, i.e. ``Zt`` is
+    over the last dim, accumulated in at least float32) is clipped at ``tau``, i.e. ``Zt`` is
     multiplied by ``min(r, tau) / r = min(1, tau / r)``; the result is
-    ``alpha Zt + (1-alpha) Z+``. Zero norms give finite results. ``out`` (which may be
-    ``positive`` itself) receives the result instead of a new tensor.
+    ``alpha Zt + (1-alpha) Z+``. Zero norms give finite results. Differentiable; for inference,
+    ``out`` (which may be ``positive`` itself) receives the result instead of a new tensor.
     """
     extrapolated = torch.lerp(negative, positive, scale)  # s Z+ - (s-1) Z-
     norm_positive = _token_norm(positive, use_l1)
-    norm_extrapolated = _token_norm(extrapolated, use_l1)
-    shrink = norm_positive.mul_(tau).div_(norm_extrapolated.clamp_min_(torch.finfo(torch.float32).tiny)).clamp_(max=1.0)
-    extrapolated.mul_(shrink.to(extrapolated.dtype))
-    return torch.lerp(positive, extrapolated, alpha, out=out)
+    norm_extrapolated = _token_norm(extrapolated, use_l1).clamp_min(torch.finfo(torch.float32).tiny)
+    shrink = (norm_positive * tau / norm_extrapolated).clamp_(max=1.0)
+    return torch.lerp(positive, extrapolated * shrink.to(extrapolated.dtype), alpha, out=out)

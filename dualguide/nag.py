@@ -36,7 +36,7 @@ class NAGCrossAttnProcessor:
         self.alpha = alpha
         self.use_l1 = use_l1
         self._cached_for: Optional[Tensor] = None
-        self._cached_key_value: Tuple[Tensor, Tensor] = ()
+        self._cached_key_value: Optional[Tuple[Tensor, Tensor]] = None
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         guided = self.state.rows.guided
@@ -55,8 +55,9 @@ class NAGCrossAttnProcessor:
 
     def _negative_key_value(self, attn, negative: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
         """K/V heads of the NAG negative: the same at every step of a run, so computed once per negative tensor."""
-        if self._cached_for is not negative:
-            context = attention.context(attn, negative, negative.to(dtype))
+        if self._cached_key_value is None or self._cached_for is not negative:
+            negative_context = negative.to(dtype)
+            context = attention.context(attn, negative_context, negative_context)
             key_value = attention.key_heads(attn, attn.to_k(context)), attention.split_heads(attn, attn.to_v(context))
             self._cached_for, self._cached_key_value = negative, key_value
         return self._cached_key_value

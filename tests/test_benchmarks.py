@@ -1,4 +1,4 @@
-"""The benchmarks' timing: each mode is timed right after the baseline; ratio = median of the pairs."""
+"""The benchmarks' timing: each mode is timed in a pair with the baseline; ratio = median of the pairs."""
 
 import os
 import sys
@@ -27,10 +27,10 @@ class FakeClock:
         return call
 
 
-def test_each_mode_runs_right_after_the_baseline_and_the_ratio_is_the_median_of_pairs(monkeypatch):
+def test_each_mode_runs_in_a_pair_with_the_baseline_and_the_ratio_is_the_median_of_pairs(monkeypatch):
     clock = FakeClock()
     monkeypatch.setattr(common.time, "perf_counter", clock.perf_counter)
-    # A slow spell doubles everything in round 2: the pair ratio stays 1.5 and 1.2, the minimum is unaffected.
+    # A slow spell doubles everything in round 2: the pair ratios stay 1.5 and 1.2, the medians are unaffected.
     base = [9.0, 2.0, 2.0, 4.0, 4.0, 2.0, 2.0]  # warm-up, then two per round
     runs = {
         "base": clock.run("base", base),
@@ -38,9 +38,16 @@ def test_each_mode_runs_right_after_the_baseline_and_the_ratio_is_the_median_of_
         "b": clock.run("b", [9.0, 2.4, 4.8, 2.4]),
     }
     timings = common.paired_timings(runs, "base", repeats=3)
-    assert clock.calls == ["base", "a", "b"] + ["base", "a", "base", "b"] * 3
+    pairs_in_order, pairs_reversed = ["base", "a", "base", "b"], ["a", "base", "b", "base"]
+    assert clock.calls == ["base", "a", "b"] + pairs_in_order + pairs_reversed + pairs_in_order
     assert timings.ratios == {"base": 1.0, "a": pytest.approx(1.5), "b": pytest.approx(1.2)}
     assert timings.seconds == pytest.approx({"base": 2.0, "a": 3.0, "b": 2.4})
+
+
+@pytest.mark.parametrize("runs, repeats", [({"base": print}, 3), ({"base": print, "a": print}, 0), ({"a": print}, 3)])
+def test_paired_timings_rejects_what_it_cannot_pair(runs, repeats):
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        common.paired_timings(runs, "base", repeats)
 
 
 def test_ratio_rows_report_misses_by_how_much():

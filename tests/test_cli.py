@@ -63,7 +63,7 @@ def test_compare_gives_each_prompt_a_row(model_folder, tmp_path):
     assert run_cli("compare", *prompts, "--model", model_folder, "--out", tmp_path, "--steps", "1") == 0
     (grid,) = os.listdir(tmp_path)
     image = Image.open(tmp_path / grid)
-    assert image.size == (5 * 128, 2 * 128 + 16)
+    assert image.size == (5 * 128, 2 * 128 + 16) and grid.startswith("compare_a_red_circle_and_1_more_")
     assert json.loads(image.text["parameters"])["prompt"] == prompts
     top, bottom = np.asarray(image)[:128], np.asarray(image)[128:256]
     assert not np.array_equal(top, bottom)  # different prompts, different rows

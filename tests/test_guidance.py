@@ -86,6 +86,15 @@ def test_nag_out_may_be_positive_itself(use_l1):
     positive, negative = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     expected = nag_extrapolate(positive.clone(), negative.clone(), 4.0, 2.5, 0.5, use_l1)
     target = positive.clone()
+    negative_before = negative.clone()
     result = nag_extrapolate(target, negative, 4.0, 2.5, 0.5, use_l1, out=target)
     assert result.data_ptr() == target.data_ptr() and torch.equal(target, expected)
-    assert not torch.equal(target, positive)
+    assert not torch.equal(target, positive) and torch.equal(negative, negative_before)
+
+
+@pytest.mark.parametrize("use_l1", [True, False])
+def test_nag_is_differentiable(use_l1):
+    torch.manual_seed(3)
+    positive = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    negative = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda p, n: nag_extrapolate(p, n, 4.0, 2.5, 0.5, use_l1), (positive, negative))

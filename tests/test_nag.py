@@ -20,6 +20,8 @@ def reference_nag_attention(attn, hidden, positive_context, negative_context, gu
         b, n, inner = q.shape
         d = inner // heads
         q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
         weights = (q @ k.transpose(-1, -2) / d**0.5).softmax(-1)
         return (weights @ v).transpose(1, 2).reshape(b, n, inner)
 
@@ -51,6 +53,23 @@ def test_processor_matches_reference(unet, use_l1, tau):
     plain = attn.processor(attn, hidden, encoder_hidden_states=positive)
     assert torch.allclose(ours[:1], plain[:1], atol=1e-6)  # uncond row untouched
     assert not torch.allclose(ours[1:], plain[1:], atol=1e-3)
+
+
+@torch.no_grad()
+def test_processor_with_qk_norm_and_a_new_negative_per_run():
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(0)
+    attn = Attention(16, cross_attention_dim=12, heads=2, dim_head=8, qk_norm="layer_norm", processor=AttnProcessor2_0())
+    attn.norm_k.weight.data.uniform_(0.5, 1.5)  # keys and queries normed differently
+    hidden, positive = torch.randn(2, 9, 16), torch.randn(2, 5, 12)
+    state = GuidanceState(rows=CallRows({"uncond": slice(0, 1), "cond": slice(1, 2)}))
+    processor = NAGCrossAttnProcessor(attn.processor, state, scale=3.0, tau=2.5, alpha=0.5, use_l1=True)
+    for _ in range(2):  # a new negative tensor (a new run) must not reuse the cached K/V of the last one
+        state.nag_negative = torch.randn(1, 5, 12)
+        ours = processor(attn, hidden, encoder_hidden_states=positive)
+        expected = reference_nag_attention(attn, hidden, positive, state.nag_negative, slice(1, 2), 3.0, 2.5, 0.5, 1)
+        assert torch.allclose(ours, expected, atol=1e-5)
 
 
 def test_nag_scale_one_gives_exactly_the_cfg_output(pipe):

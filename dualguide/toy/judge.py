@@ -124,7 +124,7 @@ def adherence(images, prompts: Sequence[str], judge: Optional[ShapeJudge] = None
     )  # fmt: skip
 
 
-def mean_pixel_difference(images, reference) -> float:
+def mean_pixel_difference(images: Sequence, reference: Sequence) -> float:
     """Mean absolute difference of two equally long image lists, in 0-255 pixel units."""
     if len(images) != len(reference):
         raise ValueError(f"got {len(images)} images against {len(reference)} reference images")
