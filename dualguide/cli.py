@@ -103,12 +103,9 @@ PANEL_SCALE = 3.0  # PAG / NAG scale of the comparison panels when neither the m
 
 def recommended_settings(model_folder: Optional[str]) -> Dict[str, object]:
     """Pipeline arguments recommended for the model (``recommended.json`` beside its weights) over SDXL's defaults."""
-    settings = dict(DEFAULTS)
-    path = os.path.join(model_folder, "recommended.json") if model_folder else None
-    if path and os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            settings.update(json.load(f))
-    return settings
+    from .loading import read_recommended
+
+    return {**DEFAULTS, **(read_recommended(model_folder) if model_folder else {})}
 
 
 def resolve_model(model: Optional[str]) -> Tuple[str, Optional[str]]:
@@ -130,7 +127,7 @@ def _load(args) -> object:
     import torch
     from diffusers.utils import logging as diffusers_logging
 
-    from .loading import load_pipeline
+    from .loading import default_dtype, load_pipeline
 
     from transformers.utils import logging as transformers_logging
 
@@ -140,9 +137,9 @@ def _load(args) -> object:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-    dtype_name = args.dtype if args.dtype != "auto" else ("float16" if device == "cuda" else "float32")
+    dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
     try:
-        pipe = load_pipeline(args.model_path, device=device, dtype=getattr(torch, dtype_name))
+        pipe = load_pipeline(args.model_path, device=device, dtype=dtype)
     except OSError as error:
         if os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(error).lower() or "cache" in str(error).lower():
             raise UsageError(

@@ -1,11 +1,35 @@
-"""Load a ``StableDiffusionXLTPGPipeline`` from a hub id, a local folder or a single .safetensors file."""
+"""Load a ``StableDiffusionXLTPGPipeline`` from a hub id, a local folder or a single .safetensors file,
+and the ``recommended.json`` sampling settings a model folder may hold beside its weights."""
 
 from __future__ import annotations
 
+import json
 import os
-from typing import Optional
+from typing import Dict, Optional, Union
 
 import torch
+
+RECOMMENDED_FILE = "recommended.json"
+
+
+def default_dtype(device: Union[str, torch.device]) -> torch.dtype:
+    """float16 on CUDA, float32 elsewhere: the dtype the command and the examples use unless told."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def read_recommended(folder: Union[str, os.PathLike]) -> Dict[str, object]:
+    """The pipeline arguments in ``folder``'s ``recommended.json``; ``{}`` when it has none."""
+    path = os.path.join(folder, RECOMMENDED_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def write_recommended(folder: Union[str, os.PathLike], settings: Dict[str, object]) -> None:
+    """Store ``settings`` (pipeline arguments) as ``folder``'s ``recommended.json``."""
+    with open(os.path.join(folder, RECOMMENDED_FILE), "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=2)
 
 
 def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: Optional[torch.dtype] = None):

@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from dualguide.loading import load_pipeline
+from dualguide.loading import default_dtype, load_pipeline
 
 
 def main() -> None:
@@ -20,8 +20,7 @@ def main() -> None:
     parser.add_argument("--out", default="basic_pipeline.png")
     args = parser.parse_args()
 
-    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    pipe = load_pipeline(args.model, device=args.device, dtype=dtype)
+    pipe = load_pipeline(args.model, device=args.device, dtype=default_dtype(args.device))
     image = pipe(
         "a photo of a red fox in the snow",
         num_inference_steps=args.steps,

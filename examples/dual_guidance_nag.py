@@ -8,7 +8,7 @@ import argparse
 import torch
 
 from dualguide import apply_nag
-from dualguide.loading import load_pipeline
+from dualguide.loading import default_dtype, load_pipeline
 
 
 def main() -> None:
@@ -19,8 +19,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     args = parser.parse_args()
 
-    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    pipe = load_pipeline(args.model, device=args.device, dtype=dtype)
+    pipe = load_pipeline(args.model, device=args.device, dtype=default_dtype(args.device))
     common = dict(num_inference_steps=args.steps, height=args.size, width=args.size)
 
     # Per call: every NAG setting is an argument.

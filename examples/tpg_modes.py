@@ -8,7 +8,7 @@ import argparse
 
 import torch
 
-from dualguide.loading import load_pipeline
+from dualguide.loading import default_dtype, load_pipeline
 
 MODES = {
     "cfg_only": dict(guidance_scale=5.0, tpg_scale=0.0),
@@ -26,8 +26,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     args = parser.parse_args()
 
-    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    pipe = load_pipeline(args.model, device=args.device, dtype=dtype)
+    pipe = load_pipeline(args.model, device=args.device, dtype=default_dtype(args.device))
     for name, settings in MODES.items():
         image = pipe(
             "a corgi wearing sunglasses on the beach", num_inference_steps=args.steps, height=args.size,

@@ -100,3 +100,15 @@ def test_interrupted_save_leaves_no_partial_png(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         cli.save_png(image, str(tmp_path / "x.png"), {"prompt": "p"})
     assert os.listdir(tmp_path) == []
+
+
+def test_recommended_json_round_trip_and_default_dtype(tmp_path):
+    import torch
+
+    from dualguide.loading import default_dtype, read_recommended, write_recommended
+
+    assert read_recommended(tmp_path) == {}
+    write_recommended(tmp_path, {"guidance_scale": 4.0, "tpg_applied_layers_index": "d0-d23"})
+    assert read_recommended(tmp_path) == {"guidance_scale": 4.0, "tpg_applied_layers_index": "d0-d23"}
+    assert cli.recommended_settings(str(tmp_path))["guidance_scale"] == 4.0
+    assert default_dtype("cpu") == torch.float32 and default_dtype("cuda:0") == torch.float16

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import List, Optional
 
 import torch
 
 from dualguide.layers import resolve_layers
+from dualguide.loading import write_recommended
 from dualguide.toy.data import evaluation_prompts
 from dualguide.toy.judge import JUDGE_DIR, ShapeJudge, adherence, mean_pixel_difference
-from dualguide.toy.model import RECOMMENDED_FILE, load_pipeline, load_recommended
+from dualguide.toy.model import load_pipeline, load_recommended
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -73,7 +73,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.write and dual:
         best, _, settings = max(dual, key=lambda r: (r[0].adherence, r[0].background, r[1]))
         recommended.update(settings)
-        (Path(args.model) / RECOMMENDED_FILE).write_text(json.dumps(recommended, indent=2), encoding="utf-8")
+        write_recommended(args.model, recommended)
         print(f"recommended.json: {settings} (adherence {best.adherence:.3f})")
 
 

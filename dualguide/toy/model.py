@@ -7,7 +7,6 @@ conditioning, an f=4 ``AutoencoderKL`` (64x64 images <-> 16x16 latents) and SDXL
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -16,12 +15,12 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from ..loading import RECOMMENDED_FILE, read_recommended, write_recommended
 from ..tiny import sdxl_scheduler_config, tiny_unet_config
 from .data import grammar_words
 from ..vocab import word_vocabulary, write_tokenizer_files
 
 EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "embedded"
-RECOMMENDED_FILE = "recommended.json"
 RESOLUTION = 64
 MODEL_MAX_LENGTH = 16
 TEXT_HIDDEN_SIZES = (32, 64)
@@ -112,8 +111,7 @@ def save_pipeline(pipe, folder: Union[str, os.PathLike], recommended: Optional[d
     """Write ``pipe`` in diffusers folder format (safetensors) and ``recommended.json`` beside it."""
     pipe.save_pretrained(folder, safe_serialization=True)
     if recommended is not None:
-        with open(Path(folder) / RECOMMENDED_FILE, "w", encoding="utf-8") as f:
-            json.dump(recommended, f, indent=2)
+        write_recommended(folder, recommended)
 
 
 def load_pipeline(folder: Union[str, os.PathLike] = EMBEDDED_DIR, torch_dtype: torch.dtype = torch.float32):
@@ -127,9 +125,11 @@ def load_pipeline(folder: Union[str, os.PathLike] = EMBEDDED_DIR, torch_dtype: t
 
 
 def load_recommended(folder: Union[str, os.PathLike] = EMBEDDED_DIR) -> dict:
-    """The recommended sampling settings stored beside the weights."""
-    with open(Path(folder) / RECOMMENDED_FILE, encoding="utf-8") as f:
-        return json.load(f)
+    """The recommended sampling settings stored beside the weights (the embedded model's by default)."""
+    settings = read_recommended(folder)
+    if not settings:
+        raise FileNotFoundError(f"no {RECOMMENDED_FILE} in {folder}")
+    return settings
 
 
 def tokenize(tokenizer, captions: Sequence[str]) -> Tensor:
