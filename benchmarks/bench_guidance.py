@@ -17,36 +17,26 @@ import sys
 
 import torch
 
-from common import OUR_MODES, TABLE_HEAD, Timings, environment, paired_timings, ratio_rows
+from common import (
+    BASELINE, TABLE_HEAD, Timings, comparison_pipelines, comparison_runs, environment, paired_timings, ratio_rows,
+)
 
 TARGETS = {
     64: {"CFG": 1.03, "CFG+TPG": 1.30, "CFG+NAG": 1.15, "CFG+TPG+NAG": 1.45, "CFG+PAG": 1.25,
          "CFG+TPG (TPG first half)": 1.18},
     128: {"CFG+TPG": 1.55, "CFG+NAG": 1.15, "CFG+TPG+NAG": 1.65, "CFG+TPG (TPG first half)": 1.30},
 }  # fmt: skip
-BASELINE = "diffusers SDXL (CFG)"
 PROMPT = "a red circle on a blue background"
 
 
 def time_size(components, size: int, steps: int, repeats: int) -> Timings:
-    from diffusers import StableDiffusionXLPAGPipeline, StableDiffusionXLPipeline
-
-    from dualguide import StableDiffusionXLTPGPipeline
-
-    pipes = {
-        "sdxl": StableDiffusionXLPipeline(**components, add_watermarker=False),
-        "pag": StableDiffusionXLPAGPipeline(**components, add_watermarker=False, pag_applied_layers=["mid"]),
-        "ours": StableDiffusionXLTPGPipeline(**components, add_watermarker=False),
-    }
-    for pipe in pipes.values():
-        pipe.set_progress_bar_config(disable=True)
+    pipes = comparison_pipelines(components)
     common = dict(prompt=PROMPT, num_inference_steps=steps, height=size, width=size)
 
     def call(name, **kwargs):
         return lambda: pipes[name](generator=torch.Generator().manual_seed(0), **common, **kwargs)
 
-    runs = {BASELINE: call("sdxl", guidance_scale=5.0), "diffusers PAG (CFG+PAG)": call("pag", guidance_scale=5.0, pag_scale=3.0)}
-    runs.update({f"ours {mode}": call("ours", **kwargs) for mode, kwargs in OUR_MODES.items()})
+    runs = comparison_runs(call)
     timings = paired_timings(runs, BASELINE, repeats)
     for name, value in timings.seconds.items():
         print(f"  {size}px  {name:34s} {value:.3f} s  ratio {timings.ratios[name]:.3f}", flush=True)

@@ -22,6 +22,36 @@ OUR_MODES: Dict[str, dict] = {
 }
 
 
+BASELINE = "diffusers SDXL (CFG)"
+
+
+def comparison_pipelines(components: dict) -> Dict[str, object]:
+    """diffusers' SDXL pipeline (``sdxl``), its PAG pipeline on the mid block (``pag``) and ours (``ours``),
+    all over the same components, progress bars off."""
+    from diffusers import StableDiffusionXLPAGPipeline, StableDiffusionXLPipeline
+
+    from dualguide import StableDiffusionXLTPGPipeline
+
+    pipes = {
+        "sdxl": StableDiffusionXLPipeline(**components, add_watermarker=False),
+        "pag": StableDiffusionXLPAGPipeline(**components, add_watermarker=False, pag_applied_layers=["mid"]),
+        "ours": StableDiffusionXLTPGPipeline(**components, add_watermarker=False),
+    }
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
+    return pipes
+
+
+def comparison_runs(call: Callable[..., Callable[[], object]]) -> Dict[str, Callable[[], object]]:
+    """The timed runs, by label: the baseline, diffusers' PAG and each of ``OUR_MODES``.
+
+    ``call(pipe_name, **pipeline_arguments)`` gives one run; names as in ``comparison_pipelines``.
+    """
+    runs = {BASELINE: call("sdxl", guidance_scale=5.0), "diffusers PAG (CFG+PAG)": call("pag", guidance_scale=5.0, pag_scale=3.0)}
+    runs.update({f"ours {mode}": call("ours", **kwargs) for mode, kwargs in OUR_MODES.items()})
+    return runs
+
+
 @dataclass(frozen=True)
 class Timings:
     """Median seconds of each run, and the median over rounds of run / the baseline run paired with it."""

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from common import OUR_MODES, TABLE_HEAD, environment, paired_timings, ratio_rows
+from common import BASELINE, OUR_MODES, TABLE_HEAD, comparison_pipelines, comparison_runs, environment, paired_timings, ratio_rows
 
 SDXL_BASE_UNET = dict(
     act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
@@ -27,7 +27,6 @@ SDXL_BASE_UNET = dict(
     transformer_layers_per_block=(1, 2, 10), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
     use_linear_projection=True,
 )  # fmt: skip
-BASELINE = "diffusers SDXL (CFG)"
 
 
 @torch.no_grad()
@@ -53,26 +52,20 @@ def main() -> int:
         print("gpu_sdxl.py needs a CUDA device (or --device cpu for a dry run)", file=sys.stderr)
         return 2
     device = torch.device(args.device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPAGPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
-    from dualguide import StableDiffusionXLTPGPipeline
+    from dualguide.loading import default_dtype
     from dualguide.tiny import sdxl_scheduler_config
 
+    dtype = default_dtype(device)
     torch.manual_seed(0)
     with device:
         unet = UNet2DConditionModel(**SDXL_BASE_UNET).to(dtype).eval()
     parts = dict(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None, tokenizer_2=None, unet=unet,
                  scheduler=EulerDiscreteScheduler(**sdxl_scheduler_config()))  # fmt: skip
-    pipes = {
-        "sdxl": StableDiffusionXLPipeline(**parts, add_watermarker=False),
-        "pag": StableDiffusionXLPAGPipeline(**parts, add_watermarker=False, pag_applied_layers=["mid"]),
-        "ours": StableDiffusionXLTPGPipeline(**parts, add_watermarker=False),
-    }
-    for pipe in pipes.values():
-        pipe.set_progress_bar_config(disable=True)
+    pipes = comparison_pipelines(parts)
     g = torch.Generator(device).manual_seed(1)
 
     def random(*shape):
@@ -88,8 +81,7 @@ def main() -> int:
             kwargs = dict(kwargs, sampler=euler, nag_negative_prompt_embeds=nag_negative)
         return lambda: pipes[name](generator=torch.Generator(device).manual_seed(0), **common, **kwargs)
 
-    runs = {BASELINE: call("sdxl", guidance_scale=5.0), "diffusers PAG (CFG+PAG)": call("pag", guidance_scale=5.0, pag_scale=3.0)}
-    runs.update({f"ours {mode}": call("ours", **kwargs) for mode, kwargs in OUR_MODES.items()})
+    runs = comparison_runs(call)
     runs["ours CFG+TPG+NAG, max_batch_rows=1"] = call("ours", **OUR_MODES["CFG+TPG+NAG"], max_batch_rows=1)
     peaks = {}
     for name, run in runs.items():  # one run each for the peak memory (also a warm-up)
