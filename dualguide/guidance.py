@@ -72,6 +72,8 @@ def nag_extrapolate(
     ``alpha Zt + (1-alpha) Z+``. Zero norms give finite results. Differentiable; for inference,
     ``out`` (which may be ``positive`` itself) receives the result instead of a new tensor.
     """
+    if out is not None and out.shape != positive.shape:
+        raise ValueError(f"out must have the shape of positive, {tuple(positive.shape)}, got {tuple(out.shape)}")
     extrapolated = torch.lerp(negative, positive, scale)  # s Z+ - (s-1) Z-
     norm_positive = _token_norm(positive, use_l1)
     norm_extrapolated = _token_norm(extrapolated, use_l1).clamp_min(torch.finfo(torch.float32).tiny)

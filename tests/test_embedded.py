@@ -72,3 +72,16 @@ def test_generate_with_the_default_model(tmp_path):
     assert cli.main(["generate", "a red circle on a blue background", "--steps", "4", "--out", str(tmp_path)]) == 0
     (name,) = os.listdir(tmp_path)
     assert name.endswith(".png")
+
+
+@needs_model
+def test_evaluate_refuses_bad_scales_and_layer_ids_before_sampling(capsys):
+    from training import evaluate
+
+    recommended_before = load_recommended()
+    with pytest.raises(SystemExit):
+        evaluate.main(["--tpg", "-1", "--write"])
+    assert "--tpg takes scales >= 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="--tpg-layers: unknown layer id"):
+        evaluate.main(["--tpg-layers", "d99", "--prompts", "1", "--write"])
+    assert load_recommended() == recommended_before

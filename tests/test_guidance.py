@@ -92,6 +92,13 @@ def test_nag_out_may_be_positive_itself(use_l1):
     assert not torch.equal(target, positive) and torch.equal(negative, negative_before)
 
 
+def test_nag_out_of_another_shape_is_refused_before_any_work():
+    positive, negative, out = torch.ones(2, 5, 8), torch.zeros(2, 5, 8), torch.full((1, 5, 8), 7.0)
+    with pytest.raises(ValueError, match="out must have the shape of positive"):
+        nag_extrapolate(positive, negative, 4.0, 2.5, 0.5, out=out)
+    assert torch.equal(out, torch.full((1, 5, 8), 7.0)) and torch.equal(positive, torch.ones(2, 5, 8))
+
+
 @pytest.mark.parametrize("use_l1", [True, False])
 def test_nag_is_differentiable(use_l1):
     torch.manual_seed(3)
