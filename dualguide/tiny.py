@@ -12,6 +12,7 @@ import torch
 
 from .vocab import word_vocabulary, write_tokenizer_files
 
+
 def tiny_tokenizer(words: Iterable[str] = (), model_max_length: int = 77):
     """A ``CLIPTokenizer`` over ``word_vocabulary(words)``, built in memory."""
     import tempfile

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import generate, unet_snapshot
 from dualguide import StableDiffusionXLTPGPipeline, apply_nag

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import SIZE, generate, unet_snapshot
-from dualguide import StableDiffusionXLTPGPipeline, apply_nag, apply_softpag
+from dualguide import StableDiffusionXLTPGPipeline, apply_softpag
 
 PARITY = dict(atol=1e-2, rtol=1e-3)
 
