@@ -2,28 +2,33 @@
 
 ``denoised = model(x, sigma, cond=..., uncond=..., nag_negative=...)`` with ``x`` ``[B,C,H,W]``
 float32 and ``sigma`` ``[B]``: the x0 prediction in float32, usable by any k-diffusion
-sampler through ``extra_args``.
+sampler through ``extra_args``. ``model.predict(...)`` gives the guided UNet output itself, for
+loops that follow a diffusers scheduler.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from contextlib import ExitStack, contextmanager
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
+from diffusers.models.attention import BasicTransformerBlock
 from torch import Tensor, nn
 
-from .batch import BRANCH_ORDER, CallRows, GuidanceState, TokenPermutations, plan_calls
+from .callstate import GuidedCall, NAGCall, PAGCall, TPGCall, guided_call
 from .conditioning import Conditioning
 from .config import CFG, NAG, PAG, TPG
 from .guidance import guided_prediction, rescale_guidance
+from .hooks import ensure_processor_wrappers, shared_pre_hooks, shared_processor_wrappers
 from .layers import resolve_layers
-from .nag import normalized_attention_guidance
-from .perturb import perturbed_self_attention, token_shuffle
+from .nag import NAGCrossAttnProcessor
+from .perturb import PerturbedSelfAttnProcessor, shuffle_tokens
+from .rows import BRANCH_ORDER, CallRows, Seeds, TokenPermutations, plan_calls
 from .schedule import DiscreteModelSchedule
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def _check_heads(blocks, heads) -> None:
@@ -35,6 +40,16 @@ def _check_heads(blocks, heads) -> None:
         raise ValueError(f"selected_heads {bad} out of range: the selected PAG layers have heads 0-{available - 1}")
 
 
+def to_denoised(x: Tensor, sigma: Tensor, output: Tensor, prediction_type: str) -> Tensor:
+    """The x0 prediction of a UNet ``output`` at ``(x, sigma)`` (k-diffusion scaling: ``x = x0 + sigma * eps``)."""
+    sigma = sigma.view(-1, *([1] * (x.ndim - 1)))
+    if prediction_type == "epsilon":
+        return x - sigma * output
+    if prediction_type == "v_prediction":
+        return x / (sigma**2 + 1) - sigma / (sigma**2 + 1).sqrt() * output
+    return output
+
+
 class GuidedDenoiser:
     """k-diffusion denoiser around a diffusers ``UNet2DConditionModel`` with dual guidance.
 
@@ -43,6 +58,10 @@ class GuidedDenoiser:
     predictions with the CFG + perturbation-guidance formula. NAG acts inside the
     cross-attention of the positive rows. ``last_predictions`` holds the last call's x0
     prediction of each branch and of the guided result, for callbacks and custom samplers.
+
+    A denoiser holds one sampling run's state (permutation streams, NAG K/V): use one per
+    thread. Any number of denoisers, in any threads, may share one UNet: each call's
+    guidance acts on that call only.
     """
 
     def __init__(
@@ -55,10 +74,11 @@ class GuidedDenoiser:
         tpg: Optional[TPG] = None,
         pag: Optional[PAG] = None,
         nag: Optional[NAG] = None,
-        seed: int = 0,
+        seed: Seeds = 0,
         max_batch_rows: Optional[int] = None,
         sigmas: Optional[Tensor] = None,
         cross_attention_kwargs: Optional[dict] = None,
+        timestep_cond: Optional[Tensor] = None,
     ) -> None:
         if not isinstance(schedule, DiscreteModelSchedule):
             prediction_type = prediction_type or getattr(getattr(schedule, "config", None), "prediction_type", None)
@@ -82,21 +102,32 @@ class GuidedDenoiser:
         self.nag = nag if nag is not None and nag.enabled else None
         self.max_batch_rows = max_batch_rows
         self.cross_attention_kwargs = cross_attention_kwargs
-        self._tpg_blocks = resolve_layers(unet, self.tpg.layers, "tpg_applied_layers_index") if self.tpg else []
-        self._pag_blocks = resolve_layers(unet, self.pag.layers, "pag_applied_layers_index") if self.pag else []
+        self.timestep_cond = timestep_cond
+        tpg_blocks = resolve_layers(unet, self.tpg.layers, "tpg_applied_layers_index") if self.tpg else []
+        pag_blocks = resolve_layers(unet, self.pag.layers, "pag_applied_layers_index") if self.pag else []
         if self.pag:
-            _check_heads(self._pag_blocks, self.pag.heads)
-        self.state = GuidanceState(permutations=TokenPermutations(seed))
-        self._hooks_depth = 0
+            _check_heads(pag_blocks, self.pag.heads)
+        self._tpg_blocks = {module: index for index, (_, module) in enumerate(tpg_blocks)}
+        self._pag_attns = frozenset(module.attn1 for _, module in pag_blocks)
+        self._nag_attns = frozenset(
+            module.attn2 for module in unet.modules() if isinstance(module, BasicTransformerBlock) and module.attn2 is not None
+        ) if self.nag else frozenset()  # fmt: skip
+        self.permutations = TokenPermutations(seed)
+        self._running = threading.Lock()
         self._batch_cache: Dict[tuple, tuple] = {}
         self._cached_inputs: Optional[tuple] = None
+        self._nag_cache: Dict = {}
         self.last_predictions: Dict[str, Tensor] = {}
         self.last_branches: Tuple[str, ...] = ()
         self.set_schedule(sigmas)
 
-    def reseed(self, seed: int) -> None:
-        """Restart the TPG permutation stream from ``seed``."""
-        self.state.permutations = TokenPermutations(seed)
+    def reseed(self, seed: Seeds) -> None:
+        """Restart the TPG permutation streams from ``seed`` (one int, or one per image)."""
+        self.permutations = TokenPermutations(seed)
+
+    def set_guidance_scale(self, scale: float) -> None:
+        """Change the CFG scale from the next call on (``scale <= 1`` drops the uncond rows)."""
+        self.cfg = CFG(scale=scale, rescale=self.cfg.rescale, interval=self.cfg.interval)
 
     # -- schedule -----------------------------------------------------------------------------
     def set_schedule(self, sigmas: Optional[Tensor]) -> None:
@@ -137,36 +168,29 @@ class GuidedDenoiser:
     # -- hooks --------------------------------------------------------------------------------
     @contextmanager
     def hooks(self) -> Iterator["GuidedDenoiser"]:
-        """Keep the guidance hooks installed over many calls (a whole sampling run); re-entrant.
+        """Keep this denoiser's hooks installed over many calls (a whole sampling run).
 
-        Without it each call installs and removes them itself. On exit, successful or not,
-        the UNet has exactly its previous processors and no hooks.
+        Without it each call installs and removes them itself. Installation is shared and
+        reference-counted per module, so blocks of several denoisers may nest or overlap in
+        any order; when the last one exits the UNet has exactly its previous processors and no hooks.
         """
-        if self._hooks_depth:
-            self._hooks_depth += 1
-            try:
-                yield self
-            finally:
-                self._hooks_depth -= 1
-            return
         with ExitStack() as stack:
-            if self.tpg:
-                stack.enter_context(token_shuffle(self._tpg_blocks, self.state))
-            if self.pag:
-                stack.enter_context(perturbed_self_attention(self._pag_blocks, self.state, self.pag.beta, self.pag.heads))
-            if self.nag:
-                stack.enter_context(
-                    normalized_attention_guidance(self.unet, self.state, self.nag.scale, self.nag.tau, self.nag.alpha, self.nag.use_l1)
-                )
-            self._hooks_depth = 1
-            try:
-                yield self
-            finally:
-                self._hooks_depth = 0
-                self.state.rows = CallRows({})
-                self.state.nag_negative = None
+            if self._tpg_blocks:
+                stack.enter_context(shared_pre_hooks(self._tpg_blocks, shuffle_tokens))
+            if self._pag_attns:
+                stack.enter_context(shared_processor_wrappers(self._pag_attns, PerturbedSelfAttnProcessor))
+            if self._nag_attns:
+                stack.enter_context(shared_processor_wrappers(self._nag_attns, NAGCrossAttnProcessor))
+            yield self
 
-    # -- the call -----------------------------------------------------------------------------
+    def _ensure_wrappers(self) -> None:
+        """Processors replaced while installed (``set_attn_processor``, ``load_ip_adapter``) get wrapped again."""
+        if self._pag_attns:
+            ensure_processor_wrappers(self._pag_attns, PerturbedSelfAttnProcessor)
+        if self._nag_attns:
+            ensure_processor_wrappers(self._nag_attns, NAGCrossAttnProcessor)
+
+    # -- the calls ----------------------------------------------------------------------------
     def __call__(
         self,
         x: Tensor,
@@ -175,26 +199,57 @@ class GuidedDenoiser:
         uncond: Optional[Conditioning] = None,
         nag_negative: Optional[Tensor] = None,
     ) -> Tensor:
-        self._check_call(x, cond, uncond, nag_negative)
+        """The guided x0 prediction at ``(x, sigma)`` (k-diffusion's denoiser convention)."""
         sigma = sigma.float().reshape(-1).expand(x.shape[0])
-        # Reading sigma on the host waits for the device; only intervals need it.
-        level = float(sigma.max()) if self._has_intervals else math.inf
-        branches = self.active_branches(level)
-        nag_on = self.nag is not None and self._active("nag", level)
-        outputs = self._run_unet(x, sigma, branches, cond, uncond, nag_negative if nag_on else None)
-        predictions = dict(zip(branches, outputs.float().chunk(len(branches))))
-        guided = guided_prediction(
-            predictions["cond"],
-            predictions.get("uncond"),
-            self.cfg.scale,
-            [(term.scale, predictions[name]) for name, term in (("tpg", self.tpg), ("pag", self.pag)) if name in predictions],
-        )
-        if "uncond" in predictions:
-            guided = rescale_guidance(guided, predictions["cond"], self.cfg.rescale)
-        self.last_branches = branches
-        self.last_predictions = {name: self._to_denoised(x, sigma, p) for name, p in predictions.items()}
-        self.last_predictions["guided"] = self._to_denoised(x, sigma, guided)
+        c_in = (sigma**2 + 1).rsqrt().view(-1, *([1] * (x.ndim - 1)))
+        self._predict(x, x * c_in, self.sigma_to_t(sigma), sigma, cond, uncond, nag_negative)
         return self.last_predictions["guided"]
+
+    def predict(
+        self,
+        model_input: Tensor,
+        timestep: Tensor,
+        cond: Conditioning,
+        uncond: Optional[Conditioning] = None,
+        nag_negative: Optional[Tensor] = None,
+        *,
+        sigma: Tensor,
+    ) -> Tensor:
+        """The guided UNet output (the model's prediction type) for an input already scaled for the UNet,
+        as a diffusers scheduler's ``scale_model_input`` gives it; ``sigma`` is that input's noise level."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=model_input.device).reshape(-1).expand(model_input.shape[0])
+        timestep = torch.as_tensor(timestep, device=model_input.device).reshape(-1).expand(model_input.shape[0])
+        x = model_input.float() * (sigma**2 + 1).sqrt().view(-1, *([1] * (model_input.ndim - 1)))
+        return self._predict(x, model_input, timestep, sigma, cond, uncond, nag_negative)
+
+    def _predict(self, x, model_input, timesteps, sigma, cond, uncond, nag_negative) -> Tensor:
+        self._check_call(x, cond, uncond, nag_negative)
+        if not self._running.acquire(blocking=False):
+            raise RuntimeError(
+                "this GuidedDenoiser is already running a call (from another thread, or from inside its own call); "
+                "use one denoiser per thread: several denoisers may share one UNet"
+            )
+        try:
+            # Reading sigma on the host waits for the device; only intervals need it.
+            level = float(sigma.max()) if self._has_intervals else math.inf
+            branches = self.active_branches(level)
+            nag_on = self.nag is not None and self._active("nag", level)
+            outputs = self._run_unet(model_input, timesteps, branches, cond, uncond, nag_negative if nag_on else None)
+            predictions = dict(zip(branches, outputs.float().chunk(len(branches))))
+            guided = guided_prediction(
+                predictions["cond"],
+                predictions.get("uncond"),
+                self.cfg.scale,
+                [(term.scale, predictions[name]) for name, term in (("tpg", self.tpg), ("pag", self.pag)) if name in predictions],
+            )
+            if "uncond" in predictions:
+                guided = rescale_guidance(guided, predictions["cond"], self.cfg.rescale)
+            self.last_branches = branches
+            self.last_predictions = {name: to_denoised(x, sigma, p, self.prediction_type) for name, p in predictions.items()}
+            self.last_predictions["guided"] = to_denoised(x, sigma, guided, self.prediction_type)
+            return guided
+        finally:
+            self._running.release()
 
     def _check_call(self, x: Tensor, cond, uncond, nag_negative) -> None:
         if not isinstance(cond, Conditioning):
@@ -208,12 +263,8 @@ class GuidedDenoiser:
                 raise ValueError(f"{name} has batch size {value.batch_size}, x has {x.shape[0]}")
         if isinstance(nag_negative, Tensor) and nag_negative.shape[0] != x.shape[0]:
             raise ValueError(f"nag_negative has batch size {nag_negative.shape[0]}, x has {x.shape[0]}")
-
-    def _to_denoised(self, x: Tensor, sigma: Tensor, output: Tensor) -> Tensor:
-        sigma = sigma.view(-1, *([1] * (x.ndim - 1)))
-        if self.prediction_type == "epsilon":
-            return x - sigma * output
-        return x / (sigma**2 + 1) - sigma / (sigma**2 + 1).sqrt() * output
+        if self.permutations.per_image and self.tpg is not None and len(self.permutations.seeds) != x.shape[0]:
+            raise ValueError(f"{len(self.permutations.seeds)} per-image seeds for a batch of {x.shape[0]} images")
 
     def _step_inputs(self, branches, cond: Conditioning, uncond, nag_negative) -> tuple:
         """Stacked UNet conditioning for the branches (and the NAG negative of every row).
@@ -240,28 +291,38 @@ class GuidedDenoiser:
             self._batch_cache[key] = negative[rows][guided]
         return self._batch_cache[key]
 
-    def _run_unet(self, x, sigma, branches, cond, uncond, nag_negative) -> Tensor:
-        batch = x.shape[0]
-        dtype = self.model_dtype
-        c_in = (sigma**2 + 1).rsqrt().view(-1, *([1] * (x.ndim - 1)))
-        model_input = (x * c_in).to(dtype).repeat(len(branches), 1, 1, 1)
-        timesteps = self.sigma_to_t(sigma).repeat(len(branches))
+    def _guided_call(self, call_rows: CallRows, negative: Optional[Tensor]) -> GuidedCall:
+        """The state the hooks read during one UNet call."""
+        tpg = TPGCall(self._tpg_blocks, self.permutations) if "tpg" in call_rows.slices else None
+        pag = PAGCall(self._pag_attns, self.pag.beta, self.pag.heads) if "pag" in call_rows.slices else None
+        nag = None
+        if negative is not None:
+            settings = self.nag
+            nag = NAGCall(self._nag_attns, settings.scale, settings.tau, settings.alpha, settings.use_l1, negative, cache=self._nag_cache)
+        return GuidedCall(call_rows, tpg, pag, nag)
+
+    def _run_unet(self, model_input: Tensor, timesteps: Tensor, branches, cond, uncond, nag_negative) -> Tensor:
+        batch = model_input.shape[0]
+        model_input = model_input.to(self.model_dtype).repeat(len(branches), 1, 1, 1)
+        timesteps = timesteps.repeat(len(branches))
+        timestep_cond = None if self.timestep_cond is None else self.timestep_cond.repeat(len(branches), 1)
         stacked, negative = self._step_inputs(branches, cond, uncond, nag_negative)
-        self.state.permutations.new_step()
+        self.permutations.new_step()
         outputs = []
         with self.hooks():
+            self._ensure_wrappers()
             for rows, call_rows in plan_calls(branches, batch, self.max_batch_rows):
-                self.state.rows = call_rows
-                guided = call_rows.guided
-                self.state.nag_negative = self._call_negative(negative, rows, guided)
-                outputs.append(
-                    self.unet(
-                        model_input[rows],
-                        timesteps[rows],
-                        encoder_hidden_states=stacked.prompt_embeds[rows],
-                        added_cond_kwargs={"text_embeds": stacked.pooled_embeds[rows], "time_ids": stacked.time_ids[rows]},
-                        cross_attention_kwargs=self.cross_attention_kwargs,
-                        return_dict=False,
-                    )[0]
-                )
+                call = self._guided_call(call_rows, self._call_negative(negative, rows, call_rows.guided))
+                with guided_call(call):
+                    outputs.append(
+                        self.unet(
+                            model_input[rows],
+                            timesteps[rows],
+                            encoder_hidden_states=stacked.prompt_embeds[rows],
+                            added_cond_kwargs={"text_embeds": stacked.pooled_embeds[rows], "time_ids": stacked.time_ids[rows]},
+                            timestep_cond=None if timestep_cond is None else timestep_cond[rows],
+                            cross_attention_kwargs=self.cross_attention_kwargs,
+                            return_dict=False,
+                        )[0]
+                    )
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

@@ -1,77 +1,111 @@
-"""Normalized Attention Guidance (arXiv 2505.21179) as a cross-attention processor.
+"""Normalized Attention Guidance (arXiv 2505.21179) as a wrapper of each cross-attention's processor.
 
-For the guided rows (those that use the positive prompt) every ``attn2`` computes
-``Z+`` with the positive context and ``Z-`` with the NAG negative context from the
-same queries, and replaces ``Z+`` by ``nag_extrapolate(Z+, Z-)`` before ``to_out``.
-Uncond rows get the standard attention. NAG adds no UNet rows, only K/V.
+For the guided rows (those that use the positive prompt) of a call that asks for NAG, every
+``attn2`` computes ``Z+`` with the positive context and ``Z-`` with the NAG negative context from
+the same queries, and replaces ``Z+`` by ``nag_extrapolate(Z+, Z-)`` before ``to_out``. Uncond
+rows, and every call without NAG, get the wrapped processor's output unchanged. NAG adds no
+UNet rows, only K/V.
+
+The wrapper keeps whatever processor it wraps: for diffusers' standard processor it follows the
+same arithmetic sharing the queries (fast path); for any other (IP-Adapter, xformers, custom) it
+asks that processor for ``Z`` itself, through a view of the module without ``to_out``, so the
+processor's own extras (an IP-Adapter's image attention) stay in ``Z+`` and ``Z-``.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator, Optional, Tuple
+from typing import Tuple
 
 import torch
-from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import Tensor, nn
 
 from . import attention
-from .batch import GuidanceState
+from .callstate import NAGCall, current_call
 from .guidance import nag_extrapolate
-from .hooks import replaced_processors
 
 
 class NAGCrossAttnProcessor:
-    """Cross-attention with NAG on the guided rows of the call in flight.
+    """Wraps a cross-attention processor; applies NAG to the guided rows of calls that ask for it."""
 
-    While the state holds no NAG negative (NAG outside its interval) every call goes
-    to the processor that was installed before.
-    """
-
-    def __init__(self, previous, state: GuidanceState, scale: float, tau: float, alpha: float, use_l1: bool) -> None:
+    def __init__(self, previous) -> None:
         self.previous = previous
-        self.state = state
-        self.scale = scale
-        self.tau = tau
-        self.alpha = alpha
-        self.use_l1 = use_l1
-        self._cached_for: Optional[Tensor] = None
-        self._cached_key_value: Optional[Tuple[Tensor, Tensor]] = None
 
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        guided = self.state.rows.guided
-        negative = self.state.nag_negative
-        if negative is None or guided is None or encoder_hidden_states is None or attention_mask is not None:
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, ip_adapter_masks=None):
+        kwargs = {} if ip_adapter_masks is None else {"ip_adapter_masks": ip_adapter_masks}
+        call = current_call()
+        nag = None if call is None else call.nag
+        guided = None if nag is None or attn not in nag.attns else call.rows.guided
+        if guided is None or encoder_hidden_states is None:
             return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+        standard = type(self.previous) is AttnProcessor2_0 and not kwargs and isinstance(encoder_hidden_states, Tensor)
+        if standard and attention_mask is None:
+            return _standard_nag(attn, hidden_states, encoder_hidden_states, temb, guided, nag)
+        return self._wrapped_nag(attn, hidden_states, encoder_hidden_states, attention_mask, temb, guided, nag, kwargs)
+
+    def _wrapped_nag(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, guided: slice, nag: NAGCall, kwargs):
+        """NAG around any processor: ``Z`` of both contexts from the processor itself, then ``to_out``."""
+        view = _PreOutputView(attn)
         prepared = attention.prepare(attn, hidden_states, temb)
-        query = attn.to_q(prepared.hidden_states)
-        positive_context = attention.context(attn, prepared.hidden_states, encoder_hidden_states)
-        merged = attention.attend(attn, query, attn.to_k(positive_context), attn.to_v(positive_context))
-        negative_key, negative_value = self._negative_key_value(attn, negative, query.dtype)
-        z_negative = attention.attend_heads(attention.query_heads(attn, query[guided]), negative_key, negative_value)
-        positive = merged[guided]  # a view: the result is written into ``merged`` in place
-        nag_extrapolate(positive, z_negative, self.scale, self.tau, self.alpha, self.use_l1, out=positive)
+        merged = _as_tokens(self.previous(view, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs))
+        negative_context = _negative_context(encoder_hidden_states, nag.negative, guided)
+        z_negative = _as_tokens(self.previous(view, hidden_states[guided], negative_context, None, temb, **kwargs))
+        positive = merged[guided]
+        nag_extrapolate(positive, z_negative, nag.scale, nag.tau, nag.alpha, nag.use_l1, out=positive)
         return attention.finish(attn, merged, prepared)
 
-    def _negative_key_value(self, attn, negative: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-        """K/V heads of the NAG negative: the same at every step of a run, so computed once per negative tensor."""
-        if self._cached_key_value is None or self._cached_for is not negative:
-            negative_context = negative.to(dtype)
-            context = attention.context(attn, negative_context, negative_context)
-            key_value = attention.key_heads(attn, attn.to_k(context)), attention.split_heads(attn, attn.to_v(context))
-            self._cached_for, self._cached_key_value = negative, key_value
-        return self._cached_key_value
+
+def _standard_nag(attn, hidden_states: Tensor, context: Tensor, temb, guided: slice, nag: NAGCall) -> Tensor:
+    """NAG with diffusers' standard attention arithmetic, the queries shared by ``Z+`` and ``Z-``."""
+    prepared = attention.prepare(attn, hidden_states, temb)
+    query = attn.to_q(prepared.hidden_states)
+    positive_context = attention.context(attn, prepared.hidden_states, context)
+    merged = attention.attend(attn, query, attn.to_k(positive_context), attn.to_v(positive_context))
+    negative_key, negative_value = _negative_key_value(attn, nag, query.dtype)
+    z_negative = attention.attend_heads(attention.query_heads(attn, query[guided]), negative_key, negative_value)
+    positive = merged[guided]  # a view: the result is written into ``merged`` in place
+    nag_extrapolate(positive, z_negative, nag.scale, nag.tau, nag.alpha, nag.use_l1, out=positive)
+    return attention.finish(attn, merged, prepared)
 
 
-@contextmanager
-def normalized_attention_guidance(
-    unet: nn.Module, state: GuidanceState, scale: float, tau: float, alpha: float, use_l1: bool = True
-) -> Iterator[None]:
-    """Install ``NAGCrossAttnProcessor`` on every ``attn2`` of ``unet``; restore the previous processors."""
-    replacements = {
-        module.attn2: (lambda previous: NAGCrossAttnProcessor(previous, state, scale, tau, alpha, use_l1))
-        for module in unet.modules()
-        if isinstance(module, BasicTransformerBlock) and module.attn2 is not None
-    }
-    with replaced_processors(replacements):
-        yield
+def _negative_key_value(attn, nag: NAGCall, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """K/V heads of the NAG negative: the same at every step of a run, so computed once per negative tensor."""
+    key = (attn, id(nag.negative))
+    cached = nag.cache.get(key)
+    if cached is None or cached[0] is not nag.negative:
+        negative_context = nag.negative.to(dtype)
+        context = attention.context(attn, negative_context, negative_context)
+        cached = (nag.negative, attention.key_heads(attn, attn.to_k(context)), attention.split_heads(attn, attn.to_v(context)))
+        nag.cache[key] = cached
+    return cached[1], cached[2]
+
+
+def _negative_context(encoder_hidden_states, negative: Tensor, guided: slice):
+    """The guided rows' context with the text replaced by the NAG negative (IP-Adapter image embeds kept)."""
+    if isinstance(encoder_hidden_states, tuple):
+        text, image_embeds = encoder_hidden_states
+        return negative.to(text.dtype), [embeds[guided] for embeds in image_embeds]
+    return negative.to(encoder_hidden_states.dtype)
+
+
+def _as_tokens(output: Tensor) -> Tensor:
+    """A processor's ``Z`` as ``[B, N, C]`` (processors give 4D back for 4D inputs)."""
+    if output.ndim == 4:
+        batch, channels = output.shape[:2]
+        return output.reshape(batch, channels, -1).transpose(1, 2)
+    return output
+
+
+class _PreOutputView:
+    """An attention module as its processor sees it, minus ``to_out``, the residual and the output rescale:
+    the processor then returns ``Z`` (heads merged, before ``to_out``). Everything else is the module's."""
+
+    to_out = (nn.Identity(), nn.Identity())
+    residual_connection = False
+    rescale_output_factor = 1.0
+
+    def __init__(self, attn) -> None:
+        object.__setattr__(self, "_attn", attn)
+
+    def __getattr__(self, name: str):
+        return getattr(self._attn, name)

@@ -1,101 +1,87 @@
-"""Perturbations of the perturbed branch's rows, installed by context managers.
+"""Perturbations of the perturbed branch's rows: thin hooks whose settings come from the call in flight.
 
-* ``token_shuffle`` (TPG): permute the image tokens entering each selected
-  ``BasicTransformerBlock`` along the token axis, for the TPG rows only; no un-shuffle.
-* ``perturbed_self_attention`` (PAG / SoftPAG): in the selected blocks' ``attn1``, the PAG
-  rows use ``(1 - beta) softmax(QK^T) V + beta V`` on the selected heads; beta = 1 on all
-  heads is PAG's identity attention, computed without the discarded attention.
+* ``shuffle_tokens`` (TPG), a forward pre-hook of each selected ``BasicTransformerBlock``: the
+  image tokens of the TPG rows are permuted along the token axis; no un-shuffle.
+* ``PerturbedSelfAttnProcessor`` (PAG / SoftPAG), a wrapper of ``attn1``'s processor: the PAG rows
+  use ``(1 - beta) softmax(QK^T) V + beta V`` on the selected heads (beta = 1 on all heads is
+  PAG's identity attention, computed without the discarded attention); every other row goes to
+  the wrapped processor.
 """
 
 from __future__ import annotations
-
-from contextlib import contextmanager
-from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from . import attention
-from .batch import GuidanceState
-from .hooks import forward_pre_hooks, replaced_processors
-
-Blocks = Sequence[Tuple[str, nn.Module]]
+from .callstate import PAGCall, current_call
 
 
-@contextmanager
-def token_shuffle(blocks: Blocks, state: GuidanceState) -> Iterator[None]:
-    """Shuffle the tokens of the ``tpg`` rows entering each block, with ``state.permutations``."""
-    block_index = {id(module): index for index, (_, module) in enumerate(blocks)}
-
-    def shuffle(module: nn.Module, args: tuple, kwargs: dict):
-        rows = state.rows.rows("tpg")
-        if rows is None:
-            return None
-        positional = len(args) > 0
-        hidden_states = args[0] if positional else kwargs["hidden_states"]
-        permutation = state.permutations.get(block_index[id(module)], hidden_states.shape[1], hidden_states.device)
-        shuffled = hidden_states[rows][:, permutation]
-        if torch.is_grad_enabled() and hidden_states.requires_grad:
-            hidden_states = torch.cat([hidden_states[: rows.start], shuffled, hidden_states[rows.stop :]])
-        else:
-            hidden_states[rows] = shuffled
-        if positional:
-            return (hidden_states, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": hidden_states}
-
-    with forward_pre_hooks([module for _, module in blocks], shuffle):
-        yield
+def shuffle_tokens(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: permute the tokens of the TPG rows entering ``module`` when the call asks for it."""
+    call = current_call()
+    tpg = None if call is None else call.tpg
+    block = None if tpg is None else tpg.blocks.get(module)
+    rows = None if block is None else call.rows.rows("tpg")
+    if rows is None:
+        return None
+    positional = len(args) > 0
+    hidden_states = args[0] if positional else kwargs["hidden_states"]
+    permutation = tpg.permutations.get(block, hidden_states.shape[1], hidden_states.device, call.rows.images_of("tpg"))
+    selected = hidden_states[rows]
+    if permutation.ndim == 1:
+        shuffled = selected[:, permutation]
+    else:
+        shuffled = torch.gather(selected, 1, permutation[:, :, None].expand(-1, -1, selected.shape[-1]))
+    if torch.is_grad_enabled() and hidden_states.requires_grad:
+        hidden_states = torch.cat([hidden_states[: rows.start], shuffled, hidden_states[rows.stop :]])
+    else:
+        hidden_states[rows] = shuffled
+    if positional:
+        return (hidden_states, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden_states}
 
 
 class PerturbedSelfAttnProcessor:
-    """Self-attention whose ``pag`` rows attend with ``(1 - beta) A + beta I`` on the chosen heads.
+    """Wraps a self-attention processor; the PAG rows of a call that selects this module attend with
+    ``(1 - beta) A + beta I``, all other rows (and all other calls) go to the wrapped processor."""
 
-    Other rows, and every row while no PAG branch is in the call, go to the processor
-    that was installed before.
-    """
-
-    def __init__(self, previous, state: GuidanceState, beta: float, heads: Optional[List[int]]) -> None:
+    def __init__(self, previous) -> None:
         self.previous = previous
-        self.state = state
-        self.beta = beta
-        self.heads = heads
 
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        rows = self.state.rows.rows("pag")
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, ip_adapter_masks=None):
+        kwargs = {} if ip_adapter_masks is None else {"ip_adapter_masks": ip_adapter_masks}
+        call = current_call()
+        pag = None if call is None else call.pag
+        rows = None if pag is None or attn not in pag.attns else call.rows.rows("pag")
         if rows is None or encoder_hidden_states is not None or attention_mask is not None:
             return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        prepared = attention.prepare(attn, hidden_states, temb)
-        tokens = prepared.hidden_states
-        merged = attn.to_v(tokens)  # PAG rows keep V (identity map); the others are overwritten
         # PAG rows are the trailing rows of a call (BRANCH_ORDER); the rows before them attend normally.
-        blends = self.beta < 1.0 or self.heads is not None
-        span = slice(0, rows.stop if blends else rows.start)
-        if span.stop > 0:
-            attended = attention.attend(attn, attn.to_q(tokens[span]), attn.to_k(tokens[span]), merged[span])
-            if blends:
-                attended[rows] = self._soft_identity(attn, attended[rows], merged[rows])
-            merged[span] = attended
-        return attention.finish(attn, merged, prepared)
-
-    def _soft_identity(self, attn, attended: Tensor, value: Tensor) -> Tensor:
-        """``(1 - beta) attention + beta V`` on the selected heads, attention elsewhere."""
-        attended_heads = attention.split_heads(attn, attended)
-        value_heads = attention.split_heads(attn, value)
-        mixed = torch.lerp(attended_heads, value_heads, self.beta)
-        if self.heads is not None:
-            selected = torch.zeros(attn.heads, dtype=torch.bool, device=attended.device)
-            selected[list(self.heads)] = True
-            mixed = torch.where(selected[None, :, None, None], mixed, attended_heads)
-        return attention.merge_heads(mixed)
+        perturbed = _perturbed_attention(attn, hidden_states[rows], temb, pag)
+        if rows.start == 0:
+            return perturbed
+        plain = self.previous(attn, hidden_states[: rows.start], None, None, temb, **kwargs)
+        return torch.cat([plain, perturbed])
 
 
-@contextmanager
-def perturbed_self_attention(
-    blocks: Blocks, state: GuidanceState, beta: float = 1.0, heads: Optional[List[int]] = None
-) -> Iterator[None]:
-    """Install ``PerturbedSelfAttnProcessor`` on ``attn1`` of each block; restore the previous processors."""
-    replacements = {
-        module.attn1: (lambda previous: PerturbedSelfAttnProcessor(previous, state, beta, heads)) for _, module in blocks
-    }
-    with replaced_processors(replacements):
-        yield
+def _perturbed_attention(attn, hidden_states: Tensor, temb, pag: PAGCall) -> Tensor:
+    """Self-attention output of the PAG rows: identity map (PAG) or its blend with the attention (SoftPAG)."""
+    prepared = attention.prepare(attn, hidden_states, temb)
+    tokens = prepared.hidden_states
+    value = attn.to_v(tokens)
+    if pag.beta < 1.0 or pag.heads is not None:
+        attended = attention.attend(attn, attn.to_q(tokens), attn.to_k(tokens), value)
+        value = _soft_identity(attn, attended, value, pag)
+    return attention.finish(attn, value, prepared)
+
+
+def _soft_identity(attn, attended: Tensor, value: Tensor, pag: PAGCall) -> Tensor:
+    """``(1 - beta) attention + beta V`` on the selected heads, attention elsewhere."""
+    attended_heads = attention.split_heads(attn, attended)
+    value_heads = attention.split_heads(attn, value)
+    mixed = torch.lerp(attended_heads, value_heads, pag.beta)
+    if pag.heads is not None:
+        selected = torch.zeros(attn.heads, dtype=torch.bool, device=attended.device)
+        selected[list(pag.heads)] = True
+        mixed = torch.where(selected[None, :, None, None], mixed, attended_heads)
+    return attention.merge_heads(mixed)

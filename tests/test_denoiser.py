@@ -5,7 +5,7 @@ import torch
 
 from conftest import unet_snapshot
 from dualguide import CFG, NAG, PAG, TPG, Conditioning, GuidedDenoiser, Interval
-from dualguide.batch import TokenPermutations
+from dualguide.rows import TokenPermutations
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_tpg_hooks_touch_only_perturbed_rows(pipe, conds, x):
 
 
 class IdentityPermutations(TokenPermutations):
-    def get(self, block, tokens, device):
+    def get(self, block, tokens, device, images):
         return torch.arange(tokens, device=device)
 
 
@@ -98,7 +98,7 @@ def test_identity_permutation_makes_tpg_term_vanish(pipe, conds, x):
     sigma = torch.full((2,), 3.0)
     cfg_only = GuidedDenoiser(pipe.unet, pipe.scheduler, cfg=CFG(5.0))(x, sigma, cond=positive, uncond=negative)
     denoiser = GuidedDenoiser(pipe.unet, pipe.scheduler, cfg=CFG(5.0), tpg=TPG(3.0))
-    denoiser.state.permutations = IdentityPermutations(0)
+    denoiser.permutations = IdentityPermutations(0)
     out = denoiser(x, sigma, cond=positive, uncond=negative)
     assert torch.allclose(denoiser.last_predictions["tpg"], denoiser.last_predictions["cond"], atol=1e-5)
     assert torch.allclose(out, cfg_only, atol=1e-4)

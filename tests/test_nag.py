@@ -5,7 +5,8 @@ import torch
 
 from conftest import generate, unet_snapshot
 from dualguide import StableDiffusionXLTPGPipeline, apply_nag
-from dualguide.batch import CallRows, GuidanceState
+from dualguide.callstate import GuidedCall, NAGCall, guided_call
+from dualguide.rows import CallRows
 from dualguide.conditioning import encode_nag_negative
 from dualguide.nag import NAGCrossAttnProcessor
 
@@ -44,9 +45,10 @@ def test_processor_matches_reference(unet, use_l1, tau):
     hidden = torch.randn(3, 16, attn.to_q.in_features, generator=generator)
     positive = torch.randn(3, 7, attn.to_k.in_features, generator=generator)
     negative = torch.randn(2, 7, attn.to_k.in_features, generator=generator)
-    state = GuidanceState(rows=CallRows({"uncond": slice(0, 1), "cond": slice(1, 2), "tpg": slice(2, 3)}), nag_negative=negative)
-    processor = NAGCrossAttnProcessor(attn.processor, state, scale=4.0, tau=tau, alpha=0.5, use_l1=use_l1)
-    ours = processor(attn, hidden, encoder_hidden_states=positive)
+    rows = CallRows({"uncond": slice(0, 1), "cond": slice(1, 2), "tpg": slice(2, 3)})
+    processor = NAGCrossAttnProcessor(attn.processor)
+    with guided_call(GuidedCall(rows, nag=NAGCall(frozenset({attn}), 4.0, tau, 0.5, use_l1, negative))):
+        ours = processor(attn, hidden, encoder_hidden_states=positive)
     expected = reference_nag_attention(attn, hidden, positive, negative, slice(1, 3), 4.0, tau, 0.5, 1 if use_l1 else 2)
     assert torch.allclose(ours, expected, atol=1e-5)
     plain = attn.processor(attn, hidden, encoder_hidden_states=positive)
@@ -62,12 +64,14 @@ def test_processor_with_qk_norm_and_a_new_negative_per_run():
     attn = Attention(16, cross_attention_dim=12, heads=2, dim_head=8, qk_norm="layer_norm", processor=AttnProcessor2_0())
     attn.norm_k.weight.data.uniform_(0.5, 1.5)  # keys and queries normed differently
     hidden, positive = torch.randn(2, 9, 16), torch.randn(2, 5, 12)
-    state = GuidanceState(rows=CallRows({"uncond": slice(0, 1), "cond": slice(1, 2)}))
-    processor = NAGCrossAttnProcessor(attn.processor, state, scale=3.0, tau=2.5, alpha=0.5, use_l1=True)
+    rows = CallRows({"uncond": slice(0, 1), "cond": slice(1, 2)})
+    processor = NAGCrossAttnProcessor(attn.processor)
+    cache = {}
     for _ in range(2):  # a new negative tensor (a new run) must not reuse the cached K/V of the last one
-        state.nag_negative = torch.randn(1, 5, 12)
-        ours = processor(attn, hidden, encoder_hidden_states=positive)
-        expected = reference_nag_attention(attn, hidden, positive, state.nag_negative, slice(1, 2), 3.0, 2.5, 0.5, 1)
+        negative = torch.randn(1, 5, 12)
+        with guided_call(GuidedCall(rows, nag=NAGCall(frozenset({attn}), 3.0, 2.5, 0.5, True, negative, cache=cache))):
+            ours = processor(attn, hidden, encoder_hidden_states=positive)
+        expected = reference_nag_attention(attn, hidden, positive, negative, slice(1, 2), 3.0, 2.5, 0.5, 1)
         assert torch.allclose(ours, expected, atol=1e-5)
 
 

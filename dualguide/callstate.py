@@ -1,0 +1,79 @@
+"""The guided UNet call in flight, held in a ``ContextVar``.
+
+A denoiser sets its call's state around its own UNet call only. The hooks and processors
+installed on a UNet read it and pass straight through when no state is set, or when the
+state does not name their module: calls made by other threads (each thread has its own
+context), by a pipeline nested in another's run, or by anyone else are left untouched.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, Iterator, Mapping, Optional, Tuple
+
+from torch import Tensor, nn
+
+from .rows import CallRows, TokenPermutations
+
+
+@dataclass(frozen=True)
+class TPGCall:
+    """Token shuffling: the blocks to perturb (block -> its index among them) and the permutations."""
+
+    blocks: Mapping[nn.Module, int]
+    permutations: TokenPermutations
+
+
+@dataclass(frozen=True)
+class PAGCall:
+    """Perturbed self-attention on ``attns``: ``(1 - beta) A + beta I`` on ``heads`` (all when None)."""
+
+    attns: FrozenSet[nn.Module]
+    beta: float
+    heads: Optional[Tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class NAGCall:
+    """NAG on the cross-attentions ``attns`` with the negative context of the call's guided rows.
+
+    ``cache`` keeps each attention's K/V heads of ``negative`` for the run (keyed on the tensor).
+    """
+
+    attns: FrozenSet[nn.Module]
+    scale: float
+    tau: float
+    alpha: float
+    use_l1: bool
+    negative: Tensor
+    cache: Dict[nn.Module, Tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GuidedCall:
+    """What the hooks need to know about one guided UNet call."""
+
+    rows: CallRows
+    tpg: Optional[TPGCall] = None
+    pag: Optional[PAGCall] = None
+    nag: Optional[NAGCall] = None
+
+
+_CURRENT: ContextVar[Optional[GuidedCall]] = ContextVar("dualguide_guided_call", default=None)
+
+
+def current_call() -> Optional[GuidedCall]:
+    """The guided call in flight in this thread / context, or None."""
+    return _CURRENT.get()
+
+
+@contextmanager
+def guided_call(call: GuidedCall) -> Iterator[GuidedCall]:
+    """Make ``call`` the call in flight for the duration of the block (this context only)."""
+    token = _CURRENT.set(call)
+    try:
+        yield call
+    finally:
+        _CURRENT.reset(token)
