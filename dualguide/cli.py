@@ -9,35 +9,95 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
+import re
+import secrets
 import sys
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
+import warnings
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tuple
 
 if TYPE_CHECKING:
     from PIL import Image
 
 EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded")
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64-1
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # single-file checkpoints
+DEBUG_VARIABLE = "DUALGUIDE_DEBUG"  # =1: tracebacks and library warnings instead of one line
 
 
 class UsageError(Exception):
     """A problem with the command line or the files it names: one line on stderr, exit status 2."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``dualguide: error: <message>`` and status 2, no usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"dualguide: error: {_one_line(message)}\n")
+
+
+def _one_line(text: str) -> str:
+    """``text`` without line breaks (the first non-empty line, as the rest is usually a traceback or a hint)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _whole(low: int, high: Optional[int] = None, describe: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer in ``low..high``."""
+    wanted = describe or (f"a whole number >= {low}" if high is None else f"a whole number in {low}..{high}")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _number(low: float = -math.inf, high: float = math.inf, low_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float in ``[low, high]`` (``(low, high]`` when ``low_open``); NaN and inf refused."""
+    if high < math.inf:
+        wanted = f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
+    else:
+        wanted = f"a finite number {'>' if low_open else '>='} {low:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or value > high:
+            raise argparse.ArgumentTypeError(f"expected {wanted}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _interval(text: str) -> Tuple[float, float]:
+    wanted = f"START:END fractions with 0 <= START <= END <= 1, such as 0:0.5, got {text!r}"
     try:
         start, end = (float(part) for part in text.split(":"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected START:END fractions such as 0:0.5, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected {wanted}") from None
+    if not (math.isfinite(start) and math.isfinite(end) and 0.0 <= start <= end <= 1.0):
+        raise argparse.ArgumentTypeError(f"expected {wanted}")
     return start, end
 
 
 def _size(text: str) -> Tuple[int, int]:
+    wanted = f"expected a size in pixels such as 64 or 64x96 (WIDTHxHEIGHT, each >= 1), got {text!r}"
     try:
         parts = [int(p) for p in text.lower().split("x")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a size such as 64 or 64x96, got {text!r}") from None
-    if len(parts) not in (1, 2):
-        raise argparse.ArgumentTypeError(f"expected a size such as 64 or 64x96, got {text!r}")
+        raise argparse.ArgumentTypeError(wanted) from None
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(wanted)
     return (parts[0], parts[-1])
 
 
@@ -47,36 +107,37 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
     parser.add_argument("--sampler", default=None, help="k-diffusion sampler name (see `dualguide samplers`)")
     parser.add_argument("--schedule", default=None, help="sigma schedule: model, karras, exponential")
-    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--steps", type=_whole(1), default=None, help="sampling steps (>= 1)")
     parser.add_argument("--size", type=_size, default=None, help="pixels, e.g. 64 or 1024x768")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_whole(0, SEED_MAX, "a whole number in 0..2**64-1"), default=0,
+                        help="seed of the first image; the others get seed+1, seed+2, ... (default 0)")
     parser.add_argument("--negative", default=None, help="negative prompt (CFG)")
-    parser.add_argument("--out", default="outputs", help="output folder")
+    parser.add_argument("--out", default="outputs", help="output folder (made if missing)")
 
 
 def _add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cfg", type=float, default=None, help="CFG scale (<= 1: off)")
-    parser.add_argument("--tpg", type=float, default=None, help="TPG scale (0: off)")
+    parser.add_argument("--cfg", type=_number(0.0), default=None, help="CFG scale (<= 1: off)")
+    parser.add_argument("--tpg", type=_number(0.0), default=None, help="TPG scale (0: off)")
     parser.add_argument("--tpg-layers", default=None, help="TPG layer ids, e.g. d6-d23 or u0-u3,m0")
-    parser.add_argument("--pag", type=float, default=None, help="PAG scale (0: off)")
-    parser.add_argument("--nag", type=float, default=None, help="NAG scale (<= 1: off)")
+    parser.add_argument("--pag", type=_number(0.0), default=None, help="PAG scale (0: off)")
+    parser.add_argument("--nag", type=_number(0.0), default=None, help="NAG scale (<= 1: off)")
     parser.add_argument("--nag-negative", default=None, help="NAG negative prompt")
-    parser.add_argument("--nag-tau", type=float, default=None)
-    parser.add_argument("--nag-alpha", type=float, default=None)
+    parser.add_argument("--nag-tau", type=_number(0.0, low_open=True), default=None, help="NAG norm ratio cap (> 0)")
+    parser.add_argument("--nag-alpha", type=_number(0.0, 1.0), default=None, help="NAG blend (0..1)")
     for term in ("cfg", "tpg", "pag", "nag"):
         parser.add_argument(f"--{term}-interval", type=_interval, default=None, metavar="START:END",
                             help=f"fractions of the schedule where {term.upper()} is on (default 0:1)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="dualguide",
         description="Training-free dual guidance (TPG + NAG, with CFG and PAG) for SDXL in one UNet call per step.",
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     generate = commands.add_parser("generate", help="write PNGs for one or more prompts")
     generate.add_argument("prompt", nargs="+")
-    generate.add_argument("--n", type=int, default=1, help="images per prompt")
+    generate.add_argument("--n", type=_whole(1), default=1, help="images per prompt (>= 1)")
     _add_model_arguments(generate)
     _add_guidance_arguments(generate)
     compare = commands.add_parser("compare", help="one labelled grid of the same seed under each guidance mode")
@@ -108,19 +169,70 @@ def recommended_settings(model_folder: Optional[str]) -> Dict[str, object]:
     return {**DEFAULTS, **(read_recommended(model_folder) if model_folder else {})}
 
 
+def _looks_like_hub_id(model: str) -> bool:
+    """``name`` or ``owner/name`` in the hub's characters: not a path, not a checkpoint file name."""
+    hub_like = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", model)
+    return bool(hub_like) and not model.lower().endswith(CHECKPOINT_SUFFIXES)
+
+
 def resolve_model(model: Optional[str]) -> Tuple[str, Optional[str]]:
-    """``(what to load, folder holding recommended.json or None)``; UsageError for a missing path."""
+    """``(what to load, folder holding recommended.json or None)``; UsageError for a path that holds no model."""
     if model is None:
         if not os.path.isfile(os.path.join(EMBEDDED, "model_index.json")):
             raise UsageError("the embedded model is not installed in this checkout; pass --model <hub id | folder | .safetensors>")
         return EMBEDDED, EMBEDDED
     path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise UsageError(f"--model {model}: no diffusers model here (no model_index.json)")
+        return path, path
+    if os.path.isfile(path):
+        if not path.lower().endswith(CHECKPOINT_SUFFIXES):
+            suffixes = ", ".join(CHECKPOINT_SUFFIXES)
+            raise UsageError(f"--model {model}: not a diffusers folder nor a single-file checkpoint ({suffixes})")
+        return path, None
     if os.path.exists(path):
-        return path, path if os.path.isdir(path) else None
-    looks_like_path = model.startswith((".", "/", "~")) or model.endswith((".safetensors", ".ckpt")) or model.count("/") > 1
-    if looks_like_path:
+        raise UsageError(f"--model {model}: neither a folder nor a file")
+    if not _looks_like_hub_id(model):
         raise UsageError(f"--model: no such file or folder: {model}")
     return model, None
+
+
+def _probe(folder: str) -> None:
+    """Create and remove a uniquely named file in ``folder``; OSError when that is not possible."""
+    import tempfile
+
+    descriptor, probe = tempfile.mkstemp(dir=folder, prefix=".dualguide-probe-")
+    os.close(descriptor)
+    os.remove(probe)
+
+
+def check_output_folder(out: str) -> None:
+    """UsageError naming --out unless PNGs can be written in ``out`` (made later if missing). No model needed."""
+    if not out:
+        raise UsageError("--out: empty path; give a folder")
+    path = os.path.abspath(os.path.expanduser(out))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"--out {out}: is a file, not a folder")
+    existing = path
+    while not os.path.exists(existing):  # the nearest existing folder, where the missing ones would be made
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--out {out}: {existing} is a file, so no folder can be made below it")
+    try:
+        _probe(existing)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise UsageError(f"--out {out}: cannot write in {existing} ({reason})") from None
+
+
+def check_seeds(seed: int, images: int) -> None:
+    """The images get seeds ``seed .. seed+images-1``; all must fit a generator seed (0..2**64-1)."""
+    if seed + images - 1 > SEED_MAX:
+        raise UsageError(
+            f"--seed {seed}: the {images} images take seeds {seed}..{seed + images - 1}, "
+            f"past 2**64-1; use a seed <= {SEED_MAX - images + 1}"
+        )
 
 
 def _load(args) -> object:
@@ -138,15 +250,19 @@ def _load(args) -> object:
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
     dtype = default_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    local = os.path.exists(args.model_path)
     try:
         pipe = load_pipeline(args.model_path, device=device, dtype=dtype)
     except OSError as error:
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(error).lower() or "cache" in str(error).lower():
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(error).lower() or "cache" in str(error).lower()
+        if offline and not local:
             raise UsageError(
                 f"--model {args.model_path}: not in the local Hugging Face cache and this machine is offline; "
                 f"on a machine with a network run `huggingface-cli download {args.model_path}` (or copy the folder here)"
             ) from None
-        raise UsageError(f"--model {args.model_path}: {error}".splitlines()[0]) from None
+        raise UsageError(f"--model {args.model_path}: {_describe(error)}") from None
+    except (ValueError, TypeError, KeyError) as error:  # a folder or file that is not a loadable SDXL model
+        raise UsageError(f"--model {args.model_path}: cannot load it: {_describe(error)}") from None
     return pipe
 
 
@@ -176,23 +292,41 @@ def _check_names(kwargs) -> None:
         raise UsageError(f"--schedule: unknown schedule {kwargs['sigma_schedule']!r}; valid: {', '.join(samplers.SCHEDULE_NAMES)}")
 
 
-def _run(pipe, prompt: str, seed: int, kwargs: Dict[str, object], progress: bool = True) -> List[object]:
+def _generators(seeds: Sequence[int]) -> List[object]:
     import torch
 
-    pipe.set_progress_bar_config(disable=not progress, desc=prompt[:40])
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+def _run(pipe, prompt: str, seeds: Sequence[int], kwargs: Dict[str, object]) -> List[object]:
+    """The images of ``prompt``, one per seed (image ``k`` from its own generator seeded ``seeds[k]``)."""
+    # Progress bars only on a terminal: piped or logged stderr then holds nothing but a failure's one line.
+    pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), desc=prompt[:40])
     try:
-        return pipe(prompt, generator=torch.Generator().manual_seed(seed), **kwargs).images
+        return pipe(prompt, generator=_generators(seeds), num_images_per_prompt=len(seeds), **kwargs).images
     except (ValueError, TypeError) as error:
-        raise UsageError(str(error).splitlines()[0]) from None
+        raise UsageError(_one_line(str(error))) from None
 
 
 def save_png(image, path: str, metadata: Dict[str, object]) -> None:
-    """Write ``image`` atomically (temp file, then rename) with the settings in a ``parameters`` text chunk."""
+    """Write ``image`` atomically with the settings in a ``parameters`` text chunk.
+
+    The PNG goes to a uniquely named temporary file in the same folder, then is renamed over ``path``,
+    so readers and concurrent runs never see a half-written file; on any failure the temporary file
+    is removed and ``path`` is left as it was.
+    """
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("parameters", json.dumps(metadata, default=str))
-    temporary = path + ".partial"
+    folder, name = os.path.split(os.path.abspath(path))
+    while True:  # O_EXCL: the name is ours alone; mode 0o666 so the umask applies as for any new file
+        temporary = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            break
+        except FileExistsError:
+            continue
     try:
         image.save(temporary, format="PNG", pnginfo=info)
         os.replace(temporary, path)
@@ -201,26 +335,44 @@ def save_png(image, path: str, metadata: Dict[str, object]) -> None:
             os.remove(temporary)
 
 
-def _prepare(args) -> Tuple[str, Dict[str, object], object]:
-    """Check the command line, then load: ``(model, pipeline arguments, pipeline)``."""
+def _prepare(args, images: int = 1) -> Tuple[str, Dict[str, object], object]:
+    """Check the command line and the files it names, then load: ``(model, pipeline arguments, pipeline)``."""
+    check_seeds(args.seed, images)
+    check_output_folder(args.out)
     model, folder = resolve_model(args.model)
     args.model_path = model
-    kwargs = call_arguments(args, recommended_settings(folder))
+    try:
+        settings = recommended_settings(folder)
+    except ValueError as error:  # json.JSONDecodeError
+        raise UsageError(f"--model {model}: recommended.json is not valid JSON: {_one_line(str(error))}") from None
+    kwargs = call_arguments(args, settings)
     _check_names(kwargs)
     return model, kwargs, _load(args)
 
 
+def image_seed(seed: int, prompt_index: int, image_index: int, images_per_prompt: int) -> int:
+    """Image ``k = prompt_index * n + image_index`` of a ``generate`` command gets seed ``seed + k``."""
+    return seed + prompt_index * images_per_prompt + image_index
+
+
+def image_name(prompt_index: int, image_index: int, seed: int, prompt: str) -> str:
+    return f"{prompt_index:03d}_{image_index:02d}_s{seed}_{_slug(prompt)}.png"
+
+
 def command_generate(args) -> int:
-    model, kwargs, pipe = _prepare(args)
+    model, kwargs, pipe = _prepare(args, images=len(args.prompt) * args.n)
     os.makedirs(args.out, exist_ok=True)
-    written = []
+    written, replaced = [], 0
     for index, prompt in enumerate(args.prompt):
-        images = _run(pipe, prompt, args.seed + index, dict(kwargs, num_images_per_prompt=args.n))
-        for number, image in enumerate(images):
-            path = os.path.join(args.out, f"{index:03d}_{number:02d}_{_slug(prompt)}.png")
-            save_png(image, path, {"prompt": prompt, "seed": args.seed + index, "model": model, **kwargs})
+        seeds = [image_seed(args.seed, index, number, args.n) for number in range(args.n)]
+        images = _run(pipe, prompt, seeds, kwargs)
+        for number, (image, seed) in enumerate(zip(images, seeds)):
+            path = os.path.join(args.out, image_name(index, number, seed, prompt))
+            replaced += os.path.exists(path)
+            save_png(image, path, {"prompt": prompt, "seed": seed, "model": model, **kwargs})
             written.append(path)
-    print(f"wrote {len(written)} image(s) to {os.path.abspath(args.out)}")
+    note = f" ({replaced} replaced a file of the same name: same prompt and seed)" if replaced else ""
+    print(f"wrote {len(written)} image(s) to {os.path.abspath(args.out)}{note}")
     return 0
 
 
@@ -246,13 +398,14 @@ def command_compare(args) -> int:
     """One grid: a row per prompt, a column per guidance mode, all from the same seed."""
     model, kwargs, pipe = _prepare(args)
     modes = compare_modes(kwargs, args.with_pag)
-    rows = [[_run(pipe, prompt, args.seed, arguments)[0] for _, arguments in modes] for prompt in args.prompt]
+    rows = [[_run(pipe, prompt, [args.seed], arguments)[0] for _, arguments in modes] for prompt in args.prompt]
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"compare_{_grid_name(args.prompt)}.png")
+    path = os.path.join(args.out, f"compare_s{args.seed}_{_grid_name(args.prompt)}.png")
+    replaced = os.path.exists(path)
     prompt = args.prompt[0] if len(args.prompt) == 1 else args.prompt
     metadata = {"prompt": prompt, "seed": args.seed, "model": model, "panels": dict(modes)}
     save_png(labelled_grid([label for label, _ in modes], rows), path, metadata)
-    print(f"wrote the comparison grid to {os.path.abspath(path)}")
+    print(f"{'replaced' if replaced else 'wrote'} the comparison grid {os.path.abspath(path)}")
     return 0
 
 
@@ -274,11 +427,13 @@ def labelled_grid(labels: Sequence[str], rows: Sequence[Sequence["Image.Image"]]
 
 
 def command_samplers(args) -> int:
-    from samplers.registry import SAMPLER_NAMES
+    from samplers.registry import SAMPLER_NAMES, SAMPLER_NOTES
     from samplers.schedules import SCHEDULE_NAMES
 
     print("samplers: " + ", ".join(SAMPLER_NAMES))
     print("schedules: " + ", ".join(SCHEDULE_NAMES))
+    for name, note in SAMPLER_NOTES.items():
+        print(f"{name}: {note}")
     return 0
 
 
@@ -295,17 +450,41 @@ def _slug(text: str) -> str:
     return "_".join(filter(None, cleaned.split("_")))[:60] or "image"
 
 
+def _describe(error: BaseException) -> str:
+    """One line for an unexpected error: ``strerror: file`` for OSError, else ``Type: first line``."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.strerror}: {error.filename}" if error.filename else error.strerror
+    text = _one_line(str(error))
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    handlers = {"generate": command_generate, "compare": command_compare, "samplers": command_samplers}
+    """Run the command; every failure is one line on stderr and status 2 (usage) or 1 (runtime), 130 if interrupted.
+
+    Set ``DUALGUIDE_DEBUG=1`` to see the traceback of a runtime error and the libraries' warnings.
+    """
+    debug = os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
     try:
-        return handlers[args.command](args)
-    except UsageError as error:
-        print(f"dualguide: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("dualguide: interrupted", file=sys.stderr)
-        return 130
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error, already printed as one line (2)
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+    handlers = {"generate": command_generate, "compare": command_compare, "samplers": command_samplers}
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.simplefilter("ignore")  # libraries' deprecation notes would break the one-line rule
+        try:
+            return handlers[args.command](args)
+        except UsageError as error:
+            print(f"dualguide: error: {_one_line(str(error))}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("dualguide: interrupted", file=sys.stderr)
+            return 130
+        except Exception as error:
+            if debug:
+                raise
+            print(f"dualguide: error: {_describe(error)}", file=sys.stderr)
+            return 1
 
 
 if __name__ == "__main__":

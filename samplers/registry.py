@@ -8,7 +8,7 @@ noise, SDE Brownian noise), so the same seed gives the same image for every samp
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Callable, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -78,3 +78,17 @@ def get(name: str) -> Sampler:
     run.__name__ = f"sample_{name}"
     run.__doc__ = f"k-diffusion's sample_{name} with seeded noise."
     return run
+
+
+# How the samplers that take a sigma range instead of a schedule use the step count (shown by
+# `dualguide samplers`). Both get only the schedule's largest and smallest sigma: its spacing is unused.
+SAMPLER_NOTES: Dict[str, str] = {
+    "dpm_fast": (
+        "--steps is the number of model evaluations (guided UNet calls), spread over DPM-Solver steps of "
+        "order 3, the last one or two of order 2/1 (25 -> 9 solver steps), so fewer solver steps than evaluations"
+    ),
+    "dpm_adaptive": (
+        "adaptive step size (DPM-Solver-2/3 pair, rtol 0.05, atol 0.0078): ignores --steps; the number of "
+        "evaluations (3 per tried step) depends on the tolerance and the image"
+    ),
+}
