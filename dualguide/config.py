@@ -8,26 +8,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Tuple, Union
+from typing import Iterable, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
 from .layers import LayerSpec, parse_layer_ids
+from .validation import check_bool, check_layer_spec, check_number
 
 DEFAULT_TPG_LAYERS = "d6-d23"
 DEFAULT_PAG_LAYERS = "m0-m9"
-
-
-def _check_number(value, name: str, low: float, high: float = math.inf, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    too_low = value <= low if low_open else value < low
-    if math.isnan(value) or too_low or value > high:
-        bracket = "(" if low_open else "["
-        upper = "inf)" if high == math.inf else f"{high:g}]"
-        raise ValueError(f"{name} must lie in {bracket}{low:g}, {upper}, got {value:g}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -46,12 +35,15 @@ class Interval:
     name: str = field(default="interval", compare=False)
 
     def __post_init__(self) -> None:
-        _check_number(self.start, f"{self.name} start", 0.0, 1.0)
-        _check_number(self.end, f"{self.name} end", 0.0, 1.0)
+        object.__setattr__(self, "start", check_number(self.start, f"{self.name} start", 0.0, 1.0))
+        object.__setattr__(self, "end", check_number(self.end, f"{self.name} end", 0.0, 1.0))
         if self.end < self.start:
             raise ValueError(f"{self.name}: end ({self.end:g}) must not be before start ({self.start:g})")
-        _check_number(self.sigma_low, f"{self.name} sigma_low", 0.0)
-        _check_number(self.sigma_high, f"{self.name} sigma_high", self.sigma_low)
+        object.__setattr__(self, "sigma_low", check_number(self.sigma_low, f"{self.name} sigma_low", 0.0))
+        # sigma_high = inf is the documented "no upper bound".
+        object.__setattr__(
+            self, "sigma_high", check_number(self.sigma_high, f"{self.name} sigma_high", self.sigma_low, allow_inf=True)
+        )
 
     @property
     def uses_fractions(self) -> bool:
@@ -88,6 +80,10 @@ def as_interval(value: IntervalLike, name: str) -> Interval:
     raise TypeError(f"{name} must be an Interval or a (start, end) pair of fractions in [0, 1], got {value!r}")
 
 
+def _layer_ids(spec: LayerSpec, name: str) -> Tuple[str, ...]:
+    return tuple(parse_layer_ids(check_layer_spec(spec, name), name))
+
+
 @dataclass(frozen=True)
 class CFG:
     """Classifier-free guidance; active when ``scale > 1``."""
@@ -97,8 +93,8 @@ class CFG:
     interval: IntervalLike = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scale", _check_number(self.scale, "guidance_scale", 0.0))
-        object.__setattr__(self, "rescale", _check_number(self.rescale, "guidance_rescale", 0.0, 1.0))
+        object.__setattr__(self, "scale", check_number(self.scale, "guidance_scale", 0.0))
+        object.__setattr__(self, "rescale", check_number(self.rescale, "guidance_rescale", 0.0, 1.0))
         object.__setattr__(self, "interval", as_interval(self.interval, "cfg_interval"))
 
     @property
@@ -115,8 +111,8 @@ class TPG:
     interval: IntervalLike = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scale", _check_number(self.scale, "tpg_scale", 0.0))
-        object.__setattr__(self, "layers", tuple(parse_layer_ids(self.layers, "tpg_applied_layers_index")))
+        object.__setattr__(self, "scale", check_number(self.scale, "tpg_scale", 0.0))
+        object.__setattr__(self, "layers", _layer_ids(self.layers, "tpg_applied_layers_index"))
         if self.scale > 0 and not self.layers:
             raise ValueError("tpg_applied_layers_index is empty while tpg_scale > 0; give ids such as 'd6-d23'")
         object.__setattr__(self, "interval", as_interval(self.interval, "tpg_interval"))
@@ -137,15 +133,17 @@ class PAG:
     interval: IntervalLike = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scale", _check_number(self.scale, "pag_scale", 0.0))
-        object.__setattr__(self, "layers", tuple(parse_layer_ids(self.layers, "pag_applied_layers_index")))
+        object.__setattr__(self, "scale", check_number(self.scale, "pag_scale", 0.0))
+        object.__setattr__(self, "layers", _layer_ids(self.layers, "pag_applied_layers_index"))
         if self.scale > 0 and not self.layers:
             raise ValueError("pag_applied_layers_index is empty while pag_scale > 0; give ids such as 'm0-m9'")
-        object.__setattr__(self, "beta", _check_number(self.beta, "beta", 0.0, 1.0))
+        object.__setattr__(self, "beta", check_number(self.beta, "beta", 0.0, 1.0))
         if self.heads is not None:
-            heads = tuple(self.heads)
-            if not heads or any(isinstance(h, bool) or not isinstance(h, int) or h < 0 for h in heads):
-                raise ValueError(f"selected_heads must be a non-empty list of head indices >= 0 or None, got {self.heads!r}")
+            if isinstance(self.heads, (str, bytes)) or not isinstance(self.heads, Iterable):
+                raise TypeError(f"selected_heads must be a list of head indices >= 0 or None, got {self.heads!r}")
+            heads = tuple(check_number(h, "selected_heads", 0, integer=True) for h in self.heads)
+            if not heads:
+                raise ValueError("selected_heads must be a non-empty list of head indices >= 0 or None, got []")
             object.__setattr__(self, "heads", tuple(sorted(set(heads))))
         object.__setattr__(self, "interval", as_interval(self.interval, "pag_interval"))
 
@@ -165,11 +163,10 @@ class NAG:
     interval: IntervalLike = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scale", _check_number(self.scale, "nag_scale", 1.0))
-        object.__setattr__(self, "tau", _check_number(self.tau, "nag_tau", 0.0, low_open=True))
-        object.__setattr__(self, "alpha", _check_number(self.alpha, "nag_alpha", 0.0, 1.0))
-        if not isinstance(self.use_l1, bool):
-            raise TypeError(f"nag_use_l1 must be True or False, got {self.use_l1!r}")
+        object.__setattr__(self, "scale", check_number(self.scale, "nag_scale", 1.0))
+        object.__setattr__(self, "tau", check_number(self.tau, "nag_tau", 0.0, low_open=True))
+        object.__setattr__(self, "alpha", check_number(self.alpha, "nag_alpha", 0.0, 1.0))
+        object.__setattr__(self, "use_l1", check_bool(self.use_l1, "nag_use_l1"))
         object.__setattr__(self, "interval", as_interval(self.interval, "nag_interval"))
 
     @property

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional, Tuple
 
+from dualguide.validation import check_choice, check_number
+
 if TYPE_CHECKING:
     from torch import Tensor
 
@@ -11,8 +13,51 @@ SCHEDULE_NAMES: Tuple[str, ...] = ("model", "karras", "exponential")
 
 
 def check_schedule_name(name: str) -> None:
-    if name not in SCHEDULE_NAMES:
-        raise ValueError(f"sigma_schedule must be one of {', '.join(SCHEDULE_NAMES)}; got {name!r}")
+    check_choice(name, "sigma_schedule", SCHEDULE_NAMES)
+
+
+def trained_sigma_range(scheduler) -> Tuple[float, float]:
+    """The smallest and largest sigma of the checkpoint's discrete training schedule."""
+    trained = ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod).sqrt()
+    return float(trained.min()), float(trained.max())
+
+
+def check_schedule(
+    name: str,
+    steps: int,
+    sigma_min: Optional[float] = None,
+    sigma_max: Optional[float] = None,
+    scheduler=None,
+    rho: float = 7.0,
+    steps_name: str = "steps",
+) -> Tuple[int, Optional[float], Optional[float], float]:
+    """Validate a schedule request; returns ``(steps, sigma_min, sigma_max, rho)`` as Python numbers.
+
+    ``steps`` is a positive integer (numpy integers too); ``sigma_min`` / ``sigma_max`` are
+    finite and positive, only for "karras" and "exponential", and with ``scheduler`` given
+    ``0 < sigma_min < sigma_max`` is checked with the model's trained range filling in the
+    one not given.
+    """
+    check_schedule_name(name)
+    steps = check_number(steps, steps_name, 1, integer=True)
+    sigma_min = check_number(sigma_min, "sigma_min", 0.0, low_open=True, optional=True)
+    sigma_max = check_number(sigma_max, "sigma_max", 0.0, low_open=True, optional=True)
+    rho = check_number(rho, "rho", 0.0, low_open=True)
+    if name == "model":
+        if sigma_min is not None or sigma_max is not None:
+            raise ValueError("sigma_min / sigma_max apply to the karras and exponential schedules, not to 'model'")
+        return steps, sigma_min, sigma_max, rho
+    low, high = sigma_min, sigma_max
+    if getattr(scheduler, "alphas_cumprod", None) is not None and (low is None or high is None):
+        trained_low, trained_high = trained_sigma_range(scheduler)
+        low = trained_low if low is None else low
+        high = trained_high if high is None else high
+    if low is not None and high is not None and not low < high:
+        raise ValueError(
+            f"need 0 < sigma_min < sigma_max, got sigma_min={low:g}, sigma_max={high:g}"
+            + ("" if sigma_min is not None and sigma_max is not None else " (the other from the model's trained range)")
+        )
+    return steps, sigma_min, sigma_max, rho
 
 
 def get_sigmas(
@@ -32,21 +77,12 @@ def get_sigmas(
     """
     import torch
 
-    check_schedule_name(name)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"num_inference_steps must be a positive integer, got {steps!r}")
+    steps, sigma_min, sigma_max, rho = check_schedule(name, steps, sigma_min, sigma_max, scheduler, rho)
     if name == "model":
-        if sigma_min is not None or sigma_max is not None:
-            raise ValueError("sigma_min / sigma_max apply to the karras and exponential schedules, not to 'model'")
-        own = type(scheduler).from_config(scheduler.config)
-        own.set_timesteps(steps)
-        sigmas = torch.as_tensor(own.sigmas, dtype=torch.float32).cpu()
-        return sigmas, float(own.init_noise_sigma)
-    trained = ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod).sqrt()
-    sigma_min = float(trained.min()) if sigma_min is None else float(sigma_min)
-    sigma_max = float(trained.max()) if sigma_max is None else float(sigma_max)
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min:g}, sigma_max={sigma_max:g}")
+        return _scheduler_sigmas(scheduler, steps)
+    trained_low, trained_high = trained_sigma_range(scheduler)
+    sigma_min = trained_low if sigma_min is None else sigma_min
+    sigma_max = trained_high if sigma_max is None else sigma_max
     from k_diffusion import sampling
 
     if name == "karras":
@@ -54,3 +90,21 @@ def get_sigmas(
     else:
         sigmas = sampling.get_sigmas_exponential(steps, sigma_min, sigma_max)
     return sigmas.float().cpu(), sigma_max
+
+
+def _scheduler_sigmas(scheduler, steps: int) -> Tuple[Tensor, float]:
+    """The scheduler's own schedule for ``steps`` steps as k-diffusion sigmas, and the initial-noise scale."""
+    import numpy as np
+    import torch
+
+    own = type(scheduler).from_config(scheduler.config)
+    own.set_timesteps(steps)
+    sigmas = getattr(own, "sigmas", None)
+    if isinstance(sigmas, torch.Tensor) and len(sigmas) == steps + 1:
+        return sigmas.float().cpu(), float(own.init_noise_sigma)
+    alphas_cumprod = own.alphas_cumprod.double()
+    trained = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+    timesteps = torch.unique_consecutive(torch.as_tensor(own.timesteps).cpu().double())
+    levels = torch.from_numpy(np.interp(timesteps.numpy(), np.arange(len(trained)), trained.numpy()))
+    sigmas = torch.cat([levels.float(), torch.zeros(1)])
+    return sigmas, float(sigmas[0])

@@ -133,7 +133,7 @@ def test_pil_output(pipe):
         (dict(do_nag=True, nag_scale=0.5), "nag_scale"),
         (dict(do_nag=True, nag_tau=0.0), "nag_tau"),
         (dict(do_nag=True, nag_alpha=1.2), "nag_alpha"),
-        (dict(do_nag=True, nag_end=1.5), "nag_interval"),
+        (dict(do_nag=True, nag_end=1.5), "nag_end"),
         (dict(do_nag=True, prompt=["a", "b"], nag_negative_prompt=["c", "d", "e"]), "nag_negative_prompt"),
         (dict(max_batch_rows=0), "max_batch_rows"),
         (dict(guidance_rescale=2.0), "guidance_rescale"),
