@@ -35,9 +35,9 @@ _EXPORTS = {
     "current_call": "callstate",
     "guided_call": "callstate",
     "DiscreteModelSchedule": "schedule",
-    "StableDiffusionXLTPGPipeline": "pipeline",
-    "apply_softpag": "pipeline",
-    "apply_nag": "pipeline",
+    "StableDiffusionXLTPGPipeline": "pipelines",
+    "apply_softpag": "pipelines",
+    "apply_nag": "pipelines",
     "build_tiny_sdxl": "tiny",
 }
 

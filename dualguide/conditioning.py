@@ -1,23 +1,40 @@
-"""SDXL prompt encoding -> ``Conditioning`` (prompt embeds, pooled embeds, time ids)."""
+"""SDXL prompt encoding -> ``Conditioning`` (prompt embeds, pooled embeds, time ids).
+
+Long prompts: a prompt longer than the tokenizer's window (``model_max_length``: 77 for SDXL, i.e.
+BOS + 75 tokens + EOS) is encoded window by window and the windows are concatenated along the
+sequence axis, as the k-diffusion front-ends do, instead of being cut as diffusers cuts it. The
+pooled embeds come from the first window. Both prompts of a CFG pair (and every prompt of a batch)
+get the same number of windows, the shorter ones padded with empty windows. ``truncate_long_prompts``
+restores diffusers' cutting; prompts that fit one window always go through diffusers' ``encode_prompt``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
 PromptLike = Optional[Union[str, Sequence[str]]]
+TokenIds = List[List[int]]  # one list of content token ids (no BOS/EOS) per prompt
 
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What the SDXL UNet is conditioned on, one row per image."""
+    """What the SDXL UNet is conditioned on, one row per image.
+
+    ``attention_mask`` ``[B, L]`` (1 keep, 0 hide) hides the padding windows of rows whose prompts
+    need fewer windows than the longest of their batch, so that each row gets what it gets alone;
+    ``image_embeds`` are the IP-Adapter image embeddings (one tensor per adapter).
+    """
 
     prompt_embeds: Tensor  # [B, L, D]: both text encoders' hidden states, concatenated
     pooled_embeds: Tensor  # [B, P]: text_encoder_2's pooled projection
     time_ids: Tensor  # [B, 6]: original size, crop top-left, target size
+    attention_mask: Optional[Tensor] = None  # [B, L]
+    image_embeds: Optional[List[Tensor]] = None
 
     def __post_init__(self) -> None:
         sizes = {self.prompt_embeds.shape[0], self.pooled_embeds.shape[0], self.time_ids.shape[0]}
@@ -31,19 +48,41 @@ class Conditioning:
     def batch_size(self) -> int:
         return self.prompt_embeds.shape[0]
 
+    def _map(self, function) -> "Conditioning":
+        return Conditioning(
+            function(self.prompt_embeds), function(self.pooled_embeds), function(self.time_ids),
+            None if self.attention_mask is None else function(self.attention_mask),
+            None if self.image_embeds is None else [function(e) for e in self.image_embeds],
+        )  # fmt: skip
+
     def to(self, device=None, dtype=None) -> "Conditioning":
-        return Conditioning(*(t.to(device=device, dtype=dtype) for t in (self.prompt_embeds, self.pooled_embeds, self.time_ids)))
+        moved = self._map(lambda t: t.to(device=device, dtype=dtype))
+        if self.attention_mask is None:
+            return moved
+        return replace(moved, attention_mask=self.attention_mask.to(device=device))
 
     def repeat(self, times: int) -> "Conditioning":
         """Each row repeated ``times`` times in a row (``repeat_interleave``), as ``num_images_per_prompt`` does."""
-        return Conditioning(*(t.repeat_interleave(times, dim=0) for t in (self.prompt_embeds, self.pooled_embeds, self.time_ids)))
+        return self._map(lambda t: t.repeat_interleave(times, dim=0))
+
+    def with_image_embeds(self, image_embeds: Optional[List[Tensor]]) -> "Conditioning":
+        return replace(self, image_embeds=image_embeds)
 
     @staticmethod
     def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
+        """Rows of ``parts`` one after another (a part without a mask keeps every token)."""
+        masks = None
+        if any(p.attention_mask is not None for p in parts):
+            masks = torch.cat([p.prompt_embeds.new_ones(p.prompt_embeds.shape[:2]) if p.attention_mask is None else p.attention_mask for p in parts])
+        images = None
+        if all(p.image_embeds is not None for p in parts):
+            images = [torch.cat(group) for group in zip(*(p.image_embeds for p in parts))]
         return Conditioning(
             torch.cat([p.prompt_embeds for p in parts]),
             torch.cat([p.pooled_embeds for p in parts]),
             torch.cat([p.time_ids for p in parts]),
+            masks,
+            images,
         )
 
 
@@ -68,6 +107,242 @@ def time_ids(pipe, size: Tuple[int, int], crop: Tuple[int, int], target: Tuple[i
     return pipe._get_add_time_ids(tuple(size), tuple(crop), tuple(target), dtype=dtype, text_encoder_projection_dim=projection_dim)
 
 
+# ---------------------------------------------------------------------------------------------------
+# Long prompts: tokenize -> windows -> encode each encoder's windows -> concatenate.
+
+
+def _encoders(pipe) -> List[Tuple[object, torch.nn.Module]]:
+    """``(tokenizer, text_encoder)`` pairs in diffusers' order; the refiner (no ``text_encoder``) has only the second."""
+    tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if pipe.tokenizer is not None else [pipe.tokenizer_2]
+    text_encoders = [pipe.text_encoder, pipe.text_encoder_2] if pipe.text_encoder is not None else [pipe.text_encoder_2]
+    return list(zip(tokenizers, text_encoders))
+
+
+def _content_ids(pipe, prompts: List[str], tokenizer) -> TokenIds:
+    """Token ids of each prompt, without BOS/EOS and without truncation (textual-inversion tokens expanded first)."""
+    from diffusers.loaders import TextualInversionLoaderMixin
+
+    if isinstance(pipe, TextualInversionLoaderMixin):
+        prompts = pipe.maybe_convert_prompt(prompts, tokenizer)
+    return tokenizer(prompts, add_special_tokens=False, truncation=False, verbose=False).input_ids
+
+
+def _window_count(ids: Sequence[int], tokenizer) -> int:
+    """Windows of ``model_max_length - 2`` content tokens that ``ids`` needs (at least one, for the empty prompt)."""
+    per_window = tokenizer.model_max_length - 2
+    return max(1, -(-len(ids) // per_window))
+
+
+def _windows(ids: Sequence[int], tokenizer, count: int) -> List[List[int]]:
+    """``count`` windows ``[BOS] + chunk + [EOS]`` padded to ``model_max_length`` as diffusers pads; missing chunks are empty."""
+    length = tokenizer.model_max_length
+    per_window = length - 2
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    windows = []
+    for index in range(count):
+        window = [tokenizer.bos_token_id, *ids[index * per_window : (index + 1) * per_window], tokenizer.eos_token_id]
+        padding = [pad] * (length - len(window))
+        windows.append(padding + window if tokenizer.padding_side == "left" else window + padding)
+    return windows
+
+
+def _encode_windows(text_encoder, windows: Tensor, hidden_layer: int) -> Tuple[Tensor, Optional[Tensor]]:
+    """Run one text encoder on windows ``[B, count, W]`` as diffusers' ``encode_prompt`` runs it.
+
+    Returns the hidden states ``[B, count * W, D]`` (windows concatenated along the sequence) and, for an
+    encoder with a pooled projection, the pooled embeds ``[B, P]`` of each prompt's first window. The first
+    windows run as one batch of ``B``, as diffusers runs the prompts, so they and the pooled embeds are
+    bit-identical to the truncated encoding; the other windows run as a second batch.
+    """
+    try:
+        from diffusers.utils.torch_utils import get_module_execution_device
+
+        device = get_module_execution_device(text_encoder)
+    except ImportError:  # older diffusers
+        device = text_encoder.device
+    rows, count, length = windows.shape
+    outputs = [
+        text_encoder(part.reshape(-1, length).to(device), output_hidden_states=True)
+        for part in (windows[:, :1], windows[:, 1:])
+        if part.shape[1]
+    ]
+    hidden = [output.hidden_states[hidden_layer] for output in outputs]
+    hidden = torch.cat([h.reshape(rows, -1, h.shape[-1]) for h in hidden], dim=1)
+    pooled = outputs[0][0] if outputs[0][0].ndim == 2 else None
+    return hidden, pooled
+
+
+def _encode_ids(pipe, ids_per_encoder: Sequence[TokenIds], count: int, hidden_layer: int) -> Tuple[Tensor, Optional[Tensor]]:
+    """Prompt embeds ``[B, count * W, D1 + D2]`` and pooled embeds (first window) of already tokenized prompts."""
+    hidden, pooled = [], None
+    for ids, (tokenizer, text_encoder) in zip(ids_per_encoder, _encoders(pipe)):
+        windows = torch.tensor([_windows(row, tokenizer, count) for row in ids], dtype=torch.long)
+        states, encoder_pooled = _encode_windows(text_encoder, windows, hidden_layer)
+        hidden.append(states)
+        if pooled is None:  # diffusers keeps the first encoder output that is pooled (text_encoder_2's projection)
+            pooled = encoder_pooled
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def _hidden_layer(clip_skip: Optional[int]) -> int:
+    """The hidden state SDXL uses: the penultimate layer, ``clip_skip`` layers earlier (as diffusers indexes it)."""
+    return -2 if clip_skip is None else -(clip_skip + 2)
+
+
+@contextmanager
+def _lora_scaled(pipe, lora_scale: Optional[float]) -> Iterator[None]:
+    """The text encoders' LoRA scale around an encoding, exactly as diffusers' ``encode_prompt`` sets and resets it."""
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+    from diffusers.models.lora import adjust_lora_scale_text_encoder
+    from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
+
+    is_lora_pipe = isinstance(pipe, StableDiffusionXLLoraLoaderMixin)
+    encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
+    if lora_scale is not None and is_lora_pipe:
+        pipe._lora_scale = lora_scale
+        for encoder in encoders:
+            if USE_PEFT_BACKEND:
+                scale_lora_layers(encoder, lora_scale)
+            else:
+                adjust_lora_scale_text_encoder(encoder, lora_scale)
+    try:
+        yield
+    finally:
+        if is_lora_pipe and USE_PEFT_BACKEND:
+            for encoder in encoders:
+                unscale_lora_layers(encoder, lora_scale)
+
+
+def _embeds_dtype(pipe):
+    return pipe.text_encoder_2.dtype if pipe.text_encoder_2 is not None else pipe.unet.dtype
+
+
+def _tokenize(pipe, texts_per_encoder: Sequence[List[str]]) -> List[TokenIds]:
+    """Content ids of each encoder's prompts (``[prompts, prompts_2]``, zipped with the encoders as diffusers zips them)."""
+    return [_content_ids(pipe, texts, tokenizer) for texts, (tokenizer, _) in zip(texts_per_encoder, _encoders(pipe))]
+
+
+def _windows_needed(pipe, ids_per_encoder: Sequence[TokenIds]) -> int:
+    """The most windows any prompt needs with any of the encoders' tokenizers."""
+    return max(
+        _window_count(row, tokenizer) for ids, (tokenizer, _) in zip(ids_per_encoder, _encoders(pipe)) for row in ids
+    )
+
+
+def _padding_mask(pipe, to_encode: Sequence[Sequence[TokenIds]], count: int, window: int) -> Optional[Tensor]:
+    """``[B, count * window]``: 1 on the windows each row's own prompts need, 0 on its padding windows;
+    None when every row needs ``count`` windows."""
+    needed = [
+        max(_windows_needed(pipe, [[ids[row]] for ids in ids_per_encoder]) for ids_per_encoder in to_encode)
+        for row in range(len(to_encode[0][0]))
+    ]
+    if min(needed) == count:
+        return None
+    mask = torch.zeros(len(needed), count * window)
+    for row, windows in enumerate(needed):
+        mask[row, : windows * window] = 1.0
+    return mask
+
+
+def _encode_windowed(
+    pipe,
+    prompt: PromptLike,
+    prompt_2: PromptLike,
+    negative_prompt: PromptLike,
+    negative_prompt_2: PromptLike,
+    *,
+    device,
+    num_images_per_prompt: int,
+    with_negative: bool,
+    lora_scale: Optional[float],
+    clip_skip: Optional[int],
+    prompt_embeds: Optional[Tensor] = None,
+    pooled_prompt_embeds: Optional[Tensor] = None,
+    negative_prompt_embeds: Optional[Tensor] = None,
+    negative_pooled_prompt_embeds: Optional[Tensor] = None,
+) -> Optional[Tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor], Optional[Tensor]]]:
+    """``encode_prompt``'s four results and a padding mask, with long prompts windowed; ``None`` when nothing
+    needs more than one window.
+
+    The positive and negative get the same window count (the most any prompt of the batch needs, or that
+    given embeds have); shorter prompts are padded with empty windows, which the mask hides for rows
+    whose own prompts need fewer windows than the batch (so a row gets what it gets alone). Otherwise it mirrors ``encode_prompt``:
+    given embeds are used as they are, ``force_zeros_for_empty_prompt`` zeroes a missing negative, the
+    negative uses the penultimate layer whatever ``clip_skip`` is (as diffusers 0.42 does), and rows are
+    repeated ``num_images_per_prompt`` times.
+    """
+    encoders = _encoders(pipe)
+    positive_ids = negative_ids = None
+    if prompt_embeds is None:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        batch = len(prompts)
+        positive_ids = _tokenize(pipe, [prompts, _as_list(prompt_2 or prompt, batch, "prompt_2")])
+    else:
+        batch = prompt_embeds.shape[0]
+    zero_negative = with_negative and negative_prompt is None and pipe.config.force_zeros_for_empty_prompt
+    if with_negative and negative_prompt_embeds is None and not zero_negative:
+        negative_prompt = negative_prompt or ""
+        negatives = _as_list(negative_prompt, batch, "negative_prompt")
+        negative_ids = _tokenize(pipe, [negatives, _as_list(negative_prompt_2 or negative_prompt, batch, "negative_prompt_2")])
+    to_encode = [ids for ids in (positive_ids, negative_ids) if ids is not None]
+    if not to_encode:
+        return None
+    count = max(_windows_needed(pipe, ids) for ids in to_encode)
+    window = encoders[0][0].model_max_length
+    given = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds if with_negative else None}
+    given = {name: embeds for name, embeds in given.items() if embeds is not None}
+    if count == 1 and all(embeds.shape[1] <= window for embeds in given.values()):
+        return None  # everything fits one window: diffusers' encode_prompt gives today's results
+    if any(tokenizer.model_max_length != window for tokenizer, _ in encoders):
+        raise ValueError(
+            "long prompts need tokenizers with one model_max_length, got "
+            f"{[tokenizer.model_max_length for tokenizer, _ in encoders]}; pass truncate_long_prompts=True"
+        )
+    count = max([count] + [-(-embeds.shape[1] // window) for embeds in given.values()])
+    for name, embeds in given.items():
+        if embeds.shape[1] != count * window:
+            raise ValueError(
+                f"{name} has {embeds.shape[1]} tokens but the prompts encoded with it need {count} windows of {window} "
+                f"tokens ({count * window}); give {name} of that length or pass truncate_long_prompts=True"
+            )
+
+    with _lora_scaled(pipe, lora_scale):
+        if positive_ids is not None:
+            prompt_embeds, pooled = _encode_ids(pipe, positive_ids, count, _hidden_layer(clip_skip))
+            pooled_prompt_embeds = pooled if pooled_prompt_embeds is None else pooled_prompt_embeds
+        if negative_ids is not None:
+            negative_prompt_embeds, pooled = _encode_ids(pipe, negative_ids, count, _hidden_layer(None))
+            negative_pooled_prompt_embeds = pooled if negative_pooled_prompt_embeds is None else negative_pooled_prompt_embeds
+    if pooled_prompt_embeds is None:
+        raise ValueError("pooled_prompt_embeds must be given with prompt_embeds")
+    if with_negative and negative_prompt_embeds is None:  # force_zeros_for_empty_prompt
+        negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+        negative_pooled_prompt_embeds = torch.zeros_like(pooled_prompt_embeds)
+    if not with_negative:
+        negative_prompt_embeds = negative_pooled_prompt_embeds = None
+    mask = _padding_mask(pipe, to_encode, count, window) if not given else None
+
+    device = device or pipe._execution_device
+    dtype = _embeds_dtype(pipe)
+
+    def rows(tensor: Optional[Tensor], cast: bool) -> Optional[Tensor]:
+        if tensor is None:
+            return None
+        tensor = tensor.to(dtype=dtype, device=device) if cast else tensor
+        return tensor.repeat_interleave(num_images_per_prompt, dim=0)
+
+    return (
+        rows(prompt_embeds, True),
+        rows(negative_prompt_embeds, True),
+        rows(pooled_prompt_embeds, False),
+        rows(negative_pooled_prompt_embeds, False),
+        rows(mask.to(device) if mask is not None else None, False),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
 def encode_sdxl(
     pipe,
     prompt: PromptLike,
@@ -90,38 +365,57 @@ def encode_sdxl(
     pooled_prompt_embeds: Optional[Tensor] = None,
     negative_prompt_embeds: Optional[Tensor] = None,
     negative_pooled_prompt_embeds: Optional[Tensor] = None,
+    truncate_long_prompts: bool = False,
 ) -> Tuple[Conditioning, Optional[Conditioning]]:
-    """Encode positive (and, with ``with_negative``, negative) SDXL conditioning with diffusers' ``encode_prompt``.
+    """Encode positive (and, with ``with_negative``, negative) SDXL conditioning.
 
+    Prompts that fit the tokenizer's window (``model_max_length``, 77 for SDXL), and every prompt with
+    ``truncate_long_prompts=True``, go through diffusers' ``encode_prompt`` (which cuts at the window).
+    Longer prompts are encoded window by window (``model_max_length - 2`` tokens plus BOS/EOS each, both
+    encoders) and the windows concatenated; the pooled embeds are the first window's; the positive and
+    negative (and all prompts of the batch) are padded with empty windows to the same count.
     Honours ``force_zeros_for_empty_prompt`` exactly as diffusers does. Rows are ordered
     prompt-major: ``num_images_per_prompt`` rows per prompt.
     """
-    embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-        prompt=prompt,
-        prompt_2=prompt_2,
-        device=device,
-        num_images_per_prompt=num_images_per_prompt,
-        do_classifier_free_guidance=with_negative,
-        negative_prompt=negative_prompt,
-        negative_prompt_2=negative_prompt_2,
-        prompt_embeds=prompt_embeds,
-        negative_prompt_embeds=negative_prompt_embeds,
-        pooled_prompt_embeds=pooled_prompt_embeds,
-        negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-        lora_scale=lora_scale,
-        clip_skip=clip_skip,
-    )
+    encoded = None
+    if not truncate_long_prompts:
+        encoded = _encode_windowed(
+            pipe, prompt, prompt_2, negative_prompt, negative_prompt_2, device=device,
+            num_images_per_prompt=num_images_per_prompt, with_negative=with_negative, lora_scale=lora_scale,
+            clip_skip=clip_skip, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+        )  # fmt: skip
+    mask = None
+    if encoded is not None:
+        *encoded, mask = encoded
+    else:
+        encoded = pipe.encode_prompt(
+            prompt=prompt,
+            prompt_2=prompt_2,
+            device=device,
+            num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=with_negative,
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+    embeds, negative_embeds, pooled, negative_pooled = encoded
     projection_dim = pipe.text_encoder_2.config.projection_dim if pipe.text_encoder_2 is not None else pooled.shape[-1]
     target = target or size
     ids = time_ids(pipe, size, crop, target, embeds.dtype, projection_dim).to(embeds.device)
-    positive = Conditioning(embeds, pooled, ids.repeat(embeds.shape[0], 1))
+    positive = Conditioning(embeds, pooled, ids.repeat(embeds.shape[0], 1), mask)
     if not with_negative:
         return positive, None
     if negative_size is not None and negative_target is not None:
         negative_ids = time_ids(pipe, negative_size, negative_crop, negative_target, embeds.dtype, projection_dim)
     else:
         negative_ids = ids
-    negative = Conditioning(negative_embeds, negative_pooled, negative_ids.to(embeds.device).repeat(embeds.shape[0], 1))
+    negative = Conditioning(negative_embeds, negative_pooled, negative_ids.to(embeds.device).repeat(embeds.shape[0], 1), mask)
     return positive, negative
 
 
@@ -135,11 +429,14 @@ def encode_nag_negative(
     device=None,
     lora_scale: Optional[float] = None,
     clip_skip: Optional[int] = None,
+    truncate_long_prompts: bool = False,
 ) -> Tensor:
     """Prompt embeds of NAG's negative, ``[batch * num_images_per_prompt, L, D]``.
 
     Order: ``nag_negative_prompt_embeds``, else ``nag_negative_prompt``, else ``negative_prompt``,
     else the empty string, always really encoded (never the zeros of ``force_zeros_for_empty_prompt``).
+    A long text is windowed on its own (its ``L`` is its own window count times the window, not the
+    positive's: NAG attends to it separately); ``truncate_long_prompts=True`` cuts it as diffusers does.
     """
     if nag_negative_prompt_embeds is not None:
         embeds = nag_negative_prompt_embeds.to(device)
@@ -158,6 +455,13 @@ def encode_nag_negative(
     else:
         source, parameter = "", "nag_negative_prompt"
     prompts = _as_list(source, batch, parameter)
+    if not truncate_long_prompts:
+        encoded = _encode_windowed(
+            pipe, prompts, None, None, None, device=device, num_images_per_prompt=num_images_per_prompt,
+            with_negative=False, lora_scale=lora_scale, clip_skip=clip_skip,
+        )  # fmt: skip
+        if encoded is not None:
+            return encoded[0]
     embeds, _, _, _ = pipe.encode_prompt(
         prompt=prompts,
         device=device,

@@ -313,14 +313,18 @@ class GuidedDenoiser:
             self._ensure_wrappers()
             for rows, call_rows in plan_calls(branches, batch, self.max_batch_rows):
                 call = self._guided_call(call_rows, self._call_negative(negative, rows, call_rows.guided))
+                added = {"text_embeds": stacked.pooled_embeds[rows], "time_ids": stacked.time_ids[rows]}
+                if stacked.image_embeds is not None:
+                    added["image_embeds"] = [embeds[rows] for embeds in stacked.image_embeds]
                 with guided_call(call):
                     outputs.append(
                         self.unet(
                             model_input[rows],
                             timesteps[rows],
                             encoder_hidden_states=stacked.prompt_embeds[rows],
-                            added_cond_kwargs={"text_embeds": stacked.pooled_embeds[rows], "time_ids": stacked.time_ids[rows]},
+                            added_cond_kwargs=added,
                             timestep_cond=None if timestep_cond is None else timestep_cond[rows],
+                            encoder_attention_mask=None if stacked.attention_mask is None else stacked.attention_mask[rows],
                             cross_attention_kwargs=self.cross_attention_kwargs,
                             return_dict=False,
                         )[0]

@@ -38,7 +38,7 @@ def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: Optio
     ``model`` may be a diffusers folder, a single-file checkpoint (``.safetensors``/``.ckpt``)
     or a hub id already in the local cache (or downloadable where a network exists).
     """
-    from .pipeline import StableDiffusionXLTPGPipeline
+    from .pipelines import StableDiffusionXLTPGPipeline
 
     dtype = dtype or torch.float32
     if model is None:

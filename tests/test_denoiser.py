@@ -233,7 +233,7 @@ def test_bad_arguments_name_the_parameter(pipe, conds, x):
     with pytest.raises(ValueError, match="max_batch_rows"):
         GuidedDenoiser(pipe.unet, pipe.scheduler, max_batch_rows=0)
     with pytest.raises(ValueError, match="prediction_type"):
-        GuidedDenoiser(pipe.unet, pipe.scheduler, prediction_type="sample")
+        GuidedDenoiser(pipe.unet, pipe.scheduler, prediction_type="flow")
     with pytest.raises(ValueError, match="uncond"):
         GuidedDenoiser(pipe.unet, pipe.scheduler, cfg=CFG(5.0))(x, torch.full((2,), 1.0), cond=positive)
     with pytest.raises(ValueError, match="interval"):

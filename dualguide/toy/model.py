@@ -102,7 +102,7 @@ def build_components(seed: int = 0, prediction_type: str = "v_prediction", vae=N
 
 def assemble_pipeline(components: Dict[str, object]):
     """A ``StableDiffusionXLTPGPipeline`` from the parts; the empty prompt is really encoded (it was trained on)."""
-    from ..pipeline import StableDiffusionXLTPGPipeline
+    from ..pipelines import StableDiffusionXLTPGPipeline
 
     return StableDiffusionXLTPGPipeline(**components, force_zeros_for_empty_prompt=False, add_watermarker=False)
 
@@ -116,7 +116,7 @@ def save_pipeline(pipe, folder: Union[str, os.PathLike], recommended: Optional[d
 
 def load_pipeline(folder: Union[str, os.PathLike] = EMBEDDED_DIR, torch_dtype: torch.dtype = torch.float32):
     """Load a saved toy pipeline offline with ``from_pretrained`` (the float16-stored UNet loads as float32)."""
-    from ..pipeline import StableDiffusionXLTPGPipeline
+    from ..pipelines import StableDiffusionXLTPGPipeline
 
     dtype = {} if torch_dtype == torch.float32 else {"torch_dtype": torch_dtype}
     return StableDiffusionXLTPGPipeline.from_pretrained(
