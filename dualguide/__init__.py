@@ -31,6 +31,7 @@ _EXPORTS = {
     "shuffle_tokens": "perturb",
     "PerturbedSelfAttnProcessor": "perturb",
     "NAGCrossAttnProcessor": "nag",
+    "ControlNetInput": "control",
     "GuidedCall": "callstate",
     "current_call": "callstate",
     "guided_call": "callstate",

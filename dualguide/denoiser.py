@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from .callstate import GuidedCall, NAGCall, PAGCall, TPGCall, guided_call
 from .conditioning import Conditioning
 from .config import CFG, NAG, PAG, TPG
+from .control import ControlNetInput, control_residuals
 from .guidance import guided_prediction, rescale_guidance
 from .hooks import ensure_processor_wrappers, shared_pre_hooks, shared_processor_wrappers
 from .layers import resolve_layers
@@ -133,6 +134,7 @@ class GuidedDenoiser:
     def set_schedule(self, sigmas: Optional[Tensor]) -> None:
         """Give the run's sigmas, needed by intervals written as fractions of the schedule."""
         schedule = None if sigmas is None else torch.as_tensor(sigmas).detach().float().cpu()
+        self._levels = schedule
         self._bounds = {
             name: term.interval.sigma_bounds(schedule)
             for name, term in (("cfg", self.cfg), ("tpg", self.tpg), ("pag", self.pag), ("nag", self.nag))
@@ -198,11 +200,17 @@ class GuidedDenoiser:
         cond: Conditioning,
         uncond: Optional[Conditioning] = None,
         nag_negative: Optional[Tensor] = None,
+        concat: Optional[Tensor] = None,
+        control: Optional[ControlNetInput] = None,
     ) -> Tensor:
-        """The guided x0 prediction at ``(x, sigma)`` (k-diffusion's denoiser convention)."""
+        """The guided x0 prediction at ``(x, sigma)`` (k-diffusion's denoiser convention).
+
+        ``concat``: channels appended to the scaled UNet input (9-channel inpainting: mask and
+        masked-image latents), ``[B, C', H, W]``; ``control``: a ControlNet with its image (``ControlNetInput``),
+        run on the uncond and cond rows only, its residuals reused by the perturbed rows."""
         sigma = sigma.float().reshape(-1).expand(x.shape[0])
         c_in = (sigma**2 + 1).rsqrt().view(-1, *([1] * (x.ndim - 1)))
-        self._predict(x, x * c_in, self.sigma_to_t(sigma), sigma, cond, uncond, nag_negative)
+        self._predict(x, x * c_in, self.sigma_to_t(sigma), sigma, cond, uncond, nag_negative, concat, control)
         return self.last_predictions["guided"]
 
     def predict(
@@ -214,15 +222,18 @@ class GuidedDenoiser:
         nag_negative: Optional[Tensor] = None,
         *,
         sigma: Tensor,
+        concat: Optional[Tensor] = None,
+        control: Optional[ControlNetInput] = None,
     ) -> Tensor:
         """The guided UNet output (the model's prediction type) for an input already scaled for the UNet,
-        as a diffusers scheduler's ``scale_model_input`` gives it; ``sigma`` is that input's noise level."""
+        as a diffusers scheduler's ``scale_model_input`` gives it; ``sigma`` is that input's noise level.
+        ``concat`` and ``control`` as in ``__call__``."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=model_input.device).reshape(-1).expand(model_input.shape[0])
         timestep = torch.as_tensor(timestep, device=model_input.device).reshape(-1).expand(model_input.shape[0])
         x = model_input.float() * (sigma**2 + 1).sqrt().view(-1, *([1] * (model_input.ndim - 1)))
-        return self._predict(x, model_input, timestep, sigma, cond, uncond, nag_negative)
+        return self._predict(x, model_input, timestep, sigma, cond, uncond, nag_negative, concat, control)
 
-    def _predict(self, x, model_input, timesteps, sigma, cond, uncond, nag_negative) -> Tensor:
+    def _predict(self, x, model_input, timesteps, sigma, cond, uncond, nag_negative, concat=None, control=None) -> Tensor:
         self._check_call(x, cond, uncond, nag_negative)
         if not self._running.acquire(blocking=False):
             raise RuntimeError(
@@ -231,10 +242,19 @@ class GuidedDenoiser:
             )
         try:
             # Reading sigma on the host waits for the device; only intervals need it.
-            level = float(sigma.max()) if self._has_intervals else math.inf
+            level = float(sigma.max()) if self._has_intervals or control is not None else math.inf
             branches = self.active_branches(level)
             nag_on = self.nag is not None and self._active("nag", level)
-            outputs = self._run_unet(model_input, timesteps, branches, cond, uncond, nag_negative if nag_on else None)
+            residuals = None
+            if control is not None:
+                scales = control.scales_at(*self._step_of(level)) if self._levels is not None else control.scale
+                if scales is not None:
+                    control_input = model_input.to(self.model_dtype)
+                    residuals = control_residuals(control, scales, branches, control_input, timesteps, cond.to(dtype=self.model_dtype),
+                                                  None if uncond is None else uncond.to(dtype=self.model_dtype))  # fmt: skip
+            if concat is not None:
+                model_input = torch.cat([model_input, concat.to(device=model_input.device, dtype=model_input.dtype)], dim=1)
+            outputs = self._run_unet(model_input, timesteps, branches, cond, uncond, nag_negative if nag_on else None, residuals)
             predictions = dict(zip(branches, outputs.float().chunk(len(branches))))
             guided = guided_prediction(
                 predictions["cond"],
@@ -301,7 +321,12 @@ class GuidedDenoiser:
             nag = NAGCall(self._nag_attns, settings.scale, settings.tau, settings.alpha, settings.use_l1, negative, cache=self._nag_cache)
         return GuidedCall(call_rows, tpg, pag, nag)
 
-    def _run_unet(self, model_input: Tensor, timesteps: Tensor, branches, cond, uncond, nag_negative) -> Tensor:
+    def _step_of(self, level: float) -> Tuple[int, int]:
+        """``(step index, steps)`` of a call at noise level ``level`` in the run's schedule."""
+        levels = self._levels
+        return int((levels[:-1] > level * (1 + 1e-6)).sum()), len(levels) - 1
+
+    def _run_unet(self, model_input: Tensor, timesteps: Tensor, branches, cond, uncond, nag_negative, residuals=None) -> Tensor:
         batch = model_input.shape[0]
         model_input = model_input.to(self.model_dtype).repeat(len(branches), 1, 1, 1)
         timesteps = timesteps.repeat(len(branches))
@@ -325,6 +350,8 @@ class GuidedDenoiser:
                             added_cond_kwargs=added,
                             timestep_cond=None if timestep_cond is None else timestep_cond[rows],
                             encoder_attention_mask=None if stacked.attention_mask is None else stacked.attention_mask[rows],
+                            down_block_additional_residuals=None if residuals is None else [r[rows] for r in residuals[0]],
+                            mid_block_additional_residual=None if residuals is None else residuals[1][rows],
                             cross_attention_kwargs=self.cross_attention_kwargs,
                             return_dict=False,
                         )[0]

@@ -7,6 +7,8 @@ per-branch x0 predictions ("uncond", "cond", "tpg", "pag", "guided").
     python examples/custom_sampler.py
 """
 
+import argparse
+
 import torch
 
 from dualguide.loading import load_pipeline
@@ -29,13 +31,17 @@ def euler_with_branch_log(model, x, sigmas, extra_args=None, callback=None, disa
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--size", type=int, default=64)
+    args = parser.parse_args()
     pipe = load_pipeline(None)
     pipe.set_progress_bar_config(disable=True)
     latents = pipe(
-        "a red circle", num_inference_steps=6, height=64, width=64, guidance_scale=5.0, tpg_scale=3.0,
+        "a red circle", num_inference_steps=args.steps, height=args.size, width=args.size, guidance_scale=5.0, tpg_scale=3.0,
         sampler=euler_with_branch_log, generator=torch.Generator().manual_seed(0), output_type="latent",
     ).images  # fmt: skip
-    print("final latents:", tuple(latents.shape))
+    print("final latents:", tuple(latents.shape), "finite" if torch.isfinite(latents).all() else "NOT finite")
 
 
 if __name__ == "__main__":

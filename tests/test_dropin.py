@@ -207,3 +207,18 @@ def test_bad_drop_in_arguments_fail_before_any_unet_call(components, pipe, kwarg
         latents_of(pipeline, **kwargs)
     assert counter.rows == []
     assert unet_snapshot(pipeline.unet) == before
+
+
+def test_guidance_distilled_unet_takes_the_scale_as_an_embedding(components):
+    from diffusers import UNet2DConditionModel
+
+    from dualguide.tiny import tiny_unet_config
+
+    torch.manual_seed(0)
+    distilled = dict(components, unet=UNet2DConditionModel(**tiny_unet_config(), time_cond_proj_dim=32).eval())
+    theirs = latents_of(with_scheduler(StableDiffusionXLPipeline, distilled, "lcm"), guidance_scale=5.0)
+    ours_pipe = with_scheduler(StableDiffusionXLTPGPipeline, distilled, "lcm")
+    with RowCounter(ours_pipe.unet) as counter:
+        ours = latents_of(ours_pipe, guidance_scale=5.0, tpg_scale=0.0)
+    assert counter.rows == [1, 1, 1]  # no uncond rows: the scale goes into timestep_cond
+    assert torch.allclose(ours, theirs, **EXACT)

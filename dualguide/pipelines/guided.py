@@ -94,8 +94,10 @@ class GuidedSamplingMixin:
         nag_settings = {**NAG_DEFAULTS, **self._nag_defaults}
         nag_settings.update({k: args[k] for k in NAG_DEFAULTS if args.get(k) is not None})
         nag_interval = args["nag_interval"] if args["nag_interval"] is not None else (0.0, nag_settings["nag_end"])
+        # Guidance-distilled UNets (LCM) take the scale as an embedding instead of uncond rows, as in diffusers.
+        cfg_scale = args["guidance_scale"] if self.unet.config.time_cond_proj_dim is None else 1.0
         return (
-            CFG(scale=args["guidance_scale"], rescale=args["guidance_rescale"], interval=args["cfg_interval"]),
+            CFG(scale=cfg_scale, rescale=args["guidance_rescale"], interval=args["cfg_interval"]),
             TPG(scale=args["tpg_scale"], layers=args["tpg_applied_layers_index"], interval=args["tpg_interval"]),
             PAG(
                 scale=pag_scale, layers=args["pag_applied_layers_index"], beta=softpag.beta if softpag else 1.0,
@@ -167,10 +169,17 @@ class GuidedSamplingMixin:
         scale = torch.tensor(self._guidance_scale - 1).repeat(images)
         return self.get_guidance_scale_embedding(scale, embedding_dim=self.unet.config.time_cond_proj_dim).to(device=device, dtype=dtype)
 
-    def kdiffusion_sample(self, args, terms, inputs: GuidanceInputs, x: Tensor, sigmas: Tensor, seeds, timestep_cond=None) -> Tensor:
-        """Run the k-diffusion sampler named by ``sampler`` (or the callable) over ``sigmas`` from ``x``."""
+    def kdiffusion_sample(
+        self, args, terms, inputs: GuidanceInputs, x: Tensor, sigmas: Tensor, seeds, timestep_cond=None, wrap_model=None
+    ) -> Tensor:
+        """Run the k-diffusion sampler named by ``sampler`` (or the callable) over ``sigmas`` from ``x``.
+
+        ``wrap_model(model)`` may wrap the k-diffusion model the sampler sees (inpainting's blend)."""
         sampler = args["sampler"]
         run = samplers.get(sampler) if isinstance(sampler, str) else sampler
+        if wrap_model is not None:
+            inner = run
+            run = lambda model, *rest, **kwargs: inner(wrap_model(model), *rest, **kwargs)  # noqa: E731
         denoiser = self.guided_denoiser(args, terms, sigmas, seeds, timestep_cond)
         self._last_denoiser = denoiser
         steps = len(sigmas) - 1

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..conditioning import Conditioning
 from ..denoiser import GuidedDenoiser
+from ..schedule import DiscreteModelSchedule
 
 # k-diffusion samplers that evaluate the model twice per step, except on the step to sigma 0.
 TWO_EVALUATIONS_PER_STEP = ("heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde")
@@ -47,9 +48,13 @@ class GuidanceInputs:
     cond: Conditioning
     uncond: Optional[Conditioning] = None
     nag_negative: Optional[Tensor] = None
+    concat: Optional[Tensor] = None  # extra UNet input channels (9-channel inpainting), k-diffusion path
 
     def as_kwargs(self) -> Dict[str, object]:
-        return {"cond": self.cond, "uncond": self.uncond, "nag_negative": self.nag_negative}
+        kwargs = {"cond": self.cond, "uncond": self.uncond, "nag_negative": self.nag_negative}
+        if self.concat is not None:
+            kwargs["concat"] = self.concat
+        return kwargs
 
 
 class StepEvents:
@@ -138,24 +143,27 @@ def scheduler_loop(
     extra_step_kwargs: Dict[str, object],
     model_input_channels: Optional[Callable[[Tensor], Optional[Tensor]]] = None,
     after_step: Optional[Callable[[int, Tensor], Tensor]] = None,
+    begin_index: int = 0,
 ) -> Tensor:
     """Denoise ``latents`` over ``timesteps`` with ``scheduler.step``, as diffusers' SDXL pipelines do.
 
     ``model_input_channels(model_input)`` may return channels to concatenate to the UNet input
     (9-channel inpainting); ``after_step(i, latents)`` may post-process the latents of step ``i``
-    (the 4-channel inpainting blend).
+    (the 4-channel inpainting blend). ``begin_index``: the scheduler index of ``timesteps[0]``
+    (img2img / inpainting start part-way, as diffusers' ``get_timesteps`` sets it).
     """
-    denoiser.set_schedule(scheduler_levels(denoiser, timesteps))
+    denoiser.set_schedule(scheduler_levels(scheduler, timesteps, begin_index))
     if hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
+        scheduler.set_begin_index(begin_index)
     for i, t in enumerate(timesteps):
         model_input = scheduler.scale_model_input(latents, t)
+        kwargs = inputs.as_kwargs()
         if model_input_channels is not None:
             extra = model_input_channels(model_input)
             if extra is not None:
-                model_input = torch.cat([model_input, extra], dim=1)
+                kwargs["concat"] = extra  # the denoiser appends them to the UNet input
         sigma = scheduler_sigma(scheduler, denoiser, t)
-        output = denoiser.predict(model_input, t, **inputs.as_kwargs(), sigma=sigma)
+        output = denoiser.predict(model_input, t, **kwargs, sigma=sigma)
         latents_dtype = latents.dtype
         latents = scheduler.step(output.to(latents_dtype), t, latents, **extra_step_kwargs, return_dict=False)[0]
         if after_step is not None:
@@ -164,12 +172,19 @@ def scheduler_loop(
     return latents
 
 
-def scheduler_levels(denoiser: GuidedDenoiser, timesteps: Tensor) -> Tensor:
-    """The noise level of each distinct step of a scheduler's timesteps, then 0: the schedule that
-    intervals given as fractions refer to (repeated timesteps of second-order schedulers count once)."""
+def scheduler_levels(scheduler, timesteps: Tensor, begin_index: int = 0) -> Tensor:
+    """The noise level of each distinct step of the run, then 0: the schedule that intervals given as
+    fractions (and ControlNet windows) refer to. Each level is the one ``scheduler_sigma`` reports at
+    that step, so a step's level is found in it exactly; repeated levels of second-order schedulers
+    count once."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    own = isinstance(sigmas, Tensor) and len(sigmas) >= begin_index + len(timesteps)
     levels: List[float] = []
-    for t in timesteps.reshape(-1).tolist():
-        level = float(denoiser.schedule.t_to_sigma(torch.tensor(float(t))))
+    for i, t in enumerate(timesteps.reshape(-1).tolist()):
+        if own:
+            level = float(sigmas[begin_index + i])
+        else:
+            level = float(DiscreteModelSchedule.from_scheduler(scheduler).t_to_sigma(torch.tensor([float(t)]))[0])
         if not levels or level != levels[-1]:
             levels.append(level)
     return torch.tensor(levels + [0.0])
@@ -180,6 +195,8 @@ def scheduler_sigma(scheduler, denoiser: GuidedDenoiser, timestep: Tensor) -> Te
     else the training schedule's sigma at ``timestep``."""
     sigmas = getattr(scheduler, "sigmas", None)
     index = getattr(scheduler, "step_index", None)
+    if index is None:
+        index = getattr(scheduler, "begin_index", None)
     if isinstance(sigmas, Tensor) and index is not None and index < len(sigmas):
         return sigmas[index].float()
     return denoiser.schedule.t_to_sigma(torch.as_tensor(timestep).float().reshape(1).cpu())
@@ -209,6 +226,10 @@ class StepTracker:
             self.left = self.evaluations(self.step)
         self.left -= 1
         return self.denoiser(x, sigma, **self.inputs.as_kwargs())
+
+    def __getattr__(self, name: str):
+        """Everything else is the denoiser's (``last_predictions``, ``sigma_to_t``, ...), for custom samplers."""
+        return getattr(self.denoiser, name)
 
     def finish(self, x: Tensor) -> Tensor:
         if self.step >= 0:

@@ -20,7 +20,7 @@ from ..config import DEFAULT_PAG_LAYERS, DEFAULT_TPG_LAYERS, Interval
 from ..layers import LayerSpec
 from ..validation import check_pipeline_call, checked_call
 from .guided import GuidedSamplingMixin, seeds_from
-from .sampling import Interrupted, scheduler_loop
+from .sampling import Interrupted, scheduler_levels, scheduler_loop
 from .schedules import kdiffusion_sigmas, timesteps_until
 
 IntervalLike = Optional[Union[Interval, Tuple[float, float]]]
@@ -147,7 +147,7 @@ class StableDiffusionXLTPGPipeline(GuidedSamplingMixin, StableDiffusionXLPipelin
         extra_step_kwargs = self.prepare_extra_step_kwargs(args["generator"], args["eta"])
         timesteps = timesteps_until(self.scheduler, timesteps, args["denoising_end"])
         timestep_cond = self.guidance_timestep_cond(shape[0], device, latents.dtype)
-        denoiser = self.guided_denoiser(args, terms, None, seeds, timestep_cond)
+        denoiser = self.guided_denoiser(args, terms, scheduler_levels(self.scheduler, timesteps), seeds, timestep_cond)
         self._last_denoiser = denoiser
         self._num_timesteps = len(timesteps)
         with self.progress_bar(total=len(timesteps)) as progress_bar, denoiser.hooks():
