@@ -1,4 +1,4 @@
-"""The ``dualguide`` command: ``generate``, ``compare`` and ``samplers``.
+"""The ``dualguide`` command: ``generate``, ``compare``, ``batch``, ``ui`` and ``samplers``.
 
 Heavy modules (torch, diffusers) are imported only by the subcommands that need them, so
 ``dualguide --help`` and ``dualguide samplers`` answer at once.
@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--with-pag", action="store_true", help="add a CFG+PAG panel")
     _add_model_arguments(compare)
     _add_guidance_arguments(compare)
+    _add_batch_parser(commands)
+    _add_ui_parser(commands)
     commands.add_parser("samplers", help="list the sampler and schedule names")
     return parser
 
@@ -426,6 +428,178 @@ def labelled_grid(labels: Sequence[str], rows: Sequence[Sequence["Image.Image"]]
     return grid
 
 
+# --- batch: every prompt of a file, resumable, one process per device (the work is in dualguide.jobs) ----------
+
+
+def _add_batch_parser(commands) -> None:
+    batch = commands.add_parser(
+        "batch", help="write PNGs for every prompt of a .txt/.jsonl file; resumable; one process per device under accelerate/torchrun"
+    )
+    batch.add_argument("prompts", metavar="PROMPTS", help=".txt (one prompt per line) or .jsonl (one JSON object per line)")
+    batch.add_argument("--n", type=_whole(1), default=1, help='images per prompt, unless its line gives "n" (>= 1)')
+    batch.add_argument("--batch-size", type=_whole(1), default=1, help="images with the same settings per pipeline call (>= 1)")
+    batch.add_argument("--overwrite", action="store_true", help="remake images made before in --out with other settings")
+    _add_model_arguments(batch)
+    _add_guidance_arguments(batch)
+    for action in batch._actions:  # --out has no default here: a job's folder holds its manifest
+        if action.dest == "out":
+            action.required, action.default, action.help = True, None, "output folder: PNGs, manifest.jsonl, failures.jsonl"
+
+
+LINE_SETTINGS = ("steps", "size", "sampler", "schedule")  # with every guidance option: what a .jsonl line may set
+
+
+class _LineOptionParser(argparse.ArgumentParser):
+    """Parses one setting of a .jsonl line with the command's own option types; errors raise ValueError."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ValueError(message)
+
+
+def _line_option_parser() -> Tuple[argparse.ArgumentParser, List[str]]:
+    """The parser of a line's settings and their names (option dests such as ``tpg_layers``)."""
+    guidance = _LineOptionParser(add_help=False)
+    _add_guidance_arguments(guidance)
+    parser = _LineOptionParser(add_help=False)
+    _add_model_arguments(parser)
+    _add_guidance_arguments(parser)
+    names = list(LINE_SETTINGS) + [action.dest for action in guidance._actions if action.dest != "negative"]
+    return parser, names
+
+
+def _line_arguments(args, line, parser) -> argparse.Namespace:
+    """The command's options with those the line sets, checked as on the command line."""
+    from .jobs.prompts import option_text
+
+    merged = argparse.Namespace(**vars(args))
+    for name, value in line.options.items():
+        flag = name.replace("_", "-")
+        try:
+            parsed = parser.parse_args([f"--{flag}={option_text(name, value)}"])
+        except ValueError as error:
+            reason = re.sub(r"^argument [^:]*: ", "", str(error))
+            raise UsageError(f"{args.prompts}:{line.line}: {flag}: {reason}") from None
+        setattr(merged, name, getattr(parsed, name))
+    return merged
+
+
+def _model_identity(args, model: str) -> str:
+    """The model as the manifest records it: ``embedded``, a real path, or a hub id."""
+    if args.model is None:
+        return "embedded"
+    return os.path.realpath(model) if os.path.exists(model) else model
+
+
+def plan_batch(args) -> Tuple[List[object], str]:
+    """Check the command and its prompt file and plan every image: ``(jobs, model to load)``. Loads no model."""
+    from .jobs import plan_images
+    from .jobs.prompts import PromptFileError, read_prompt_file
+
+    check_output_folder(args.out)
+    parser, names = _line_option_parser()
+    try:
+        lines = read_prompt_file(args.prompts, names)
+    except PromptFileError as error:
+        raise UsageError(str(error)) from None
+    model, folder = resolve_model(args.model)
+    args.model_path = model
+    try:
+        recommended = recommended_settings(folder)
+    except ValueError as error:  # json.JSONDecodeError
+        raise UsageError(f"--model {model}: recommended.json is not valid JSON: {_one_line(str(error))}") from None
+    base = call_arguments(args, recommended)
+    _check_names(base)
+    negative = base.pop("negative_prompt", None)
+
+    def settings_for(line) -> Dict[str, object]:
+        if not line.options:
+            return base
+        kwargs = call_arguments(_line_arguments(args, line, parser), recommended)
+        kwargs.pop("negative_prompt", None)
+        try:
+            _check_names(kwargs)
+        except UsageError as error:
+            raise UsageError(f"{args.prompts}:{line.line}: {str(error).lstrip('-')}") from None
+        return kwargs
+
+    jobs = plan_images(lines, args.seed, args.n, settings_for, negative, _model_identity(args, model))
+    for job in jobs:
+        if job.seed > SEED_MAX:
+            given = next(line.seed is not None for line in lines if line.line == job.line)
+            source = 'its line\'s "seed"' if given else f"--seed {args.seed}"
+            raise UsageError(f"{args.prompts}:{job.line}: image {job.index} of this line would get seed {job.seed} from {source}, past 2**64-1")
+    return jobs, model
+
+
+def command_batch(args) -> int:
+    """Every image of the prompt file that ``--out`` lacks; this process's share when several run."""
+    import torch
+
+    from .jobs import Manifest
+    from .jobs.manifest import differences
+    from .jobs.processes import device_of, finish, process_state, shard
+    from .jobs.progress import JobProgress
+    from .jobs.run import make_images, remove_stale_partials
+
+    jobs, _ = plan_batch(args)
+    os.makedirs(args.out, exist_ok=True)
+    manifest = Manifest(args.out)
+    conflicts = manifest.conflicts(jobs)
+    if conflicts and not args.overwrite:
+        job, entry = conflicts[0]
+        raise UsageError(
+            f"--out {args.out}: {len(conflicts)} image(s) of this job were made there before from other settings "
+            f"(first: {job.id}, {entry.get('file')}: {', '.join(differences(entry, job))} differ); "
+            "rerun with --overwrite to remake them, or use another --out"
+        )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    state = process_state(args.device)
+    mine = shard(state, jobs)
+    todo = [job for job in mine if not manifest.is_done(job)]
+    already = sum(manifest.is_done(job) for job in jobs)
+    remove_stale_partials(args.out, mine, manifest)
+    show = state.is_main_process and sys.stderr.isatty()
+    progress = JobProgress(manifest.path, manifest.failures_path, len(jobs), already, show=show)
+    if state.num_processes > 1:
+        state.wait_for_everyone()  # every process has read the manifest before any writes to it
+    failed: List[object] = []
+    pipe = _load(argparse.Namespace(**{**vars(args), "device": device_of(state)})) if todo else None
+    with progress:  # from here, so that images/s and the ETA do not count the loading
+        if pipe is not None:
+            pipe.set_progress_bar_config(disable=True)
+            failed = make_images(pipe, todo, args.batch_size, manifest, save_png, _describe)
+        finish(state)  # the main process waits for the others, so that it reports the whole job
+    if conflicts and state.is_local_main_process:
+        manifest.compact()  # every process is done: one line per image again
+    if not state.is_main_process:
+        return 1 if failed else 0
+    where = os.path.abspath(args.out)
+    print(f"{already + progress.made} of {len(jobs)} image(s) in {where} ({progress.made} made now, {already} already there)")
+    if progress.failed:
+        print(f"dualguide: error: {progress.failed} image(s) failed; see {os.path.join(where, 'failures.jsonl')} (a rerun retries them)", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- ui: the guidance explorer in the browser (optional extra; the work is in dualguide.ui) ----------------------
+
+
+def _add_ui_parser(commands) -> None:
+    ui = commands.add_parser("ui", help="a guidance explorer in the browser (needs: pip install 'dualguide-sdxl[ui]')")
+    ui.add_argument("--model", default=None, help="hub id, diffusers folder or .safetensors file (default: the embedded model)")
+    ui.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    ui.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    ui.add_argument("--host", default="127.0.0.1", help="address to serve on (default 127.0.0.1: this machine only)")
+    ui.add_argument("--port", type=_whole(1, 65535), default=7860, help="port (default 7860)")
+
+
+def command_ui(args) -> int:
+    from .ui import serve  # gradio and torch load only here
+
+    return serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype)
+
+
 def command_samplers(args) -> int:
     from samplers.registry import SAMPLER_NAMES, SAMPLER_NOTES
     from samplers.schedules import SCHEDULE_NAMES
@@ -468,7 +642,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error, already printed as one line (2)
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
-    handlers = {"generate": command_generate, "compare": command_compare, "samplers": command_samplers}
+    handlers = {"generate": command_generate, "compare": command_compare, "batch": command_batch, "ui": command_ui, "samplers": command_samplers}
     with warnings.catch_warnings():
         if not debug:
             warnings.simplefilter("ignore")  # libraries' deprecation notes would break the one-line rule

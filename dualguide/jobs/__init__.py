@@ -1,0 +1,21 @@
+"""Bulk generation (``dualguide batch``): one small module per job.
+
+- ``prompts``   read a ``.txt`` / ``.jsonl`` prompt file into checked lines (file:line in every message)
+- ``plan``      every image's id, prompt, seed and settings, and the pipeline calls that make them
+- ``manifest``  append-only ``manifest.jsonl`` / ``failures.jsonl``: atomic lines, what is done, what conflicts
+- ``processes`` one process per device with accelerate's ``PartialState``: the shard of this process
+- ``progress``  the main process's progress bar over the whole job, counted from the manifest
+- ``run``       make this process's images: pipeline calls, PNGs, manifest lines, failures
+
+Nothing here imports ``dualguide.cli``; the command passes in what it owns (settings, loading, PNG writing).
+Importing this package does not import torch.
+"""
+
+from .manifest import Manifest, append_line, canonical, read_lines
+from .plan import ImageJob, image_calls, plan_images
+from .prompts import PromptFileError, PromptLine, read_prompt_file
+
+__all__ = [
+    "ImageJob", "Manifest", "PromptFileError", "PromptLine", "append_line", "canonical", "image_calls",
+    "plan_images", "read_lines", "read_prompt_file",
+]  # fmt: skip

@@ -1,0 +1,96 @@
+"""Make this process's images: one pipeline call per group, then for each image its PNG and manifest line.
+
+A failed call of several images is retried image by image, so that one bad image does not take its
+neighbours down; an image that still fails gets a line in ``failures.jsonl`` and the job goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Dict, List, Sequence
+
+from .manifest import Manifest
+from .plan import ImageJob, image_calls
+
+SaveImage = Callable[[object, str, Dict[str, object]], None]  # (image, path, PNG metadata)
+Describe = Callable[[BaseException], str]  # an error as one line
+
+
+def remove_stale_partials(out: str, jobs: Sequence[ImageJob], manifest: Manifest) -> None:
+    """Remove temporary PNGs (``.<file>.<pid>.<random>.partial``) left by a killed run for these images.
+
+    Only this process writes these images' files, so what is there is stale.
+    """
+    names = {job.file for job in jobs} | {str(manifest.latest[job.id].get("file")) for job in jobs if job.id in manifest.latest}
+    for entry in os.listdir(out):
+        if entry.startswith(".") and entry.endswith(".partial") and entry[1:].rsplit(".", 3)[0] in names:
+            try:
+                os.remove(os.path.join(out, entry))
+            except FileNotFoundError:
+                pass
+
+
+def make_images(
+    pipe, jobs: Sequence[ImageJob], batch_size: int, manifest: Manifest, save: SaveImage, describe: Describe
+) -> List[ImageJob]:
+    """Make ``jobs`` (this process's images not yet done), ``batch_size`` per call; the images that failed."""
+    import torch
+
+    failed: List[ImageJob] = []
+    for call in image_calls(jobs, batch_size):
+        started = time.perf_counter()
+        try:
+            images = _generate(pipe, call, torch)
+        except Exception as error:  # noqa: BLE001 - recorded, the job goes on
+            if len(call) == 1:
+                manifest.record_failure(call[0], describe(error))
+                failed.append(call[0])
+                continue
+            failed += make_images(pipe, call, 1, manifest, save, describe)  # find the image(s) at fault
+            continue
+        seconds = (time.perf_counter() - started) / len(call)
+        for job, image in zip(call, images):
+            begun = time.perf_counter()
+            try:
+                _write(job, image, manifest, save)
+            except Exception as error:  # noqa: BLE001
+                manifest.record_failure(job, describe(error))
+                failed.append(job)
+                continue
+            manifest.record(job, seconds + time.perf_counter() - begun)
+            _remove_replaced(job, manifest)
+    return failed
+
+
+def _generate(pipe, call: Sequence[ImageJob], torch) -> list:
+    first = call[0]
+    negative = None if first.negative is None else [job.negative for job in call]
+    generators = [torch.Generator().manual_seed(job.seed) for job in call]
+    images = pipe(
+        prompt=[job.prompt for job in call], negative_prompt=negative, generator=generators, num_images_per_prompt=1, **first.settings
+    ).images
+    if len(images) != len(call):
+        raise RuntimeError(f"the pipeline returned {len(images)} images for {len(call)} prompts")
+    return images
+
+
+def _write(job: ImageJob, image, manifest: Manifest, save: SaveImage) -> None:
+    """The PNG, atomic and fsynced, so that it exists whenever its manifest line does."""
+    path = os.path.join(manifest.out, job.file)
+    save(image, path, {"id": job.id, "prompt": job.prompt, "seed": job.seed, "model": job.model, "negative_prompt": job.negative, **job.settings})
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _remove_replaced(job: ImageJob, manifest: Manifest) -> None:
+    """After ``--overwrite`` gave an id another seed or prompt (so another file name): remove its old PNG."""
+    old = manifest.latest.get(job.id, {}).get("file")
+    if old and old != job.file:
+        try:
+            os.remove(os.path.join(manifest.out, str(old)))
+        except FileNotFoundError:
+            pass
