@@ -37,6 +37,8 @@ _EXPORTS = {
     "guided_call": "callstate",
     "DiscreteModelSchedule": "schedule",
     "StableDiffusionXLTPGPipeline": "pipelines",
+    "StableDiffusionXLTPGImg2ImgPipeline": "pipelines",
+    "StableDiffusionXLTPGInpaintPipeline": "pipelines",
     "apply_softpag": "pipelines",
     "apply_nag": "pipelines",
     "build_tiny_sdxl": "tiny",

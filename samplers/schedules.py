@@ -71,12 +71,11 @@ def get_sigmas(
     """Sigmas (``steps + 1`` values ending in 0) and the initial-noise scale for schedule ``name``.
 
     ``scheduler`` is the checkpoint's diffusers scheduler (left unmodified). "model" uses its
-    own sigmas and ``init_noise_sigma`` (which reproduces diffusers' pipelines); the other
+    own sigmas and ``init_noise_sigma`` (which reproduces diffusers' Euler), or for schedulers
+    without one sigma per step (DDIM, LCM, TCD, Heun...) the sigmas of its timesteps; the other
     schedules span ``[sigma_min, sigma_max]``, by default the model's trained range, and start
     from ``sigma_max``.
     """
-    import torch
-
     steps, sigma_min, sigma_max, rho = check_schedule(name, steps, sigma_min, sigma_max, scheduler, rho)
     if name == "model":
         return _scheduler_sigmas(scheduler, steps)

@@ -17,7 +17,8 @@ from ..conditioning import encode_nag_negative, encode_sdxl
 from ..config import CFG, NAG, PAG, TPG
 from ..denoiser import GuidedDenoiser
 from ..validation import check_number, check_prompt
-from .sampling import CALLBACK_TENSOR_INPUTS, GuidanceInputs, StepEvents, kdiffusion_loop
+from .sampling import CALLBACK_TENSOR_INPUTS, GuidanceInputs, StepEvents, kdiffusion_loop, scheduler_levels, scheduler_loop
+from .schedules import timesteps_until
 
 NAG_DEFAULTS: Dict[str, Any] = {
     "do_nag": False, "nag_scale": 3.0, "nag_tau": 2.5, "nag_alpha": 0.5, "nag_use_l1": True,
@@ -168,6 +169,39 @@ class GuidedSamplingMixin:
             return None
         scale = torch.tensor(self._guidance_scale - 1).repeat(images)
         return self.get_guidance_scale_embedding(scale, embedding_dim=self.unet.config.time_cond_proj_dim).to(device=device, dtype=dtype)
+
+    def set_call_state(self, args: Dict[str, Any]) -> None:
+        """The per-call attributes diffusers' pipelines keep (read by callbacks: ``pipe._guidance_scale``...)."""
+        self._guidance_scale = args["guidance_scale"]
+        self._guidance_rescale = args["guidance_rescale"]
+        self._clip_skip = args["clip_skip"]
+        self._cross_attention_kwargs = args["cross_attention_kwargs"]
+        self._denoising_end = args["denoising_end"]
+        self._denoising_start = args.get("denoising_start")
+        self._interrupt = False
+
+    @staticmethod
+    def prompt_batch(args: Dict[str, Any]) -> int:
+        """Number of prompts of the call (``prompt`` or ``prompt_embeds``)."""
+        prompt = args["prompt"]
+        return (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else args["prompt_embeds"].shape[0]
+
+    def scheduler_sample(self, args, terms, inputs: GuidanceInputs, latents: Tensor, timesteps: Tensor, begin_index: int, device, **loop_options) -> Tensor:
+        """diffusers' loop from ``latents`` over ``timesteps`` (cut at ``denoising_end``), one guided call per step."""
+        generator = args["generator"]
+        extra_step_kwargs = self.prepare_extra_step_kwargs(generator, args["eta"])
+        timesteps = timesteps_until(self.scheduler, timesteps, args["denoising_end"])
+        timestep_cond = self.guidance_timestep_cond(latents.shape[0], device, latents.dtype)
+        levels = scheduler_levels(self.scheduler, timesteps, begin_index)
+        denoiser = self.guided_denoiser(args, terms, levels, seeds_from(generator), timestep_cond)
+        self._last_denoiser = denoiser
+        self._num_timesteps = len(timesteps)
+        with self.progress_bar(total=len(timesteps)) as progress_bar, denoiser.hooks():
+            events = self.step_events(args, denoiser, inputs, progress_bar)
+            return scheduler_loop(
+                self.scheduler, denoiser, latents, timesteps, inputs, events, extra_step_kwargs,
+                begin_index=begin_index, **loop_options,
+            )  # fmt: skip
 
     def kdiffusion_sample(
         self, args, terms, inputs: GuidanceInputs, x: Tensor, sigmas: Tensor, seeds, timestep_cond=None, wrap_model=None

@@ -20,8 +20,8 @@ from ..config import DEFAULT_PAG_LAYERS, DEFAULT_TPG_LAYERS, Interval
 from ..layers import LayerSpec
 from ..validation import check_pipeline_call, checked_call
 from .guided import GuidedSamplingMixin, seeds_from
-from .sampling import Interrupted, scheduler_levels, scheduler_loop
-from .schedules import kdiffusion_sigmas, timesteps_until
+from .sampling import Interrupted
+from .schedules import kdiffusion_sigmas
 
 IntervalLike = Optional[Union[Interval, Tuple[float, float]]]
 
@@ -110,14 +110,9 @@ class StableDiffusionXLTPGPipeline(GuidedSamplingMixin, StableDiffusionXLPipelin
         """
         args = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
         terms = self.guidance_terms(args)
-        self._guidance_scale = guidance_scale
-        self._guidance_rescale = guidance_rescale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._denoising_end = denoising_end
-        self._interrupt = False
+        self.set_call_state(args)
         device = self._execution_device
-        batch = (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else prompt_embeds.shape[0]
+        batch = self.prompt_batch(args)
         images = batch * num_images_per_prompt
         inputs = self.guidance_inputs(args, terms[0], terms[3], batch, device)
         shape = (images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -143,13 +138,4 @@ class StableDiffusionXLTPGPipeline(GuidedSamplingMixin, StableDiffusionXLPipelin
         timesteps, _ = retrieve_timesteps(self.scheduler, args["num_inference_steps"], device, args["timesteps"], args["sigmas"])
         dtype = inputs.cond.prompt_embeds.dtype
         latents = self.prepare_latents(*shape[:2], args["height"], args["width"], dtype, device, args["generator"], args["latents"])
-        seeds = seeds_from(args["generator"])
-        extra_step_kwargs = self.prepare_extra_step_kwargs(args["generator"], args["eta"])
-        timesteps = timesteps_until(self.scheduler, timesteps, args["denoising_end"])
-        timestep_cond = self.guidance_timestep_cond(shape[0], device, latents.dtype)
-        denoiser = self.guided_denoiser(args, terms, scheduler_levels(self.scheduler, timesteps), seeds, timestep_cond)
-        self._last_denoiser = denoiser
-        self._num_timesteps = len(timesteps)
-        with self.progress_bar(total=len(timesteps)) as progress_bar, denoiser.hooks():
-            events = self.step_events(args, denoiser, inputs, progress_bar)
-            return scheduler_loop(self.scheduler, denoiser, latents, timesteps, inputs, events, extra_step_kwargs)
+        return self.scheduler_sample(args, terms, inputs, latents, timesteps, 0, device)

@@ -1,0 +1,345 @@
+"""``StableDiffusionXLTPGImg2ImgPipeline``: diffusers' SDXL image-to-image (and refiner) with dual guidance.
+
+Every argument of ``StableDiffusionXLImg2ImgPipeline.__call__`` (``strength``, ``denoising_start``
+for a refiner hand-off, aesthetic scores), plus the guidance and sampler arguments of
+``StableDiffusionXLTPGPipeline``. Without ``sampler`` it follows diffusers' loop over ``pipe.scheduler``
+exactly, each step one guided UNet call; with ``sampler`` a k-diffusion sampler runs over the
+schedule cut at ``strength`` (``dualguide.workflows``).
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import replace
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..config import DEFAULT_PAG_LAYERS, DEFAULT_TPG_LAYERS, Interval
+from ..layers import LayerSpec
+from ..validation import check_number, check_pipeline_call, check_tensor, checked_call
+from ..workflows import sigmas_from, sigmas_until, strength_sigmas
+from .guided import GuidedSamplingMixin, seeds_from
+from .sampling import Interrupted
+from .schedules import kdiffusion_sigmas
+
+IntervalLike = Optional[Union[Interval, Tuple[float, float]]]
+IMAGE_TYPES = (PIL.Image.Image, np.ndarray, torch.Tensor)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks shared by the image-conditioned pipelines
+# --------------------------------------------------------------------------------------------
+
+
+def check_image(value: Any, name: str, optional: bool = False):
+    """A PIL image, numpy array or tensor, or a non-empty list of them (all of one kind); returns it."""
+    if value is None and optional:
+        return None
+    valid = f"a PIL image, a numpy array, a torch.Tensor or a non-empty list of them{' or None' if optional else ''}"
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise ValueError(f"{name} must be {valid}, got an empty list")
+    for item in items:
+        if not isinstance(item, IMAGE_TYPES):
+            raise TypeError(f"{name} must be {valid}, got {type(item).__name__}")
+    if len({type(item) for item in items}) > 1:
+        raise TypeError(f"{name}: a list must hold images of one kind, got {sorted({type(i).__name__ for i in items})}")
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            check_tensor(item, name, optional=False)
+        elif isinstance(item, np.ndarray):
+            if item.dtype.kind == "f" and not np.isfinite(item).all():
+                raise ValueError(f"{name} holds NaN or infinite values")
+        if min(_raw_size(item, name, False)) < 1:
+            raise ValueError(f"{name} is empty (size {_raw_size(item, name, False)})")
+    return value
+
+
+def _raw_size(item, name: str, mask: bool) -> Tuple[int, int]:
+    """``(height, width)`` of one image as given (latents: their own size)."""
+    if isinstance(item, PIL.Image.Image):
+        return item.height, item.width
+    shape = tuple(item.shape)
+    if isinstance(item, np.ndarray):  # HW, HWC, BHW(mask), BHWC
+        if len(shape) == 2:
+            return shape
+        if len(shape) == 3:
+            return shape[1:] if (mask and shape[-1] not in (1, 3, 4)) else shape[:2]
+        if len(shape) == 4:
+            return shape[1:3]
+    elif len(shape) in (2, 3, 4):  # tensors: ..., H, W
+        return shape[-2:]
+    raise ValueError(f"{name} must be a 2-D, 3-D or 4-D image array, got shape {shape}")
+
+
+def _is_latents(pipe, item) -> bool:
+    return isinstance(item, torch.Tensor) and item.ndim == 4 and item.shape[1] == pipe.vae.config.latent_channels
+
+
+def pixel_size(pipe, image, name: str = "image") -> Tuple[int, int]:
+    """``(height, width)`` in pixels of ``image`` (its first image; latents times the VAE factor)."""
+    first = image[0] if isinstance(image, list) else image
+    height, width = _raw_size(first, name, False)
+    if _is_latents(pipe, first):
+        return height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
+    return height, width
+
+
+def processed_size(pipe, image) -> Tuple[int, int]:
+    """The ``(height, width)`` diffusers' ``image_processor.preprocess(image)`` gives (sides rounded down to the VAE factor)."""
+    first = image[0] if isinstance(image, list) else image
+    if _is_latents(pipe, first):
+        return pixel_size(pipe, image)
+    factor = pipe.vae_scale_factor
+    height, width = _raw_size(first, "image", False)
+    return height - height % factor, width - width % factor
+
+
+def check_task_numbers(pipe, args: Dict[str, Any]) -> None:
+    """``strength``, ``denoising_start`` (before ``denoising_end``), the aesthetic scores."""
+    args["strength"] = check_number(args["strength"], "strength", 0.0, 1.0, low_open=True)
+    args["denoising_start"] = check_number(
+        args["denoising_start"], "denoising_start", 0.0, 1.0, low_open=True, high_open=True, optional=True
+    )
+    for name in ("aesthetic_score", "negative_aesthetic_score"):
+        if name in args:
+            args[name] = check_number(args[name], name)
+    start, end = args["denoising_start"], args.get("denoising_end")
+    if end is not None and not isinstance(end, bool) and isinstance(end, numbers.Real):
+        end = float(end)
+        if start is not None and 0 < end < 1 and start >= end:
+            raise ValueError(f"denoising_start ({start:g}) must be below denoising_end ({end:g})")
+
+
+def check_task_steps(pipe, args: Dict[str, Any]) -> None:
+    """At least one step left after ``strength`` cuts the schedule (diffusers fails later, or loops zero times)."""
+    if args["denoising_start"] is not None:
+        return
+    steps = args["num_inference_steps"]  # set from custom timesteps / sigmas by check_pipeline_call
+    if int(steps * args["strength"]) < 1:
+        raise ValueError(
+            f"strength ({args['strength']:g}) * num_inference_steps ({steps}) leaves no step: "
+            "raise strength or num_inference_steps"
+        )
+
+
+def check_img2img_call(pipe, args: Dict[str, Any]) -> Dict[str, Any]:
+    """``check_pipeline_call`` plus ``image``, ``strength``, ``denoising_start`` / ``denoising_end`` and
+    the aesthetic scores; the starting ``latents`` are checked against the image's latent shape."""
+    check_image(args["image"], "image")
+    check_task_numbers(pipe, args)
+    latents = args["latents"]
+    height, width = processed_size(pipe, args["image"])
+    if latents is not None:
+        check_tensor(latents, "latents", (None, pipe.vae.config.latent_channels, None, None), "(batch, latent channels, h, w)", optional=False)
+        height, width = latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor
+    if height < 1 or width < 1:
+        raise ValueError(f"image must be at least {pipe.vae_scale_factor} pixels on each side, got {pixel_size(pipe, args['image'])}")
+    checked = check_pipeline_call(pipe, {**args, "height": height, "width": width, "latents": None})
+    checked.pop("height"), checked.pop("width")
+    checked["latents"] = latents
+    check_task_steps(pipe, checked)
+    return checked
+
+
+# --------------------------------------------------------------------------------------------
+# What the image-conditioned pipelines share
+# --------------------------------------------------------------------------------------------
+
+
+class ImageTaskMixin:
+    """SDXL image-task glue: diffusers' img2img/inpaint time ids (aesthetic scores) and sigma cuts."""
+
+    @property
+    def default_sample_size(self) -> int:
+        """The UNet's sample size (diffusers' inpainting default for ``height`` / ``width``, in latents)."""
+        unet = getattr(self, "unet", None)
+        return unet.config.sample_size if unet is not None else 128
+
+    def _get_add_time_ids(
+        self, original_size, crops_coords_top_left, target_size, aesthetic_score=None, negative_aesthetic_score=None,
+        negative_original_size=None, negative_crops_coords_top_left=None, negative_target_size=None, dtype=None,
+        text_encoder_projection_dim=None,
+    ):  # fmt: skip
+        """diffusers' image-task form (a positive and a negative pair); ``dualguide.conditioning`` asks with the
+        text-to-image form (no aesthetic score) and gets the positive ids, which ``task_inputs`` then replaces."""
+        if aesthetic_score is None:
+            ids, _ = super()._get_add_time_ids(
+                original_size, crops_coords_top_left, target_size, 6.0, 2.5, original_size, crops_coords_top_left,
+                target_size, dtype=dtype, text_encoder_projection_dim=text_encoder_projection_dim,
+            )  # fmt: skip
+            return ids
+        return super()._get_add_time_ids(
+            original_size, crops_coords_top_left, target_size, aesthetic_score, negative_aesthetic_score,
+            negative_original_size, negative_crops_coords_top_left, negative_target_size, dtype=dtype,
+            text_encoder_projection_dim=text_encoder_projection_dim,
+        )  # fmt: skip
+
+    def task_inputs(self, args: Dict[str, Any], terms, batch: int, height: int, width: int, device):
+        """The guidance inputs with diffusers' image-task time ids (aesthetic scores, its negative ids)."""
+        inputs = self.guidance_inputs({**args, "height": height, "width": width}, terms[0], terms[3], batch, device)
+        cond = inputs.cond
+        original_size = args["original_size"] or (height, width)
+        target_size = args["target_size"] or (height, width)
+        projection_dim = self.text_encoder_2.config.projection_dim if self.text_encoder_2 is not None else int(cond.pooled_embeds.shape[-1])
+        ids, negative_ids = self._get_add_time_ids(
+            original_size, args["crops_coords_top_left"], target_size, args["aesthetic_score"],
+            args["negative_aesthetic_score"], args["negative_original_size"] or original_size,
+            args["negative_crops_coords_top_left"], args["negative_target_size"] or target_size,
+            dtype=cond.prompt_embeds.dtype, text_encoder_projection_dim=projection_dim,
+        )  # fmt: skip
+        rows = cond.batch_size
+        inputs.cond = replace(cond, time_ids=ids.to(device).repeat(rows, 1))
+        if inputs.uncond is not None:
+            inputs.uncond = replace(inputs.uncond, time_ids=negative_ids.to(device).repeat(rows, 1))
+        return inputs
+
+    def task_sigmas(self, args: Dict[str, Any]) -> torch.Tensor:
+        """k-diffusion sigmas cut at ``strength`` (or from ``denoising_start``), then at ``denoising_end``."""
+        sigmas, _ = kdiffusion_sigmas(self.scheduler, {**args, "denoising_end": None})
+        if args["denoising_start"] is not None:
+            sigmas = sigmas_from(sigmas, self.scheduler, args["denoising_start"])
+        else:
+            sigmas = strength_sigmas(sigmas, args["strength"])
+        return sigmas_until(sigmas, self.scheduler, args["denoising_end"])
+
+    def task_timesteps(self, args: Dict[str, Any], device):
+        """diffusers' timesteps: ``retrieve_timesteps`` then ``get_timesteps`` (strength / denoising_start)."""
+        timesteps, steps = retrieve_timesteps(self.scheduler, args["num_inference_steps"], device, args["timesteps"], args["sigmas"])
+        timesteps, steps = self.get_timesteps(steps, args["strength"], device, denoising_start=args["denoising_start"])
+        begin_index = getattr(self.scheduler, "begin_index", None) or 0
+        return timesteps, steps, begin_index
+
+
+class StableDiffusionXLTPGImg2ImgPipeline(ImageTaskMixin, GuidedSamplingMixin, StableDiffusionXLImg2ImgPipeline):
+    """SDXL image-to-image / refiner with dual guidance (CFG + TPG + NAG, PAG/SoftPAG) in one UNet call per step."""
+
+    @checked_call(check_img2img_call)
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Optional[Union[str, List[str]]] = None,
+        prompt_2: Optional[Union[str, List[str]]] = None,
+        image: Any = None,
+        strength: float = 0.3,
+        num_inference_steps: int = 50,
+        timesteps: Optional[List[int]] = None,
+        sigmas: Optional[List[float]] = None,
+        denoising_start: Optional[float] = None,
+        denoising_end: Optional[float] = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: Optional[Union[str, List[str]]] = None,
+        negative_prompt_2: Optional[Union[str, List[str]]] = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        latents: Optional[torch.Tensor] = None,
+        prompt_embeds: Optional[torch.Tensor] = None,
+        negative_prompt_embeds: Optional[torch.Tensor] = None,
+        pooled_prompt_embeds: Optional[torch.Tensor] = None,
+        negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
+        ip_adapter_image: Optional[Any] = None,
+        ip_adapter_image_embeds: Optional[List[torch.Tensor]] = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
+        guidance_rescale: float = 0.0,
+        original_size: Optional[Tuple[int, int]] = None,
+        crops_coords_top_left: Tuple[int, int] = (0, 0),
+        target_size: Optional[Tuple[int, int]] = None,
+        negative_original_size: Optional[Tuple[int, int]] = None,
+        negative_crops_coords_top_left: Tuple[int, int] = (0, 0),
+        negative_target_size: Optional[Tuple[int, int]] = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        clip_skip: Optional[int] = None,
+        callback_on_step_end: Optional[Callable[..., Dict[str, torch.Tensor]]] = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        # perturbation guidance
+        tpg_scale: float = 3.0,
+        tpg_applied_layers_index: LayerSpec = DEFAULT_TPG_LAYERS,
+        pag_scale: Optional[float] = None,
+        pag_applied_layers_index: LayerSpec = DEFAULT_PAG_LAYERS,
+        # normalized attention guidance
+        do_nag: Optional[bool] = None,
+        nag_scale: Optional[float] = None,
+        nag_tau: Optional[float] = None,
+        nag_alpha: Optional[float] = None,
+        nag_use_l1: Optional[bool] = None,
+        nag_negative_prompt: Optional[Union[str, List[str]]] = None,
+        nag_negative_prompt_embeds: Optional[torch.Tensor] = None,
+        nag_end: Optional[float] = None,
+        # guidance intervals (fractions of the schedule, or dualguide.Interval)
+        cfg_interval: IntervalLike = None,
+        tpg_interval: IntervalLike = None,
+        pag_interval: IntervalLike = None,
+        nag_interval: IntervalLike = None,
+        # sampling
+        sampler: Optional[Union[str, Callable]] = None,
+        sigma_schedule: Optional[str] = None,
+        sigma_min: Optional[float] = None,
+        sigma_max: Optional[float] = None,
+        max_batch_rows: Optional[int] = None,
+        truncate_long_prompts: bool = False,
+    ):
+        r"""Transform ``image`` (PIL / array / tensor, or latents of a base model for a refiner) guided by the prompt.
+
+        The SDXL arguments mean what they mean in ``StableDiffusionXLImg2ImgPipeline``: ``strength``
+        (0.3) keeps the last ``int(num_inference_steps * strength)`` steps; ``denoising_start``
+        continues a base model stopped at ``denoising_end`` (latents passed as ``image``, no noise
+        added). The guidance and sampler arguments are those of ``StableDiffusionXLTPGPipeline``;
+        with ``sampler`` the k-diffusion sigmas are cut the same way and the run starts from
+        ``init_latents + noise * sigmas[0]``.
+        """
+        args = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
+        terms = self.guidance_terms(args)
+        self.set_call_state(args)
+        device = self._execution_device
+        batch = self.prompt_batch(args)
+        init_image = self.image_processor.preprocess(image)
+        if latents is not None:
+            height, width = latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor
+        else:
+            height, width = init_image.shape[-2], init_image.shape[-1]
+            if init_image.shape[1] == self.vae.config.latent_channels:
+                height, width = height * self.vae_scale_factor, width * self.vae_scale_factor
+        inputs = self.task_inputs(args, terms, batch, height, width, device)
+        dtype = inputs.cond.prompt_embeds.dtype
+        add_noise = denoising_start is None
+        try:
+            if sampler is None:
+                timesteps, _, begin_index = self.task_timesteps(args, device)
+                if latents is None:
+                    latent_timestep = timesteps[:1].repeat(batch * num_images_per_prompt)
+                    latents = self.prepare_latents(
+                        init_image, latent_timestep, batch, num_images_per_prompt, dtype, device, generator, add_noise
+                    )
+                latents = self.scheduler_sample(args, terms, inputs, latents, timesteps, begin_index, device)
+            else:
+                sigmas_k = self.task_sigmas(args)
+                if latents is None:
+                    init_latents = self.prepare_latents(
+                        init_image, None, batch, num_images_per_prompt, dtype, device, generator, add_noise=False
+                    )
+                    x = init_latents.float()
+                    if add_noise:
+                        noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
+                        x = x + noise.float() * sigmas_k[0].to(device)
+                else:
+                    x = latents.to(device=device, dtype=torch.float32)
+                timestep_cond = self.guidance_timestep_cond(x.shape[0], device, x.dtype)
+                latents = self.kdiffusion_sample(args, terms, inputs, x, sigmas_k, seeds_from(generator), timestep_cond)
+        except Interrupted as stop:
+            latents = stop.latents
+        image = self.decode(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return StableDiffusionXLPipelineOutput(images=image)
