@@ -222,3 +222,5 @@ def test_guidance_distilled_unet_takes_the_scale_as_an_embedding(components):
         ours = latents_of(ours_pipe, guidance_scale=5.0, tpg_scale=0.0)
     assert counter.rows == [1, 1, 1]  # no uncond rows: the scale goes into timestep_cond
     assert torch.allclose(ours, theirs, **EXACT)
+    with_callback = latents_of(ours_pipe, guidance_scale=5.0, tpg_scale=0.0, callback_on_step_end=lambda *step: {})
+    assert torch.equal(with_callback, ours)

@@ -73,6 +73,7 @@ class StepEvents:
         self.callback = callback
         self.tensor_inputs = list(tensor_inputs)
         self.progress_bar = progress_bar
+        self._guidance_scale = float(pipe._guidance_scale)
 
     def end_step(self, step: int, timestep: Tensor, latents: Tensor) -> Tensor:
         """Report step ``step`` done with ``latents``; returns the latents to continue from."""
@@ -122,7 +123,9 @@ class StepEvents:
         if changes["uncond"]:
             self.inputs.uncond = replace(uncond, **changes["uncond"])
         scale = float(self.pipe._guidance_scale)
-        if scale != self.denoiser.cfg.scale:
+        # A guidance-distilled UNet embeds the scale once per run (timestep_cond), as in diffusers.
+        if scale != self._guidance_scale and self.pipe.unet.config.time_cond_proj_dim is None:
+            self._guidance_scale = scale
             if scale > 1.0 and self.inputs.uncond is None:
                 raise ValueError(
                     "callback_on_step_end raised guidance_scale above 1 in a run that started without CFG; "
