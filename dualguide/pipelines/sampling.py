@@ -181,13 +181,12 @@ def scheduler_levels(scheduler, timesteps: Tensor, begin_index: int = 0) -> Tens
     that step, so a step's level is found in it exactly; repeated levels of second-order schedulers
     count once."""
     sigmas = getattr(scheduler, "sigmas", None)
-    own = isinstance(sigmas, Tensor) and len(sigmas) >= begin_index + len(timesteps)
+    if not (isinstance(sigmas, Tensor) and len(sigmas) >= begin_index + len(timesteps)):
+        sigmas = DiscreteModelSchedule.from_scheduler(scheduler).t_to_sigma(timesteps.reshape(-1).float().cpu())
+        begin_index = 0
     levels: List[float] = []
-    for i, t in enumerate(timesteps.reshape(-1).tolist()):
-        if own:
-            level = float(sigmas[begin_index + i])
-        else:
-            level = float(DiscreteModelSchedule.from_scheduler(scheduler).t_to_sigma(torch.tensor([float(t)]))[0])
+    for i in range(len(timesteps)):
+        level = float(sigmas[begin_index + i])
         if not levels or level != levels[-1]:
             levels.append(level)
     return torch.tensor(levels + [0.0])
