@@ -341,15 +341,20 @@ def _prepare(args, images: int = 1) -> Tuple[str, Dict[str, object], object]:
     """Check the command line and the files it names, then load: ``(model, pipeline arguments, pipeline)``."""
     check_seeds(args.seed, images)
     check_output_folder(args.out)
-    model, folder = resolve_model(args.model)
-    args.model_path = model
-    try:
-        settings = recommended_settings(folder)
-    except ValueError as error:  # json.JSONDecodeError
-        raise UsageError(f"--model {model}: recommended.json is not valid JSON: {_one_line(str(error))}") from None
+    model, settings = _model_and_recommended(args)
     kwargs = call_arguments(args, settings)
     _check_names(kwargs)
     return model, kwargs, _load(args)
+
+
+def _model_and_recommended(args) -> Tuple[str, Dict[str, object]]:
+    """``(model, its recommended settings)``: ``--model`` resolved (``args.model_path`` set), its recommended.json read."""
+    model, folder = resolve_model(args.model)
+    args.model_path = model
+    try:
+        return model, recommended_settings(folder)
+    except ValueError as error:  # json.JSONDecodeError
+        raise UsageError(f"--model {model}: recommended.json is not valid JSON: {_one_line(str(error))}") from None
 
 
 def image_seed(seed: int, prompt_index: int, image_index: int, images_per_prompt: int) -> int:
@@ -501,12 +506,7 @@ def plan_batch(args) -> Tuple[List[object], str]:
         lines = read_prompt_file(args.prompts, names)
     except PromptFileError as error:
         raise UsageError(str(error)) from None
-    model, folder = resolve_model(args.model)
-    args.model_path = model
-    try:
-        recommended = recommended_settings(folder)
-    except ValueError as error:  # json.JSONDecodeError
-        raise UsageError(f"--model {model}: recommended.json is not valid JSON: {_one_line(str(error))}") from None
+    model, recommended = _model_and_recommended(args)
     base = call_arguments(args, recommended)
     _check_names(base)
     negative = base.pop("negative_prompt", None)
