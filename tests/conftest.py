@@ -1,5 +1,6 @@
 """Shared fixtures: tiny SDXL-layout models built in code (no downloads)."""
 
+import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -56,3 +57,28 @@ def generate(pipeline, seed=0, **kwargs):
     settings = dict(prompt="a red circle", num_inference_steps=3, height=SIZE, width=SIZE, output_type="latent")
     settings.update(kwargs)
     return pipeline(generator=torch.Generator().manual_seed(seed), **settings).images
+
+
+@pytest.fixture(scope="module")
+def model_folder(pipe, tmp_path_factory):
+    """The tiny pipeline saved as a model folder, with a recommended.json of small, fast settings."""
+    folder = tmp_path_factory.mktemp("tiny_sdxl")
+    pipe.save_pretrained(folder)
+    with open(folder / "recommended.json", "w") as f:
+        json.dump({"num_inference_steps": 2, "height": 32, "width": 32, "guidance_scale": 4.0, "tpg_scale": 2.0}, f)
+    return str(folder)
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """Calls of ``cli._load``: a check that fails must fail before any model is loaded."""
+    from dualguide import cli
+
+    calls = []
+
+    def refuse(args):
+        calls.append(args)
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "_load", refuse)
+    return calls

@@ -14,14 +14,6 @@ from PIL import Image
 from dualguide import cli
 
 
-@pytest.fixture(scope="module")
-def model_folder(pipe, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_sdxl")
-    pipe.save_pretrained(folder)
-    with open(folder / "recommended.json", "w") as f:
-        json.dump({"num_inference_steps": 2, "height": 32, "width": 32, "guidance_scale": 4.0, "tpg_scale": 2.0}, f)
-    return str(folder)
-
 
 def run_cli(*argv):
     return cli.main([str(a) for a in argv])
@@ -34,18 +26,6 @@ def one_error_line(capsys) -> str:
     assert "Traceback" not in err and "usage:" not in err
     return err
 
-
-@pytest.fixture
-def loads(monkeypatch):
-    """Calls of ``cli._load``: a check that fails must fail before any model is loaded."""
-    calls = []
-
-    def refuse(args):
-        calls.append(args)
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(cli, "_load", refuse)
-    return calls
 
 
 class FakePipe:

@@ -45,14 +45,6 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def model_folder(pipe, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_sdxl")
-    pipe.save_pretrained(folder)
-    with open(folder / "recommended.json", "w") as f:
-        json.dump({"num_inference_steps": 2, "height": 32, "width": 32, "guidance_scale": 4.0, "tpg_scale": 2.0}, f)
-    return str(folder)
-
 
 @pytest.fixture(scope="module")
 def job_file(tmp_path_factory):
@@ -127,18 +119,6 @@ def fake_model(tmp_path_factory):
     (folder / "model_index.json").write_text("{}")
     return str(folder)
 
-
-@pytest.fixture
-def loads(monkeypatch):
-    """Calls of ``cli._load``: a check that fails must fail before any model is loaded."""
-    calls = []
-
-    def refuse(args):
-        calls.append(args)
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr(cli, "_load", refuse)
-    return calls
 
 
 def plan(path, model, *extra):
