@@ -26,7 +26,8 @@ class ControlNetInput:
     ``image`` is the preprocessed control image ``[images, 3, H, W]`` (a list for several ControlNets),
     one row per image of the batch. ``scale``, ``start`` and ``end`` are one value or one per
     ControlNet; ControlNet ``k`` acts on step ``i`` of ``n`` unless ``i/n < start_k`` or ``(i+1)/n > end_k``
-    (diffusers' ``control_guidance_start`` / ``control_guidance_end``).
+    (diffusers' ``control_guidance_start`` / ``control_guidance_end``). ``n`` is the run's number of
+    steps, or ``steps`` when given (diffusers counts the steps before ``denoising_end`` cuts the run).
     """
 
     model: nn.Module
@@ -35,6 +36,7 @@ class ControlNetInput:
     start: Scales = 0.0
     end: Scales = 1.0
     guess_mode: bool = False
+    steps: Optional[int] = None
 
     @property
     def count(self) -> int:
@@ -47,7 +49,9 @@ class ControlNetInput:
         return values
 
     def scales_at(self, step: int, steps: int) -> Optional[Scales]:
-        """The conditioning scale(s) at ``step`` of ``steps`` (diffusers' keep rule); None when all are off."""
+        """The conditioning scale(s) at ``step`` of ``steps`` (or of ``self.steps``; diffusers' keep rule);
+        None when all are off."""
+        steps = self.steps or steps
         keep = [0.0 if step / steps < s or (step + 1) / steps > e else 1.0 for s, e in zip(self._per_net(self.start), self._per_net(self.end))]
         scales = [scale * k for scale, k in zip(self._per_net(self.scale), keep)]
         if not any(scales):

@@ -100,3 +100,17 @@ def build_tiny_sdxl(seed: int = 0, sample_size: int = 32, prediction_type: str =
         tokenizer_2=tiny_tokenizer(model_max_length=model_max_length),
         scheduler=EulerDiscreteScheduler(**sdxl_scheduler_config(prediction_type)),
     )
+
+
+def build_tiny_controlnet(unet, seed: int = 1):
+    """A random-weight ``ControlNetModel`` with ``unet``'s layout, for control images of the tiny VAE's pixel size.
+
+    diffusers zero-initialises the ControlNet's output convolutions; here they get small random weights,
+    so that the ControlNet changes the result."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)).eval()
+    for conv in [*model.controlnet_down_blocks, model.controlnet_mid_block]:
+        torch.nn.init.normal_(conv.weight, std=0.02)
+    return model

@@ -530,6 +530,52 @@ def _check_guidance(pipe, args: Dict[str, Any], batch: int) -> None:
         as_interval(args[name], name)
 
 
+# --------------------------------------------------------------------------------------------
+# ControlNet arguments
+# --------------------------------------------------------------------------------------------
+
+
+def check_per_net(value: Any, name: str, nets: int, low: float = -INF, high: float = INF):
+    """One number for every ControlNet, or a list of ``nets`` numbers (a list of one for one ControlNet)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != nets:
+            raise ValueError(f"{name} has {len(value)} values for {nets} ControlNet(s); give one per ControlNet or one number")
+        return [check_number(v, name, low, high) for v in value]
+    return check_number(value, name, low, high)
+
+
+def control_images_per_net(value: Any, name: str, nets: int) -> list:
+    """The control image(s) of each ControlNet: ``value`` itself for one, a list of one entry per ControlNet for several."""
+    if nets == 1:
+        return [value]
+    if not isinstance(value, (list, tuple)) or len(value) != nets:
+        given = f"{len(value)} entries" if isinstance(value, (list, tuple)) else f"a {type(value).__name__}"
+        raise ValueError(f"{name} must be a list of one control image (or list of images) per ControlNet ({nets}), got {given}")
+    return list(value)
+
+
+def control_batch(value: Any) -> int:
+    """How many images one ControlNet's control image holds (a list, or a batched 4-D array / tensor)."""
+    if isinstance(value, (list, tuple)):
+        return len(value)
+    shape = getattr(value, "shape", ())
+    return shape[0] if len(shape) == 4 else 1
+
+
+def check_control_guidance(args: Dict[str, Any], nets: int) -> None:
+    """``controlnet_conditioning_scale``, ``control_guidance_start`` / ``control_guidance_end`` (in [0, 1],
+    each start below its end) and ``guess_mode`` of a call with ``nets`` ControlNets, normalised in ``args``."""
+    args["controlnet_conditioning_scale"] = check_per_net(args["controlnet_conditioning_scale"], "controlnet_conditioning_scale", nets)
+    start = args["control_guidance_start"] = check_per_net(args["control_guidance_start"], "control_guidance_start", nets, 0.0, 1.0)
+    end = args["control_guidance_end"] = check_per_net(args["control_guidance_end"], "control_guidance_end", nets, 0.0, 1.0)
+    starts, ends = (v if isinstance(v, list) else [v] * nets for v in (start, end))
+    for index, (low, high) in enumerate(zip(starts, ends)):
+        if low >= high:
+            which = f" (ControlNet {index})" if nets > 1 else ""
+            raise ValueError(f"control_guidance_start ({low:g}) must be below control_guidance_end ({high:g}){which}")
+    args["guess_mode"] = check_bool(args["guess_mode"], "guess_mode")
+
+
 def checked_call(check: Callable[[Any, Dict[str, Any]], Dict[str, Any]]):
     """Decorate a method so that ``check(self, arguments)`` sees and normalises all its arguments first.
 

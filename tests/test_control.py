@@ -6,19 +6,14 @@ import torch
 from dualguide import CFG, NAG, TPG, GuidedDenoiser
 from dualguide.conditioning import encode_sdxl
 from dualguide.control import ControlNetInput, control_residuals
+from dualguide.tiny import build_tiny_controlnet
 
 SIGMAS = torch.tensor([8.0, 3.0, 1.0, 0.0])
 
 
 @pytest.fixture(scope="module")
 def controlnet(unet):
-    from diffusers import ControlNetModel
-
-    torch.manual_seed(1)
-    model = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32)).eval()
-    for conv in [*model.controlnet_down_blocks, model.controlnet_mid_block]:  # zero-initialised: give them weights
-        torch.nn.init.normal_(conv.weight, std=0.02)
-    return model
+    return build_tiny_controlnet(unet, seed=1)
 
 
 @pytest.fixture(scope="module")

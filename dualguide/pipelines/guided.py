@@ -9,12 +9,14 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 from torch import Tensor
 
 import samplers
 
 from ..conditioning import encode_nag_negative, encode_sdxl
 from ..config import CFG, NAG, PAG, TPG
+from ..control import ControlNetInput
 from ..denoiser import GuidedDenoiser
 from ..validation import check_number, check_prompt
 from .sampling import CALLBACK_TENSOR_INPUTS, GuidanceInputs, StepEvents, kdiffusion_loop, scheduler_levels, scheduler_loop
@@ -150,6 +152,12 @@ class GuidedSamplingMixin:
                 positive = positive.with_image_embeds(image_embeds)
         return GuidanceInputs(positive.to(device), None if negative is None else negative.to(device), nag_negative)
 
+    def task_control(self, args: Dict[str, Any], images: int, height: int, width: int, device, **preprocess) -> Optional[ControlNetInput]:
+        """The call's ControlNet with its preprocessed image(s), one row per image; None without a ControlNet.
+
+        ``preprocess``: ``crops_coords`` / ``resize_mode`` of the task's own image (inpainting's crop)."""
+        return None
+
     def guided_denoiser(self, args: Dict[str, Any], terms, sigmas: Optional[Tensor], seeds, timestep_cond=None) -> GuidedDenoiser:
         cfg, tpg, pag, nag = terms
         return GuidedDenoiser(
@@ -221,6 +229,11 @@ class GuidedSamplingMixin:
             events = self.step_events(args, denoiser, inputs, progress_bar)
             name = sampler if isinstance(sampler, str) else None
             return kdiffusion_loop(run, name, denoiser, x, sigmas.to(x.device), inputs, events, seeds)
+
+    def output(self, images, args: Dict[str, Any]):
+        """diffusers' return value for decoded ``images`` (offloaded models freed first)."""
+        self.maybe_free_model_hooks()
+        return StableDiffusionXLPipelineOutput(images=images) if args["return_dict"] else (images,)
 
     def decode(self, latents: Tensor, output_type: str):
         """VAE decode with diffusers' upcasting and latent (de)normalisation, then post-processing."""

@@ -17,7 +17,6 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline
-from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -213,12 +212,63 @@ class ImageTaskMixin:
     def task_timesteps(self, args: Dict[str, Any], device):
         """diffusers' timesteps: ``retrieve_timesteps`` then ``get_timesteps`` (strength / denoising_start)."""
         timesteps, steps = retrieve_timesteps(self.scheduler, args["num_inference_steps"], device, args["timesteps"], args["sigmas"])
-        timesteps, steps = self.get_timesteps(steps, args["strength"], device, denoising_start=args["denoising_start"])
+        start = {} if args["denoising_start"] is None else {"denoising_start": args["denoising_start"]}  # not every task takes it
+        timesteps, steps = self.get_timesteps(steps, args["strength"], device, **start)
         begin_index = getattr(self.scheduler, "begin_index", None) or 0
         return timesteps, steps, begin_index
 
 
-class StableDiffusionXLTPGImg2ImgPipeline(ImageTaskMixin, GuidedSamplingMixin, StableDiffusionXLImg2ImgPipeline):
+class ImageToImageMixin(ImageTaskMixin):
+    """The image-to-image run (both sampling loops, decoding), shared by the plain and the ControlNet pipelines."""
+
+    def image_to_image(self, args: Dict[str, Any]):
+        """Transform ``args["image"]`` from the checked arguments of a call (diffusers' output)."""
+        terms = self.guidance_terms(args)
+        self.set_call_state(args)
+        device = self._execution_device
+        batch = self.prompt_batch(args)
+        images = batch * args["num_images_per_prompt"]
+        generator, latents = args["generator"], args["latents"]
+        init_image = self.image_processor.preprocess(args["image"], height=args.get("height"), width=args.get("width"))
+        if latents is not None:
+            height, width = latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor
+        else:
+            height, width = init_image.shape[-2], init_image.shape[-1]
+            if init_image.shape[1] == self.vae.config.latent_channels:
+                height, width = height * self.vae_scale_factor, width * self.vae_scale_factor
+        inputs = self.task_inputs(args, terms, batch, height, width, device)
+        inputs.control = self.task_control(args, images, height, width, device)
+        dtype = inputs.cond.prompt_embeds.dtype
+        add_noise = args["denoising_start"] is None
+        try:
+            if args["sampler"] is None:
+                timesteps, _, begin_index = self.task_timesteps(args, device)
+                if latents is None:
+                    latents = self.prepare_latents(
+                        init_image, timesteps[:1].repeat(images), batch, args["num_images_per_prompt"], dtype, device,
+                        generator, add_noise,
+                    )  # fmt: skip
+                latents = self.scheduler_sample(args, terms, inputs, latents, timesteps, begin_index, device)
+            else:
+                sigmas_k = self.task_sigmas(args)
+                if latents is None:
+                    init_latents = self.prepare_latents(
+                        init_image, None, batch, args["num_images_per_prompt"], dtype, device, generator, add_noise=False
+                    )
+                    x = init_latents.float()
+                    if add_noise:
+                        noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
+                        x = x + noise.float() * sigmas_k[0].to(device)
+                else:
+                    x = latents.to(device=device, dtype=torch.float32)
+                timestep_cond = self.guidance_timestep_cond(x.shape[0], device, x.dtype)
+                latents = self.kdiffusion_sample(args, terms, inputs, x, sigmas_k, seeds_from(generator), timestep_cond)
+        except Interrupted as stop:
+            latents = stop.latents
+        return self.output(self.decode(latents, args["output_type"]), args)
+
+
+class StableDiffusionXLTPGImg2ImgPipeline(ImageToImageMixin, GuidedSamplingMixin, StableDiffusionXLImg2ImgPipeline):
     """SDXL image-to-image / refiner with dual guidance (CFG + TPG + NAG, PAG/SoftPAG) in one UNet call per step."""
 
     @checked_call(check_img2img_call)
@@ -299,47 +349,4 @@ class StableDiffusionXLTPGImg2ImgPipeline(ImageTaskMixin, GuidedSamplingMixin, S
         ``init_latents + noise * sigmas[0]``.
         """
         args = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
-        terms = self.guidance_terms(args)
-        self.set_call_state(args)
-        device = self._execution_device
-        batch = self.prompt_batch(args)
-        init_image = self.image_processor.preprocess(image)
-        if latents is not None:
-            height, width = latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor
-        else:
-            height, width = init_image.shape[-2], init_image.shape[-1]
-            if init_image.shape[1] == self.vae.config.latent_channels:
-                height, width = height * self.vae_scale_factor, width * self.vae_scale_factor
-        inputs = self.task_inputs(args, terms, batch, height, width, device)
-        dtype = inputs.cond.prompt_embeds.dtype
-        add_noise = denoising_start is None
-        try:
-            if sampler is None:
-                timesteps, _, begin_index = self.task_timesteps(args, device)
-                if latents is None:
-                    latent_timestep = timesteps[:1].repeat(batch * num_images_per_prompt)
-                    latents = self.prepare_latents(
-                        init_image, latent_timestep, batch, num_images_per_prompt, dtype, device, generator, add_noise
-                    )
-                latents = self.scheduler_sample(args, terms, inputs, latents, timesteps, begin_index, device)
-            else:
-                sigmas_k = self.task_sigmas(args)
-                if latents is None:
-                    init_latents = self.prepare_latents(
-                        init_image, None, batch, num_images_per_prompt, dtype, device, generator, add_noise=False
-                    )
-                    x = init_latents.float()
-                    if add_noise:
-                        noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
-                        x = x + noise.float() * sigmas_k[0].to(device)
-                else:
-                    x = latents.to(device=device, dtype=torch.float32)
-                timestep_cond = self.guidance_timestep_cond(x.shape[0], device, x.dtype)
-                latents = self.kdiffusion_sample(args, terms, inputs, x, sigmas_k, seeds_from(generator), timestep_cond)
-        except Interrupted as stop:
-            latents = stop.latents
-        image = self.decode(latents, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return StableDiffusionXLPipelineOutput(images=image)
+        return self.image_to_image(args)

@@ -14,7 +14,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import PIL.Image
 import torch
 from diffusers import StableDiffusionXLInpaintPipeline
-from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 
 from ..config import DEFAULT_PAG_LAYERS, DEFAULT_TPG_LAYERS
 from ..layers import LayerSpec
@@ -59,7 +58,125 @@ def check_inpaint_call(pipe, args: Dict[str, Any]) -> Dict[str, Any]:
     return checked
 
 
-class StableDiffusionXLTPGInpaintPipeline(ImageTaskMixin, GuidedSamplingMixin, StableDiffusionXLInpaintPipeline):
+class InpaintMixin(ImageTaskMixin):
+    """The inpainting run (4- and 9-channel UNets, both sampling loops, decoding), shared by the plain and
+    the ControlNet pipelines."""
+
+    def inpaint(self, args: Dict[str, Any]):
+        """Repaint ``args["mask_image"]``'s white region of ``args["image"]`` from the checked arguments of a call."""
+        terms = self.guidance_terms(args)
+        self.set_call_state(args)
+        device = self._execution_device
+        batch = self.prompt_batch(args)
+        images = batch * args["num_images_per_prompt"]
+        image, mask_image, padding_mask_crop = args["image"], args["mask_image"], args["padding_mask_crop"]
+        height, width, strength, generator = args["height"], args["width"], args["strength"], args["generator"]
+        inputs = self.task_inputs(args, terms, batch, height, width, device)
+        dtype = inputs.cond.prompt_embeds.dtype
+
+        if padding_mask_crop is not None:
+            crops_coords = self.mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop)
+            resize_mode = "fill"
+        else:
+            crops_coords, resize_mode = None, "default"
+        original_image = image
+        init_image = self.image_processor.preprocess(image, height=height, width=width, crops_coords=crops_coords, resize_mode=resize_mode)
+        init_image = init_image.to(dtype=torch.float32)
+        mask = self.mask_processor.preprocess(mask_image, height=height, width=width, resize_mode=resize_mode, crops_coords=crops_coords)
+        masked_image_latents = args["masked_image_latents"]
+        if masked_image_latents is not None:
+            masked_image = masked_image_latents
+        elif init_image.shape[1] == 4:
+            masked_image = None
+        else:
+            masked_image = init_image * (mask < 0.5)
+        channels = self.vae.config.latent_channels
+        nine_channels = self.unet.config.in_channels == 9
+        if not nine_channels and self.unet.config.in_channels != 4:
+            raise ValueError(f"the UNet must have 4 or 9 input channels, not {self.unet.config.in_channels}")
+        inputs.control = self.task_control(args, images, height, width, device, crops_coords=crops_coords, resize_mode=resize_mode)
+        add_noise = args["denoising_start"] is None
+        try:
+            if args["sampler"] is None:
+                timesteps, _, begin_index = self.task_timesteps(args, device)
+                latent_timestep = timesteps[:1].repeat(images)
+                outputs = self.prepare_latents(
+                    images, channels, height, width, dtype, device, generator, args["latents"], image=init_image,
+                    timestep=latent_timestep, is_strength_max=strength == 1.0, add_noise=add_noise, return_noise=True,
+                    return_image_latents=not nine_channels,
+                )  # fmt: skip
+                latents, noise = outputs[:2]
+                image_latents = outputs[2] if not nine_channels else None
+                mask, masked_latents = self.prepare_mask_latents(mask, masked_image, images, height, width, dtype, device, generator, False)
+                options = {}
+                if nine_channels:
+                    self._check_nine_channels(channels, mask, masked_latents)
+                    extra = torch.cat([mask, masked_latents], dim=1)
+                    options["model_input_channels"] = lambda model_input: extra
+                else:
+                    cut = self._timesteps_after_end(timesteps)
+
+                    def blend(i: int, step_latents: torch.Tensor) -> torch.Tensor:  # diffusers' 4-channel blend
+                        known = image_latents
+                        if i < len(cut) - 1:
+                            known = self.scheduler.add_noise(image_latents, noise, torch.tensor([cut[i + 1]]))
+                        return keep_known(step_latents, known, mask)
+
+                    options["after_step"] = blend
+                latents = self.scheduler_sample(args, terms, inputs, latents, timesteps, begin_index, device, **options)
+            else:
+                latents = self._kdiffusion_inpaint(
+                    args, terms, inputs, init_image, mask, masked_image, images, dtype, device, nine_channels
+                )
+        except Interrupted as stop:
+            latents = stop.latents
+        image = self.decode(latents, args["output_type"])
+        if padding_mask_crop is not None:
+            image = [self.image_processor.apply_overlay(mask_image, original_image, i, crops_coords) for i in image]
+        return self.output(image, args)
+
+    def _timesteps_after_end(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return timesteps_until(self.scheduler, timesteps, self._denoising_end)
+
+    def _check_nine_channels(self, channels: int, mask: torch.Tensor, masked_latents: Optional[torch.Tensor]) -> None:
+        total = channels + mask.shape[1] + (0 if masked_latents is None else masked_latents.shape[1])
+        if masked_latents is None or total != self.unet.config.in_channels:
+            raise ValueError(
+                f"the UNet expects {self.unet.config.in_channels} input channels but latents, mask and masked image "
+                f"latents give {total}; check mask_image, image and masked_image_latents"
+            )
+
+    def _kdiffusion_inpaint(self, args, terms, inputs, init_image, mask, masked_image, images, dtype, device, nine_channels):
+        """The k-diffusion path: start at ``image_latents + noise * sigmas[0]`` (pure noise at strength 1),
+        9-channel UNets get the mask channels, 4-channel ones the blend of ``InpaintModel``."""
+        generator, height, width = args["generator"], args["height"], args["width"]
+        sigmas_k = self.task_sigmas(args)
+        channels = self.vae.config.latent_channels
+        _, noise, image_latents = self.prepare_latents(
+            images, channels, height, width, dtype, device, generator, None, image=init_image, timestep=None,
+            is_strength_max=True, add_noise=False, return_noise=True, return_image_latents=True,
+        )  # fmt: skip
+        if args["latents"] is not None:
+            noise = args["latents"].to(device=device, dtype=dtype)
+        mask, masked_latents = self.prepare_mask_latents(mask, masked_image, images, height, width, dtype, device, generator, False)
+        noise, image_latents = noise.float(), image_latents.float()
+        if args["denoising_start"] is not None:
+            x = image_latents
+        elif args["strength"] == 1.0:
+            x = noise * sigmas_k[0].to(device)
+        else:
+            x = image_latents + noise * sigmas_k[0].to(device)
+        wrap = None
+        if nine_channels:
+            self._check_nine_channels(channels, mask, masked_latents)
+            inputs.concat = torch.cat([mask, masked_latents], dim=1)
+        else:
+            wrap = lambda model: InpaintModel(model, image_latents, mask, noise)  # noqa: E731
+        timestep_cond = self.guidance_timestep_cond(x.shape[0], device, x.dtype)
+        return self.kdiffusion_sample(args, terms, inputs, x, sigmas_k, seeds_from(generator), timestep_cond, wrap_model=wrap)
+
+
+class StableDiffusionXLTPGInpaintPipeline(InpaintMixin, GuidedSamplingMixin, StableDiffusionXLInpaintPipeline):
     """SDXL inpainting (4- or 9-channel UNets) with dual guidance (CFG + TPG + NAG, PAG/SoftPAG) in one UNet call per step."""
 
     @checked_call(check_inpaint_call)
@@ -142,115 +259,4 @@ class StableDiffusionXLTPGInpaintPipeline(ImageTaskMixin, GuidedSamplingMixin, S
         the guidance and sampler arguments are those of ``StableDiffusionXLTPGPipeline``.
         """
         args = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
-        terms = self.guidance_terms(args)
-        self.set_call_state(args)
-        device = self._execution_device
-        batch = self.prompt_batch(args)
-        images = batch * num_images_per_prompt
-        inputs = self.task_inputs(args, terms, batch, height, width, device)
-        dtype = inputs.cond.prompt_embeds.dtype
-
-        if padding_mask_crop is not None:
-            crops_coords = self.mask_processor.get_crop_region(mask_image, width, height, pad=padding_mask_crop)
-            resize_mode = "fill"
-        else:
-            crops_coords, resize_mode = None, "default"
-        original_image = image
-        init_image = self.image_processor.preprocess(image, height=height, width=width, crops_coords=crops_coords, resize_mode=resize_mode)
-        init_image = init_image.to(dtype=torch.float32)
-        mask = self.mask_processor.preprocess(mask_image, height=height, width=width, resize_mode=resize_mode, crops_coords=crops_coords)
-        if masked_image_latents is not None:
-            masked_image = masked_image_latents
-        elif init_image.shape[1] == 4:
-            masked_image = None
-        else:
-            masked_image = init_image * (mask < 0.5)
-        channels = self.vae.config.latent_channels
-        nine_channels = self.unet.config.in_channels == 9
-        if not nine_channels and self.unet.config.in_channels != 4:
-            raise ValueError(f"the UNet must have 4 or 9 input channels, not {self.unet.config.in_channels}")
-        add_noise = denoising_start is None
-        try:
-            if sampler is None:
-                timesteps, _, begin_index = self.task_timesteps(args, device)
-                latent_timestep = timesteps[:1].repeat(images)
-                outputs = self.prepare_latents(
-                    images, channels, height, width, dtype, device, generator, latents, image=init_image,
-                    timestep=latent_timestep, is_strength_max=strength == 1.0, add_noise=add_noise, return_noise=True,
-                    return_image_latents=not nine_channels,
-                )  # fmt: skip
-                latents, noise = outputs[:2]
-                image_latents = outputs[2] if not nine_channels else None
-                mask, masked_latents = self.prepare_mask_latents(mask, masked_image, images, height, width, dtype, device, generator, False)
-                options = {}
-                if nine_channels:
-                    self._check_nine_channels(channels, mask, masked_latents)
-                    extra = torch.cat([mask, masked_latents], dim=1)
-                    options["model_input_channels"] = lambda model_input: extra
-                else:
-                    cut = self._timesteps_after_end(timesteps)
-
-                    def blend(i: int, step_latents: torch.Tensor) -> torch.Tensor:  # diffusers' 4-channel blend
-                        known = image_latents
-                        if i < len(cut) - 1:
-                            known = self.scheduler.add_noise(image_latents, noise, torch.tensor([cut[i + 1]]))
-                        return keep_known(step_latents, known, mask)
-
-                    options["after_step"] = blend
-                latents = self.scheduler_sample(args, terms, inputs, latents, timesteps, begin_index, device, **options)
-            else:
-                latents = self._kdiffusion_inpaint(
-                    args, terms, inputs, init_image, mask, masked_image, images, dtype, device, nine_channels
-                )
-        except Interrupted as stop:
-            latents = stop.latents
-        if output_type == "latent":
-            self.maybe_free_model_hooks()
-            return StableDiffusionXLPipelineOutput(images=latents) if return_dict else (latents,)
-        image = self.decode(latents, output_type)
-        if padding_mask_crop is not None:
-            image = [self.image_processor.apply_overlay(mask_image, original_image, i, crops_coords) for i in image]
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return StableDiffusionXLPipelineOutput(images=image)
-
-    def _timesteps_after_end(self, timesteps: torch.Tensor) -> torch.Tensor:
-        return timesteps_until(self.scheduler, timesteps, self._denoising_end)
-
-    def _check_nine_channels(self, channels: int, mask: torch.Tensor, masked_latents: Optional[torch.Tensor]) -> None:
-        total = channels + mask.shape[1] + (0 if masked_latents is None else masked_latents.shape[1])
-        if masked_latents is None or total != self.unet.config.in_channels:
-            raise ValueError(
-                f"the UNet expects {self.unet.config.in_channels} input channels but latents, mask and masked image "
-                f"latents give {total}; check mask_image, image and masked_image_latents"
-            )
-
-    def _kdiffusion_inpaint(self, args, terms, inputs, init_image, mask, masked_image, images, dtype, device, nine_channels):
-        """The k-diffusion path: start at ``image_latents + noise * sigmas[0]`` (pure noise at strength 1),
-        9-channel UNets get the mask channels, 4-channel ones the blend of ``InpaintModel``."""
-        generator, height, width = args["generator"], args["height"], args["width"]
-        sigmas_k = self.task_sigmas(args)
-        channels = self.vae.config.latent_channels
-        _, noise, image_latents = self.prepare_latents(
-            images, channels, height, width, dtype, device, generator, None, image=init_image, timestep=None,
-            is_strength_max=True, add_noise=False, return_noise=True, return_image_latents=True,
-        )  # fmt: skip
-        if args["latents"] is not None:
-            noise = args["latents"].to(device=device, dtype=dtype)
-        mask, masked_latents = self.prepare_mask_latents(mask, masked_image, images, height, width, dtype, device, generator, False)
-        noise, image_latents = noise.float(), image_latents.float()
-        if args["denoising_start"] is not None:
-            x = image_latents
-        elif args["strength"] == 1.0:
-            x = noise * sigmas_k[0].to(device)
-        else:
-            x = image_latents + noise * sigmas_k[0].to(device)
-        wrap = None
-        if nine_channels:
-            self._check_nine_channels(channels, mask, masked_latents)
-            inputs.concat = torch.cat([mask, masked_latents], dim=1)
-        else:
-            wrap = lambda model: InpaintModel(model, image_latents, mask, noise)  # noqa: E731
-        timestep_cond = self.guidance_timestep_cond(x.shape[0], device, x.dtype)
-        return self.kdiffusion_sample(args, terms, inputs, x, sigmas_k, seeds_from(generator), timestep_cond, wrap_model=wrap)
+        return self.inpaint(args)

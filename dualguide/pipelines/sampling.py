@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ..conditioning import Conditioning
+from ..control import ControlNetInput
 from ..denoiser import GuidedDenoiser
 from ..schedule import DiscreteModelSchedule
 
@@ -49,11 +50,14 @@ class GuidanceInputs:
     uncond: Optional[Conditioning] = None
     nag_negative: Optional[Tensor] = None
     concat: Optional[Tensor] = None  # extra UNet input channels (9-channel inpainting), k-diffusion path
+    control: Optional[ControlNetInput] = None  # a ControlNet with its image, run on the uncond and cond rows
 
     def as_kwargs(self) -> Dict[str, object]:
         kwargs = {"cond": self.cond, "uncond": self.uncond, "nag_negative": self.nag_negative}
         if self.concat is not None:
             kwargs["concat"] = self.concat
+        if self.control is not None:
+            kwargs["control"] = self.control
         return kwargs
 
 

@@ -12,7 +12,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from diffusers import StableDiffusionXLPipeline
-from diffusers.pipelines.stable_diffusion_xl.pipeline_output import StableDiffusionXLPipelineOutput
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -26,7 +25,42 @@ from .schedules import kdiffusion_sigmas
 IntervalLike = Optional[Union[Interval, Tuple[float, float]]]
 
 
-class StableDiffusionXLTPGPipeline(GuidedSamplingMixin, StableDiffusionXLPipeline):
+class TextToImageMixin:
+    """The text-to-image run (both sampling loops, decoding), shared by the plain and the ControlNet pipelines."""
+
+    def text_to_image(self, args: Dict[str, Any]):
+        """Generate from the checked arguments of a call (diffusers' output)."""
+        terms = self.guidance_terms(args)
+        self.set_call_state(args)
+        device = self._execution_device
+        batch = self.prompt_batch(args)
+        images = batch * args["num_images_per_prompt"]
+        height, width, generator, latents = args["height"], args["width"], args["generator"], args["latents"]
+        inputs = self.guidance_inputs(args, terms[0], terms[3], batch, device)
+        inputs.control = self.task_control(args, images, height, width, device)
+        shape = (images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        try:
+            if args["sampler"] is None:
+                latents = self._scheduler_sample(args, terms, inputs, shape, device)
+            else:
+                sigmas_k, init_noise_scale = kdiffusion_sigmas(self.scheduler, args)
+                noise = latents if latents is not None else randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+                x = noise.to(device=device, dtype=torch.float32) * init_noise_scale
+                timestep_cond = self.guidance_timestep_cond(images, device, x.dtype)
+                latents = self.kdiffusion_sample(args, terms, inputs, x, sigmas_k, seeds_from(generator), timestep_cond)
+        except Interrupted as stop:
+            latents = stop.latents
+        return self.output(self.decode(latents, args["output_type"]), args)
+
+    def _scheduler_sample(self, args: Dict[str, Any], terms, inputs, shape, device) -> torch.Tensor:
+        """diffusers' denoising loop over ``pipe.scheduler``, each step one guided UNet call."""
+        timesteps, _ = retrieve_timesteps(self.scheduler, args["num_inference_steps"], device, args["timesteps"], args["sigmas"])
+        dtype = inputs.cond.prompt_embeds.dtype
+        latents = self.prepare_latents(*shape[:2], args["height"], args["width"], dtype, device, args["generator"], args["latents"])
+        return self.scheduler_sample(args, terms, inputs, latents, timesteps, 0, device)
+
+
+class StableDiffusionXLTPGPipeline(TextToImageMixin, GuidedSamplingMixin, StableDiffusionXLPipeline):
     """SDXL text-to-image with dual guidance (CFG + TPG + NAG, PAG/SoftPAG) in one UNet call per step."""
 
     @checked_call(check_pipeline_call)
@@ -109,33 +143,4 @@ class StableDiffusionXLTPGPipeline(GuidedSamplingMixin, StableDiffusionXLPipelin
         window by window unless ``truncate_long_prompts``.
         """
         args = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
-        terms = self.guidance_terms(args)
-        self.set_call_state(args)
-        device = self._execution_device
-        batch = self.prompt_batch(args)
-        images = batch * num_images_per_prompt
-        inputs = self.guidance_inputs(args, terms[0], terms[3], batch, device)
-        shape = (images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        try:
-            if sampler is None:
-                latents = self._scheduler_sample(args, terms, inputs, shape, device)
-            else:
-                sigmas_k, init_noise_scale = kdiffusion_sigmas(self.scheduler, args)
-                noise = latents if latents is not None else randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
-                x = noise.to(device=device, dtype=torch.float32) * init_noise_scale
-                timestep_cond = self.guidance_timestep_cond(images, device, x.dtype)
-                latents = self.kdiffusion_sample(args, terms, inputs, x, sigmas_k, seeds_from(generator), timestep_cond)
-        except Interrupted as stop:
-            latents = stop.latents
-        image = self.decode(latents, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image,)
-        return StableDiffusionXLPipelineOutput(images=image)
-
-    def _scheduler_sample(self, args: Dict[str, Any], terms, inputs, shape, device) -> torch.Tensor:
-        """diffusers' denoising loop over ``pipe.scheduler``, each step one guided UNet call."""
-        timesteps, _ = retrieve_timesteps(self.scheduler, args["num_inference_steps"], device, args["timesteps"], args["sigmas"])
-        dtype = inputs.cond.prompt_embeds.dtype
-        latents = self.prepare_latents(*shape[:2], args["height"], args["width"], dtype, device, args["generator"], args["latents"])
-        return self.scheduler_sample(args, terms, inputs, latents, timesteps, 0, device)
+        return self.text_to_image(args)
