@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence, Tupl
 if TYPE_CHECKING:
     from PIL import Image
 
+    from .tasks import Task
+
 EMBEDDED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedded")
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64-1
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # single-file checkpoints
@@ -129,6 +131,17 @@ def _add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"fractions of the schedule where {term.upper()} is on (default 0:1)")  # fmt: skip
 
 
+def _add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    task = parser.add_argument_group("img2img, inpainting, ControlNet (default: text to image)")
+    task.add_argument("--image", default=None, metavar="PATH", help="start from this picture (img2img; inpainting with --mask)")
+    task.add_argument("--strength", type=_number(0.0, 1.0, low_open=True), default=None,
+                      help="how much of --image to redo, in (0, 1] (default: the pipeline's, 0.3 img2img, 0.9999 inpainting)")  # fmt: skip
+    task.add_argument("--mask", default=None, metavar="PATH", help="inpainting mask of --image's size: white is repainted")
+    task.add_argument("--control", default=None, metavar="PATH", help="ControlNet conditioning picture (with --controlnet)")
+    task.add_argument("--controlnet", default=None, metavar="MODEL", help="ControlNet: diffusers folder or hub id")
+    task.add_argument("--control-scale", type=_number(0.0), default=None, help="controlnet_conditioning_scale (default 1.0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="dualguide",
@@ -140,11 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--n", type=_whole(1), default=1, help="images per prompt (>= 1)")
     _add_model_arguments(generate)
     _add_guidance_arguments(generate)
+    _add_task_arguments(generate)
     compare = commands.add_parser("compare", help="one labelled grid of the same seed under each guidance mode")
     compare.add_argument("prompt", nargs="+", help="one grid row per prompt, all with the same seed")
     compare.add_argument("--with-pag", action="store_true", help="add a CFG+PAG panel")
     _add_model_arguments(compare)
     _add_guidance_arguments(compare)
+    _add_task_arguments(compare)
     _add_batch_parser(commands)
     _add_ui_parser(commands)
     commands.add_parser("samplers", help="list the sampler and schedule names")
@@ -300,12 +315,15 @@ def _generators(seeds: Sequence[int]) -> List[object]:
     return [torch.Generator().manual_seed(seed) for seed in seeds]
 
 
-def _run(pipe, prompt: str, seeds: Sequence[int], kwargs: Dict[str, object]) -> List[object]:
+def _run(pipe, prompt: str, seeds: Sequence[int], kwargs: Dict[str, object], task: "Task") -> List[object]:
     """The images of ``prompt``, one per seed (image ``k`` from its own generator seeded ``seeds[k]``)."""
+    from .tasks import task_arguments
+
     # Progress bars only on a terminal: piped or logged stderr then holds nothing but a failure's one line.
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), desc=prompt[:40])
+    arguments = task_arguments(task, kwargs, pipe)
     try:
-        return pipe(prompt, generator=_generators(seeds), num_images_per_prompt=len(seeds), **kwargs).images
+        return pipe(prompt, generator=_generators(seeds), num_images_per_prompt=len(seeds), **arguments).images
     except (ValueError, TypeError) as error:
         raise UsageError(_one_line(str(error))) from None
 
@@ -337,14 +355,27 @@ def save_png(image, path: str, metadata: Dict[str, object]) -> None:
             os.remove(temporary)
 
 
-def _prepare(args, images: int = 1) -> Tuple[str, Dict[str, object], object]:
-    """Check the command line and the files it names, then load: ``(model, pipeline arguments, pipeline)``."""
+def _prepare(args, images: int = 1) -> Tuple[str, Dict[str, object], object, "Task"]:
+    """Check the command line and the files it names, then load: ``(model, pipeline arguments, pipeline, task)``.
+
+    The pipeline is the task's (img2img, inpainting, ControlNet) when ``--image`` / ``--control`` name one.
+    """
+    from .tasks import TaskError, read_task, task_pipeline
+
     check_seeds(args.seed, images)
     check_output_folder(args.out)
+    try:
+        task = read_task(args.image, args.mask, args.strength, args.control, args.controlnet, args.control_scale)
+    except TaskError as error:
+        raise UsageError(str(error)) from None
     model, settings = _model_and_recommended(args)
     kwargs = call_arguments(args, settings)
     _check_names(kwargs)
-    return model, kwargs, _load(args)
+    pipe = _load(args)
+    try:
+        return model, kwargs, task_pipeline(pipe, task), task
+    except TaskError as error:
+        raise UsageError(str(error)) from None
 
 
 def _model_and_recommended(args) -> Tuple[str, Dict[str, object]]:
@@ -367,16 +398,18 @@ def image_name(prompt_index: int, image_index: int, seed: int, prompt: str) -> s
 
 
 def command_generate(args) -> int:
-    model, kwargs, pipe = _prepare(args, images=len(args.prompt) * args.n)
+    from .tasks import task_metadata
+
+    model, kwargs, pipe, task = _prepare(args, images=len(args.prompt) * args.n)
     os.makedirs(args.out, exist_ok=True)
     written, replaced = [], 0
     for index, prompt in enumerate(args.prompt):
         seeds = [image_seed(args.seed, index, number, args.n) for number in range(args.n)]
-        images = _run(pipe, prompt, seeds, kwargs)
+        images = _run(pipe, prompt, seeds, kwargs, task)
         for number, (image, seed) in enumerate(zip(images, seeds)):
             path = os.path.join(args.out, image_name(index, number, seed, prompt))
             replaced += os.path.exists(path)
-            save_png(image, path, {"prompt": prompt, "seed": seed, "model": model, **kwargs})
+            save_png(image, path, {"prompt": prompt, "seed": seed, "model": model, **kwargs, **task_metadata(task)})
             written.append(path)
     note = f" ({replaced} replaced a file of the same name: same prompt and seed)" if replaced else ""
     print(f"wrote {len(written)} image(s) to {os.path.abspath(args.out)}{note}")
@@ -403,14 +436,16 @@ def compare_modes(kwargs: Dict[str, object], with_pag: bool) -> List[Tuple[str, 
 
 def command_compare(args) -> int:
     """One grid: a row per prompt, a column per guidance mode, all from the same seed."""
-    model, kwargs, pipe = _prepare(args)
+    from .tasks import task_metadata
+
+    model, kwargs, pipe, task = _prepare(args)
     modes = compare_modes(kwargs, args.with_pag)
-    rows = [[_run(pipe, prompt, [args.seed], arguments)[0] for _, arguments in modes] for prompt in args.prompt]
+    rows = [[_run(pipe, prompt, [args.seed], arguments, task)[0] for _, arguments in modes] for prompt in args.prompt]
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"compare_s{args.seed}_{_grid_name(args.prompt)}.png")
     replaced = os.path.exists(path)
     prompt = args.prompt[0] if len(args.prompt) == 1 else args.prompt
-    metadata = {"prompt": prompt, "seed": args.seed, "model": model, "panels": dict(modes)}
+    metadata = {"prompt": prompt, "seed": args.seed, "model": model, **task_metadata(task), "panels": dict(modes)}
     save_png(labelled_grid([label for label, _ in modes], rows), path, metadata)
     print(f"{'replaced' if replaced else 'wrote'} the comparison grid {os.path.abspath(path)}")
     return 0
