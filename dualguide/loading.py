@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional, Union
+from typing import TYPE_CHECKING, Dict, Optional, Union
 
-import torch
+if TYPE_CHECKING:  # torch loads with the first model: reading recommended.json stays fast
+    import torch
 
 RECOMMENDED_FILE = "recommended.json"
 
 
-def default_dtype(device: Union[str, torch.device]) -> torch.dtype:
+def default_dtype(device: Union[str, "torch.device"]) -> "torch.dtype":
     """float16 on CUDA, float32 elsewhere: the dtype the command and the examples use unless told."""
+    import torch
+
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
@@ -32,12 +35,14 @@ def write_recommended(folder: Union[str, os.PathLike], settings: Dict[str, objec
         json.dump(settings, f, indent=2)
 
 
-def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: Optional[torch.dtype] = None):
+def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: Optional["torch.dtype"] = None):
     """The pipeline for ``model``; ``None`` gives a random-weight tiny SDXL-layout model (no download).
 
     ``model`` may be a diffusers folder, a single-file checkpoint (``.safetensors``/``.ckpt``)
     or a hub id already in the local cache (or downloadable where a network exists).
     """
+    import torch
+
     from .pipelines import StableDiffusionXLTPGPipeline
 
     dtype = dtype or torch.float32
