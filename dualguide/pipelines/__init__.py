@@ -1,23 +1,25 @@
-"""Guided SDXL pipelines, one module per diffusers task, all thin over ``GuidedSamplingMixin``."""
+"""Guided SDXL pipelines, one module per diffusers task, all thin over ``GuidedSamplingMixin``.
 
-from .controlnet import (
-    StableDiffusionXLControlNetTPGImg2ImgPipeline,
-    StableDiffusionXLControlNetTPGInpaintPipeline,
-    StableDiffusionXLControlNetTPGPipeline,
-)
-from .guided import GuidedSamplingMixin, apply_nag, apply_softpag
-from .img2img import StableDiffusionXLTPGImg2ImgPipeline
-from .inpaint import StableDiffusionXLTPGInpaintPipeline
-from .text2img import StableDiffusionXLTPGPipeline
+The names load lazily: text-to-image alone does not import diffusers' img2img, inpainting and
+ControlNet pipelines.
+"""
 
-__all__ = [
-    "GuidedSamplingMixin",
-    "StableDiffusionXLControlNetTPGImg2ImgPipeline",
-    "StableDiffusionXLControlNetTPGInpaintPipeline",
-    "StableDiffusionXLControlNetTPGPipeline",
-    "StableDiffusionXLTPGImg2ImgPipeline",
-    "StableDiffusionXLTPGInpaintPipeline",
-    "StableDiffusionXLTPGPipeline",
-    "apply_nag",
-    "apply_softpag",
-]
+from ..lazy import lazy_exports
+
+_EXPORTS = {
+    "GuidedSamplingMixin": "guided",
+    "apply_nag": "guided",
+    "apply_softpag": "guided",
+    "StableDiffusionXLTPGPipeline": "text2img",
+    "StableDiffusionXLTPGImg2ImgPipeline": "img2img",
+    "StableDiffusionXLTPGInpaintPipeline": "inpaint",
+    "StableDiffusionXLControlNetTPGPipeline": "controlnet",
+    "StableDiffusionXLControlNetTPGImg2ImgPipeline": "controlnet",
+    "StableDiffusionXLControlNetTPGInpaintPipeline": "controlnet",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+
+
+def __dir__():
+    return __all__
