@@ -1,5 +1,5 @@
 """Images per second of ``dualguide batch`` on the tiny SDXL-layout model: 1 process at --batch-size 1 and 4,
-``--compile`` (when the command has it), and 2 processes under torchrun.
+``--compile``, and 2 processes under torchrun.
 
     python benchmarks/bench_batch.py [--images 12] [--size 64] [--steps 4] [--threads 1]
 
@@ -17,29 +17,24 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Dict, List, Tuple
 
+from common import write_sections
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Batch job (images/s)"
 
 
-def has_compile_flag() -> bool:
-    result = subprocess.run([sys.executable, "-m", "dualguide", "batch", "--help"], capture_output=True, text=True, cwd=REPO)
-    return "--compile" in result.stdout
-
-
-def configurations(compile_flag: bool) -> List[Tuple[str, int, List[str]]]:
-    """``(label, processes, extra flags)``."""
-    rows = [("1 process, --batch-size 1", 1, ["--batch-size", "1"]), ("1 process, --batch-size 4", 1, ["--batch-size", "4"])]
-    if compile_flag:
-        rows.append(("1 process, --batch-size 4, --compile", 1, ["--batch-size", "4", "--compile"]))
-    rows.append(("2 processes (torchrun, gloo), --batch-size 4", 2, ["--batch-size", "4"]))
-    return rows
+CONFIGURATIONS: List[Tuple[str, int, List[str]]] = [  # (label, processes, extra flags)
+    ("1 process, --batch-size 1", 1, ["--batch-size", "1"]),
+    ("1 process, --batch-size 4", 1, ["--batch-size", "4"]),
+    ("1 process, --batch-size 4, --compile", 1, ["--batch-size", "4", "--compile"]),
+    ("2 processes (torchrun, gloo), --batch-size 4", 2, ["--batch-size", "4"]),
+]
 
 
 def run_job(model: str, prompts: int, processes: int, flags: List[str], args, work: str) -> Tuple[float, float]:
@@ -77,18 +72,6 @@ def environment(threads: int) -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}")  # fmt: skip
 
 
-def write_section(path: str, section: str) -> None:
-    """Replace the section (up to the next ``## `` heading) in ``path``, or append it; keep everything else."""
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=12, help="prompts (one image each) of the long job")
@@ -105,15 +88,12 @@ def main() -> int:
     from dualguide.tiny import build_tiny_sdxl
 
     before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    compile_flag = has_compile_flag()
-    if not compile_flag:
-        print("dualguide batch has no --compile flag yet: the --compile row is left out", file=sys.stderr)
     rows: Dict[str, Tuple[float, float, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_batch_") as work:
         model = os.path.join(work, "tiny_sdxl")
         pipe = StableDiffusionXLTPGPipeline(**build_tiny_sdxl(seed=0, sample_size=args.size // 2), add_watermarker=False)
         pipe.save_pretrained(model)
-        for label, processes, flags in configurations(compile_flag):
+        for label, processes, flags in CONFIGURATIONS:
             full, busy = run_job(model, args.images, processes, flags, args, work)
             rows[label] = (full, args.images / full, args.images / busy)
             print(f"{label}: {args.images} images in {full:.1f} s ({args.images / full:.2f} img/s), loaded {args.images / busy:.2f} img/s", flush=True)
@@ -121,17 +101,16 @@ def main() -> int:
              f"`dualguide batch` on the tiny SDXL-layout model: {args.size}x{args.size} px, {args.steps} Euler steps, CFG 5 + TPG 3",
              f"(the defaults), float32, one image per prompt, {args.threads} torch thread(s) per process. Each row is one run of the",
              f"whole command for {args.images} prompts: wall = images / seconds of the command (start-up and loading included),",
-             "loaded = images / the busiest process's generating seconds (from the manifest), the rate of a long job.", "",
+             "loaded = images / the busiest process's generating seconds (from the manifest), the rate of a long job.",
+             "With --compile both include compiling the UNet, once, in the job's first pipeline call (all calls share one branch set).", "",
              "| configuration | seconds (whole command) | images/s wall | images/s loaded |", "|---|---|---|---|"]  # fmt: skip
     for label, (seconds, wall, loaded) in rows.items():
         lines.append(f"| {label} | {seconds:.1f} | {wall:.2f} | {loaded:.2f} |")
-    if not compile_flag:
-        lines.append("| 1 process, --compile | the command has no --compile flag yet | | |")
     load = "" if before is None else f" with a load average of {before:.1f} before and {os.getloadavg()[0]:.1f} after (other work on the machine)"
     lines += ["", f"Measured {time.strftime('%Y-%m-%d')}, once{load}: on a shared VM such figures are rough.", ""]
     section = "\n".join(lines)
     print(section)
-    write_section(args.out, section)
+    write_sections(args.out, [section])
     print(f"wrote the section {SECTION!r} of {args.out}")
     return 0
 

@@ -6,7 +6,8 @@ Baseline: diffusers' StableDiffusionXLPipeline with CFG (guidance_scale 5, Euler
 diffusers' StableDiffusionXLPAGPipeline (mid layers) and this project's modes. Every mode is timed
 in pairs with the baseline (full pipeline calls: text encoding, sampling, VAE decode), all in this
 one process; each ratio is the median over rounds of the pair's ratio. Ratios and targets go to
-stdout and benchmarks/RESULTS.md.
+stdout and benchmarks/RESULTS.md, where this script replaces its own parts (the text before the first
+section and one section per size) and keeps every other section (the batch job's, notes).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import sys
 import torch
 
 from common import (
-    BASELINE, TABLE_HEAD, Timings, comparison_pipelines, comparison_runs, environment, paired_timings, ratio_rows,
+    BASELINE, TABLE_HEAD, Timings, comparison_pipelines, comparison_runs, environment, paired_timings, ratio_rows, write_sections,
 )
 
 TARGETS = {
@@ -56,26 +57,22 @@ def main() -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from dualguide.tiny import build_tiny_sdxl
 
-    lines = ["# Benchmark: seconds per image, tiny SDXL-layout model", "", f"Machine: {environment()}.", "",
+    preamble = "\n".join(["# Benchmark: seconds per image, tiny SDXL-layout model", "", f"Machine: {environment()}.", "",
              f"{args.steps} Euler steps, one image, float32, full pipeline call; after a warm-up call of each, {args.repeats} rounds",
              "in which every mode runs in a pair with the baseline (diffusers' StableDiffusionXLPipeline with CFG), the order",
-             "alternating by round: s/image is the median over rounds, the ratio the median over rounds of mode / baseline.", ""]  # fmt: skip
-    all_misses = []
+             "alternating by round: s/image is the median over rounds, the ratio the median over rounds of mode / baseline."])  # fmt: skip
+    sections = []
     with torch.inference_mode():
         for size in args.sizes:
             components = build_tiny_sdxl(seed=0, sample_size=size // 2)
             timings = time_size(components, size, args.steps, args.repeats)
             targets = {f"ours {k}": v for k, v in TARGETS.get(size, {}).items()}
             rows, misses = ratio_rows(timings, targets)
-            all_misses += [f"{size}px {m}" for m in misses]
-            lines += [f"## {size}x{size} pixels ({size // 2}x{size // 2} latents)", "",
-                      *TABLE_HEAD, *rows, ""]  # fmt: skip
-    lines += ["Missed targets: " + ("none" if not all_misses else "; ".join(all_misses)), ""]
-    report = "\n".join(lines)
-    print(report)
-    with open(args.out, "w", encoding="utf-8") as f:
-        f.write(report)
-    print(f"wrote {args.out}")
+            sections.append("\n".join([f"## {size}x{size} pixels ({size // 2}x{size // 2} latents)", "", *TABLE_HEAD, *rows, "",
+                                       "Missed targets: " + ("none" if not misses else "; ".join(misses))]))  # fmt: skip
+    print(preamble, *sections, sep="\n\n")
+    write_sections(args.out, sections, preamble)
+    print(f"wrote its sections of {args.out}")
     return 0
 
 

@@ -1,12 +1,14 @@
-"""What the two benchmarks share: the guidance modes, timing, and the results table."""
+"""What the benchmarks share: the guidance modes, timing, the results table, and writing their sections."""
 
 from __future__ import annotations
 
+import os
 import platform
+import re
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -25,18 +27,19 @@ OUR_MODES: Dict[str, dict] = {
 BASELINE = "diffusers SDXL (CFG)"
 
 
-def comparison_pipelines(components: dict) -> Dict[str, object]:
-    """diffusers' SDXL pipeline (``sdxl``), its PAG pipeline on the mid block (``pag``) and ours (``ours``),
-    all over the same components, progress bars off."""
+def comparison_pipelines(components: dict, names: Sequence[str] = ("sdxl", "pag", "ours")) -> Dict[str, object]:
+    """Of diffusers' SDXL pipeline (``sdxl``), its PAG pipeline on the mid block (``pag``) and ours (``ours``),
+    those in ``names``, all over the same components, progress bars off."""
     from diffusers import StableDiffusionXLPAGPipeline, StableDiffusionXLPipeline
 
     from dualguide import StableDiffusionXLTPGPipeline
 
-    pipes = {
-        "sdxl": StableDiffusionXLPipeline(**components, add_watermarker=False),
-        "pag": StableDiffusionXLPAGPipeline(**components, add_watermarker=False, pag_applied_layers=["mid"]),
-        "ours": StableDiffusionXLTPGPipeline(**components, add_watermarker=False),
+    makers = {
+        "sdxl": lambda: StableDiffusionXLPipeline(**components, add_watermarker=False),
+        "pag": lambda: StableDiffusionXLPAGPipeline(**components, add_watermarker=False, pag_applied_layers=["mid"]),
+        "ours": lambda: StableDiffusionXLTPGPipeline(**components, add_watermarker=False),
     }
+    pipes = {name: makers[name]() for name in names}
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
     return pipes
@@ -127,3 +130,20 @@ def environment(device: Optional[str] = None) -> str:
 
     where = torch.cuda.get_device_name(0) if device == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
     return f"{where}; Python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}"
+
+
+def write_sections(path: str, sections: Sequence[str], preamble: Optional[str] = None) -> None:
+    """Put each section (its ``## `` heading line, then its text) into the markdown file ``path``: it replaces
+    the section with the same heading (up to the next ``## `` heading) or is appended. ``preamble`` replaces
+    the text before the first heading. Everything else (other scripts' sections, notes) is kept."""
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    for section in sections:
+        heading = section.split("\n", 1)[0]
+        body = section.rstrip("\n") + "\n\n"
+        pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
+        text = pattern.sub(lambda _: body, text, count=1) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
+    if preamble is not None:
+        first = re.search(r"^## ", text, re.M)
+        text = preamble.rstrip("\n") + "\n\n" + (text[first.start() :] if first else "")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text.strip("\n") + "\n")

@@ -4,6 +4,11 @@ A denoiser sets its call's state around its own UNet call only. The hooks and pr
 installed on a UNet read it and pass straight through when no state is set, or when the
 state does not name their module: calls made by other threads (each thread has its own
 context), by a pipeline nested in another's run, or by anyone else are left untouched.
+
+The state is ready-made for ``torch.compile``: tensors drawn or computed before the call
+(permutations, the NAG negative's K/V), settings as constants, modules as keys. Dynamo reads
+the ``ContextVar`` inside the compiled UNet and guards on what the hooks read, so the compiled
+code is specialised per branch set and settings, never per call.
 """
 
 from __future__ import annotations
@@ -11,19 +16,19 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, Iterator, Mapping, Optional, Tuple
+from typing import FrozenSet, Iterator, Mapping, Optional, Tuple
 
 from torch import Tensor, nn
 
-from .rows import CallRows, TokenPermutations
+from .rows import CallRows
 
 
 @dataclass(frozen=True)
 class TPGCall:
-    """Token shuffling: the blocks to perturb (block -> its index among them) and the permutations."""
+    """Token shuffling: block to perturb -> the permutation of its tokens for this call's TPG rows,
+    ``[tokens]`` shared by all rows or ``[rows, tokens]`` (one per image)."""
 
-    blocks: Mapping[nn.Module, int]
-    permutations: TokenPermutations
+    permutations: Mapping[nn.Module, Tensor]
 
 
 @dataclass(frozen=True)
@@ -39,7 +44,8 @@ class PAGCall:
 class NAGCall:
     """NAG on the cross-attentions ``attns`` with the negative context of the call's guided rows.
 
-    ``cache`` keeps each attention's K/V heads of ``negative`` for the run (keyed on the tensor).
+    ``cache``: attention -> the K/V heads of ``negative``, computed before the call (once per run,
+    by the denoiser); an attention missing from it computes them itself.
     """
 
     attns: FrozenSet[nn.Module]
@@ -48,7 +54,7 @@ class NAGCall:
     alpha: float
     use_l1: bool
     negative: Tensor
-    cache: Dict[nn.Module, Tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
+    cache: Mapping[nn.Module, Tuple[Tensor, Tensor]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -115,6 +115,8 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the first image; the others get seed+1, seed+2, ... (default 0)")
     parser.add_argument("--negative", default=None, help="negative prompt (CFG)")
     parser.add_argument("--out", default="outputs", help="output folder (made if missing)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet, guidance hooks included: each new setting compiles first (minutes); for long GPU jobs")
 
 
 def _add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
@@ -280,6 +282,10 @@ def _load(args) -> object:
         raise UsageError(f"--model {args.model_path}: {_describe(error)}") from None
     except (ValueError, TypeError, KeyError) as error:  # a folder or file that is not a loadable SDXL model
         raise UsageError(f"--model {args.model_path}: cannot load it: {_describe(error)}") from None
+    if getattr(args, "compile", False):  # callers without the option (the ui) load it plain
+        from .compiled import compile_unet
+
+        pipe.unet = compile_unet(pipe.unet)
     return pipe
 
 

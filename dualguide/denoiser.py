@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import math
 import threading
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 from diffusers.models.attention import BasicTransformerBlock
+from diffusers.utils.torch_utils import is_compiled_module, unwrap_module
 from torch import Tensor, nn
 
 from .callstate import GuidedCall, NAGCall, PAGCall, TPGCall, guided_call
+from .compiled import keep_hooks_installed
 from .conditioning import Conditioning
 from .config import CFG, NAG, PAG, TPG
 from .control import ControlNetInput, control_residuals
 from .guidance import guided_prediction, rescale_guidance
-from .hooks import ensure_processor_wrappers, shared_pre_hooks, shared_processor_wrappers
+from .hooks import ensure_processor_wrappers, guidance_hooks
 from .layers import resolve_layers
-from .nag import NAGCrossAttnProcessor
-from .perturb import PerturbedSelfAttnProcessor, shuffle_tokens
+from .nag import NAGCrossAttnProcessor, negative_key_value
+from .perturb import PerturbedSelfAttnProcessor, token_counts
 from .rows import BRANCH_ORDER, CallRows, Seeds, TokenPermutations, plan_calls
 from .schedule import DiscreteModelSchedule
 
@@ -62,7 +64,8 @@ class GuidedDenoiser:
 
     A denoiser holds one sampling run's state (permutation streams, NAG K/V): use one per
     thread. Any number of denoisers, in any threads, may share one UNet: each call's
-    guidance acts on that call only.
+    guidance acts on that call only. A ``torch.compile``d UNet (see ``compiled``) gets the
+    guidance hooks installed for good on first use; the per-call state stays the same.
     """
 
     def __init__(
@@ -111,13 +114,14 @@ class GuidedDenoiser:
         self._tpg_blocks = {module: index for index, (_, module) in enumerate(tpg_blocks)}
         self._pag_attns = frozenset(module.attn1 for _, module in pag_blocks)
         self._nag_attns = frozenset(
-            module.attn2 for module in unet.modules() if isinstance(module, BasicTransformerBlock) and module.attn2 is not None
+            module.attn2 for module in unwrap_module(unet).modules() if isinstance(module, BasicTransformerBlock) and module.attn2 is not None
         ) if self.nag else frozenset()  # fmt: skip
+        self._compiled = is_compiled_module(unet)
         self.permutations = TokenPermutations(seed)
         self._running = threading.Lock()
-        self._batch_cache: Dict[tuple, tuple] = {}
+        self._batch_cache: Dict[tuple, object] = {}
         self._cached_inputs: Optional[tuple] = None
-        self._nag_cache: Dict = {}
+        self._tpg_tokens: Dict[tuple, list] = {}  # latent size -> (block, index, tokens) in the order the blocks run
         self.last_predictions: Dict[str, Tensor] = {}
         self.last_branches: Tuple[str, ...] = ()
         self.set_schedule(sigmas)
@@ -174,15 +178,12 @@ class GuidedDenoiser:
 
         Without it each call installs and removes them itself. Installation is shared and
         reference-counted per module, so blocks of several denoisers may nest or overlap in
-        any order; when the last one exits the UNet has exactly its previous processors and no hooks.
+        any order; when the last one exits the UNet has exactly its previous processors and no hooks
+        (a compiled UNet keeps its resident ones, which pass through).
         """
-        with ExitStack() as stack:
-            if self._tpg_blocks:
-                stack.enter_context(shared_pre_hooks(self._tpg_blocks, shuffle_tokens))
-            if self._pag_attns:
-                stack.enter_context(shared_processor_wrappers(self._pag_attns, PerturbedSelfAttnProcessor))
-            if self._nag_attns:
-                stack.enter_context(shared_processor_wrappers(self._nag_attns, NAGCrossAttnProcessor))
+        if self._compiled:
+            keep_hooks_installed(self.unet)
+        with guidance_hooks(self._tpg_blocks, self._pag_attns, self._nag_attns):
             yield self
 
     def _ensure_wrappers(self) -> None:
@@ -301,24 +302,35 @@ class GuidedDenoiser:
             self._batch_cache[branches] = (stacked, negative)
         return self._batch_cache[branches]
 
-    def _call_negative(self, negative: Optional[Tensor], rows: slice, guided: Optional[slice]) -> Optional[Tensor]:
-        """The NAG negative of the guided rows of one UNet call; the same tensor object at every step
-        (the NAG processors key their cached K/V on it)."""
+    def _call_nag(self, negative: Optional[Tensor], rows: slice, guided: Optional[slice]) -> Optional[NAGCall]:
+        """NAG's state for one UNet call: the guided rows' negative and its K/V in every cross-attention,
+        computed once for the run (they are the same at every step)."""
         if negative is None or guided is None:
             return None
         key = (id(negative), rows.start, rows.stop, guided.start, guided.stop)
         if key not in self._batch_cache:
-            self._batch_cache[key] = negative[rows][guided]
+            call_negative = negative[rows][guided]
+            cache = {attn: negative_key_value(attn, call_negative) for attn in self._nag_attns}
+            settings = self.nag
+            self._batch_cache[key] = NAGCall(self._nag_attns, settings.scale, settings.tau, settings.alpha, settings.use_l1, call_negative, cache)
         return self._batch_cache[key]
 
-    def _guided_call(self, call_rows: CallRows, negative: Optional[Tensor]) -> GuidedCall:
+    def _step_permutations(self, latents: Tensor) -> Dict[nn.Module, Tensor]:
+        """This step's TPG permutation of each TPG block for all images of ``latents``, drawn in the order the blocks run."""
+        size = tuple(latents.shape[-2:])
+        if size not in self._tpg_tokens:
+            counts = token_counts(self.unet, *size)
+            self._tpg_tokens[size] = [(block, self._tpg_blocks[block], tokens) for block, tokens in counts.items() if block in self._tpg_blocks]
+        images = slice(0, latents.shape[0])
+        return {block: self.permutations.get(index, tokens, latents.device, images) for block, index, tokens in self._tpg_tokens[size]}
+
+    def _guided_call(self, call_rows: CallRows, permutations: Dict[nn.Module, Tensor], nag: Optional[NAGCall]) -> GuidedCall:
         """The state the hooks read during one UNet call."""
-        tpg = TPGCall(self._tpg_blocks, self.permutations) if "tpg" in call_rows.slices else None
+        tpg = None
+        if "tpg" in call_rows.slices:
+            images = call_rows.images_of("tpg")
+            tpg = TPGCall({block: p if p.ndim == 1 else p[images] for block, p in permutations.items()})
         pag = PAGCall(self._pag_attns, self.pag.beta, self.pag.heads) if "pag" in call_rows.slices else None
-        nag = None
-        if negative is not None:
-            settings = self.nag
-            nag = NAGCall(self._nag_attns, settings.scale, settings.tau, settings.alpha, settings.use_l1, negative, cache=self._nag_cache)
         return GuidedCall(call_rows, tpg, pag, nag)
 
     def _step_of(self, level: float) -> Tuple[int, int]:
@@ -333,11 +345,12 @@ class GuidedDenoiser:
         timestep_cond = None if self.timestep_cond is None else self.timestep_cond.repeat(len(branches), 1)
         stacked, negative = self._step_inputs(branches, cond, uncond, nag_negative)
         self.permutations.new_step()
+        permutations = self._step_permutations(model_input[:batch]) if "tpg" in branches else {}
         outputs = []
         with self.hooks():
             self._ensure_wrappers()
             for rows, call_rows in plan_calls(branches, batch, self.max_batch_rows):
-                call = self._guided_call(call_rows, self._call_negative(negative, rows, call_rows.guided))
+                call = self._guided_call(call_rows, permutations, self._call_nag(negative, rows, call_rows.guided))
                 added = {"text_embeds": stacked.pooled_embeds[rows], "time_ids": stacked.time_ids[rows]}
                 if stacked.image_embeds is not None:
                     added["image_embeds"] = [embeds[rows] for embeds in stacked.image_embeds]

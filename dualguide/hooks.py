@@ -4,7 +4,9 @@ Any number of sessions (denoisers, threads, nested ``hooks()`` blocks) may ask f
 hook or wrapper on the same module: the first installs it, the last to leave removes it, in
 any order of exit. A wrapper wraps the processor it finds (IP-Adapter, xformers, custom) and,
 on removal, puts exactly that processor back. The hooks themselves are stateless: they act
-only on calls that carry a state for them (see ``callstate``).
+only on calls that carry a state for them (see ``callstate``). ``guidance_hooks`` installs the
+set guided calls use (TPG's pre-hooks, PAG's and NAG's processor wrappers) for a block;
+``hold_guidance_hooks`` takes a share that is never given back (a compiled UNet's resident hooks).
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ from __future__ import annotations
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterable, Iterator, List, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from torch import nn
+
+from .nag import NAGCrossAttnProcessor
+from .perturb import PerturbedSelfAttnProcessor, shuffle_tokens
 
 _lock = threading.RLock()
 # module -> {key: [count, installed object]}; the key is the wrapper class or the hook function.
@@ -38,14 +43,21 @@ def _acquire_wrapper(attn: nn.Module, wrapper_type: Callable) -> None:
         entry[1] = _ensure_wrapped(attn, wrapper_type, entry[1])
 
 
-def _release_wrapper(attn: nn.Module, wrapper_type: Callable) -> None:
-    entries = _entries(attn)
-    entry = entries[wrapper_type]
+def _drop(module: nn.Module, key: Callable) -> Optional[object]:
+    """Count one share of ``key`` on ``module`` off: the installed object when that was the last share, else None."""
+    entries = _entries(module)
+    entry = entries[key]
     entry[0] -= 1
-    if entry[0] == 0:
-        del entries[wrapper_type]
-        if attn.processor is entry[1]:
-            attn.set_processor(entry[1].previous)
+    if entry[0]:
+        return None
+    del entries[key]
+    return entry[1]
+
+
+def _release_wrapper(attn: nn.Module, wrapper_type: Callable) -> None:
+    wrapper = _drop(attn, wrapper_type)
+    if wrapper is not None and attn.processor is wrapper:
+        attn.set_processor(wrapper.previous)
 
 
 def _wrap(attn: nn.Module, wrapper_type: Callable):
@@ -61,53 +73,65 @@ def _ensure_wrapped(attn: nn.Module, wrapper_type: Callable, wrapper):
     return _wrap(attn, wrapper_type)
 
 
+def _acquire_pre_hook(module: nn.Module, hook: Callable) -> None:
+    entries = _entries(module)
+    entry = entries.get(hook)
+    if entry is None:
+        entry = entries[hook] = [0, module.register_forward_pre_hook(hook, with_kwargs=True)]
+    entry[0] += 1
+
+
+def _release_pre_hook(module: nn.Module, hook: Callable) -> None:
+    handle = _drop(module, hook)
+    if handle is not None:
+        handle.remove()
+
+
+# One installation: (module, hook function or wrapper type, acquire, release).
+Part = Tuple[nn.Module, Callable, Callable, Callable]
+
+
+def _guidance_parts(tpg_blocks: Iterable[nn.Module], pag_attns: Iterable[nn.Module], nag_attns: Iterable[nn.Module]) -> List[Part]:
+    return (
+        [(block, shuffle_tokens, _acquire_pre_hook, _release_pre_hook) for block in tpg_blocks]
+        + [(attn, PerturbedSelfAttnProcessor, _acquire_wrapper, _release_wrapper) for attn in pag_attns]
+        + [(attn, NAGCrossAttnProcessor, _acquire_wrapper, _release_wrapper) for attn in nag_attns]
+    )
+
+
 @contextmanager
-def shared_processor_wrappers(attns: Iterable[nn.Module], wrapper_type: Callable) -> Iterator[None]:
-    """Wrap each attention's processor in ``wrapper_type(previous)`` for the block, shared and counted."""
-    acquired: List[nn.Module] = []
+def guidance_hooks(tpg_blocks: Iterable[nn.Module], pag_attns: Iterable[nn.Module], nag_attns: Iterable[nn.Module]) -> Iterator[None]:
+    """TPG's pre-hook (``with_kwargs=True``) on ``tpg_blocks``, PAG's processor wrapper on ``pag_attns`` and
+    NAG's on ``nag_attns`` for the ``with`` block, shared and counted; released in reverse order on exit."""
+    acquired: List[Part] = []
     try:
         with _lock:
-            for attn in attns:
-                _acquire_wrapper(attn, wrapper_type)
-                acquired.append(attn)
+            for part in _guidance_parts(tpg_blocks, pag_attns, nag_attns):
+                module, key, acquire, _ = part
+                acquire(module, key)
+                acquired.append(part)
         yield
     finally:
         with _lock:
-            for attn in reversed(acquired):
-                _release_wrapper(attn, wrapper_type)
+            for module, key, _, release in reversed(acquired):
+                release(module, key)
+
+
+def hold_guidance_hooks(tpg_blocks: Iterable[nn.Module], pag_attns: Iterable[nn.Module], nag_attns: Iterable[nn.Module]) -> None:
+    """Take a share of the same hooks that is never given back: they stay installed (a compiled UNet's)."""
+    with _lock:
+        for module, key, acquire, _ in _guidance_parts(tpg_blocks, pag_attns, nag_attns):
+            acquire(module, key)
 
 
 def ensure_processor_wrappers(attns: Iterable[nn.Module], wrapper_type: Callable) -> None:
-    """Re-wrap, around whatever is there now, any processor replaced since ``shared_processor_wrappers`` began."""
+    """Re-wrap, around whatever is there now, any processor replaced since ``guidance_hooks`` began."""
     with _lock:
         for attn in attns:
             entry = _entries(attn).get(wrapper_type)
             if entry is None:
-                raise RuntimeError("ensure_processor_wrappers called outside shared_processor_wrappers")
+                raise RuntimeError("ensure_processor_wrappers called outside guidance_hooks")
             entry[1] = _ensure_wrapped(attn, wrapper_type, entry[1])
-
-
-@contextmanager
-def shared_pre_hooks(modules: Iterable[nn.Module], hook: Callable) -> Iterator[None]:
-    """Register ``hook`` (``with_kwargs=True``) as a forward pre-hook of each module, shared and counted."""
-    acquired: List[Tuple[nn.Module, list]] = []
-    try:
-        with _lock:
-            for module in modules:
-                entries = _entries(module)
-                entry = entries.get(hook)
-                if entry is None:
-                    entry = entries[hook] = [0, module.register_forward_pre_hook(hook, with_kwargs=True)]
-                entry[0] += 1
-                acquired.append((module, entry))
-        yield
-    finally:
-        with _lock:
-            for module, entry in reversed(acquired):
-                entry[0] -= 1
-                if entry[0] == 0:
-                    del _entries(module)[hook]
-                    entry[1].remove()
 
 
 def installed_count(module: nn.Module) -> int:

@@ -19,9 +19,11 @@ _ID = re.compile(r"^([dmu])(\d+)(?:-(?:\1)?(\d+))?$")
 
 
 def transformer_blocks(unet: nn.Module) -> Dict[str, Tuple[str, nn.Module]]:
-    """Map every layer id of ``unet`` to ``(module name, BasicTransformerBlock)``."""
+    """Map every layer id of ``unet`` (or of the UNet a ``torch.compile`` wrapper holds) to ``(module name, BasicTransformerBlock)``."""
     from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.utils.torch_utils import unwrap_module
 
+    unet = unwrap_module(unet)
     blocks: Dict[str, Tuple[str, nn.Module]] = {}
     counts = {prefix: 0 for prefix in GROUP_PREFIX.values()}
     for name, module in unet.named_modules():

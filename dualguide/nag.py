@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from typing import Tuple
 
-import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import Tensor, nn
 
@@ -61,23 +60,19 @@ def _standard_nag(attn, hidden_states: Tensor, context: Tensor, temb, guided: sl
     query = attn.to_q(prepared.hidden_states)
     positive_context = attention.context(attn, prepared.hidden_states, context)
     merged = attention.attend(attn, query, attn.to_k(positive_context), attn.to_v(positive_context))
-    negative_key, negative_value = _negative_key_value(attn, nag, query.dtype)
+    cached = nag.cache.get(attn)
+    negative_key, negative_value = cached if cached is not None else negative_key_value(attn, nag.negative.to(query.dtype))
     z_negative = attention.attend_heads(attention.query_heads(attn, query[guided]), negative_key, negative_value)
     positive = merged[guided]  # a view: the result is written into ``merged`` in place
     nag_extrapolate(positive, z_negative, nag.scale, nag.tau, nag.alpha, nag.use_l1, out=positive)
     return attention.finish(attn, merged, prepared)
 
 
-def _negative_key_value(attn, nag: NAGCall, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
-    """K/V heads of the NAG negative: the same at every step of a run, so computed once per negative tensor."""
-    key = (attn, id(nag.negative))
-    cached = nag.cache.get(key)
-    if cached is None or cached[0] is not nag.negative:
-        negative_context = nag.negative.to(dtype)
-        context = attention.context(attn, negative_context, negative_context)
-        cached = (nag.negative, attention.key_heads(attn, attn.to_k(context)), attention.split_heads(attn, attn.to_v(context)))
-        nag.cache[key] = cached
-    return cached[1], cached[2]
+def negative_key_value(attn, negative: Tensor) -> Tuple[Tensor, Tensor]:
+    """K/V heads of the NAG negative context in ``attn``: the same at every step of a run, so a denoiser
+    computes them once per run (``NAGCall.cache``), outside any compiled UNet."""
+    context = attention.context(attn, negative, negative)
+    return attention.key_heads(attn, attn.to_k(context)), attention.split_heads(attn, attn.to_v(context))
 
 
 def _negative_context(encoder_hidden_states, negative: Tensor, guided: slice):
