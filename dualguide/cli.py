@@ -1,4 +1,4 @@
-"""The ``dualguide`` command: ``generate``, ``compare``, ``batch``, ``ui`` and ``samplers``.
+"""The ``dualguide`` command: ``generate``, ``compare``, ``batch``, ``eval``, ``ui`` and ``samplers``.
 
 Heavy modules (torch, diffusers) are imported only by the subcommands that need them, so
 ``dualguide --help`` and ``dualguide samplers`` answer at once.
@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_guidance_arguments(compare)
     _add_task_arguments(compare)
     _add_batch_parser(commands)
+    _add_eval_parser(commands)
     _add_ui_parser(commands)
     commands.add_parser("samplers", help="list the sampler and schedule names")
     return parser
@@ -623,6 +624,35 @@ def command_batch(args) -> int:
     return 0
 
 
+# --- eval: guidance modes on the same prompts and seeds, measured and compared (the work is in dualguide.evaluation) ---
+
+
+def _add_eval_parser(commands) -> None:
+    evaluate = commands.add_parser("eval", help="compare guidance modes on the same prompts and seeds: metrics, paired statistics, report")
+    evaluate.add_argument("prompts", metavar="PROMPTS", nargs="?", default=None, help=".txt/.jsonl prompt file (or --embedded-prompts)")
+    evaluate.add_argument("--embedded-prompts", type=_whole(2), default=None, metavar="N", help="N prompts of the embedded model's grammar")
+    evaluate.add_argument("--modes", default=None, help='"NAME: KEY=VALUE,...; ..." keyed by generate flag names; a scale a mode does not set is '
+                          "off (default: none, cfg, tpg, cfg+tpg, cfg+nag, cfg+tpg+nag, cfg+pag)")  # fmt: skip
+    evaluate.add_argument("--baseline", default="cfg", help="the mode every other is compared with (default cfg)")
+    evaluate.add_argument("--seeds", type=_whole(1), default=2, help="images per prompt, the same seeds in every mode (>= 1, default 2)")
+    evaluate.add_argument("--unconditional", type=_whole(0), default=0, metavar="N", help="empty-prompt images per mode, for the unconditional KID")
+    evaluate.add_argument("--clip", default=None, metavar="PATH", help="local CLIP model folder: CLIP score (and the features, with --model)")
+    evaluate.add_argument("--reference", default=None, metavar="DIR", help="reference images for the KID (embedded model: ground-truth renders)")
+    evaluate.add_argument("--batch-size", type=_whole(1), default=1, help="images with the same settings per pipeline call (>= 1)")
+    evaluate.add_argument("--overwrite", action="store_true", help="remake images made before in --out with other settings")
+    _add_model_arguments(evaluate)
+    _add_guidance_arguments(evaluate)
+    for action in evaluate._actions:
+        if action.dest == "out":
+            action.required, action.default, action.help = True, None, "output folder: plan.jsonl, images/, results.*, metrics.png, examples.png"
+
+
+def command_eval(args) -> int:
+    from .evaluation.command import evaluate  # numpy, torch and the metrics load only here
+
+    return evaluate(args)
+
+
 # --- ui: the guidance explorer in the browser (optional extra; the work is in dualguide.ui) ----------------------
 
 
@@ -683,7 +713,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error, already printed as one line (2)
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
-    handlers = {"generate": command_generate, "compare": command_compare, "batch": command_batch, "ui": command_ui, "samplers": command_samplers}
+    handlers = {"generate": command_generate, "compare": command_compare, "batch": command_batch, "eval": command_eval, "ui": command_ui, "samplers": command_samplers}
     with warnings.catch_warnings():
         if not debug:
             warnings.simplefilter("ignore")  # libraries' deprecation notes would break the one-line rule

@@ -82,3 +82,36 @@ def loads(monkeypatch):
 
     monkeypatch.setattr(cli, "_load", refuse)
     return calls
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (as torchrun workers, OMP_NUM_THREADS=1): on two busy shared cores two
+    threads wait for each other and an op takes many times longer; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def clip_folder(tmp_path_factory):
+    """A tiny random CLIP model, tokenizer and image processor saved like a hub checkpoint."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from dualguide.toy.data import grammar_words
+    from dualguide.vocab import write_tokenizer_files
+
+    folder = tmp_path_factory.mktemp("clip")
+    write_tokenizer_files(str(folder), grammar_words(), model_max_length=77)
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    layers = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
+    text = dict(layers, vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=dict(layers, image_size=32, patch_size=8),
+                                 projection_dim=16))  # fmt: skip
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder

@@ -13,21 +13,14 @@ from dualguide.evaluation.adherence import ATTRIBUTES, attribute_hits
 from dualguide.evaluation.clip import check_clip_folder, clip_image_features, clip_scores, load_clip
 from dualguide.evaluation.features import judge_features
 from dualguide.evaluation.layout import measure_layout
-from dualguide.evaluation.metrics import diversity, kid
+from dualguide.evaluation.metrics import diversity, kid, kid_contributions
 from dualguide.evaluation.reference import load_reference_images
 from dualguide.evaluation.report import MetricResult, write_report
 from dualguide.evaluation.statistics import paired_comparison, verdict
-from dualguide.toy.data import caption, grammar_words, random_labels, render
+from dualguide.toy.data import caption, random_labels, render
 from dualguide.toy.judge import JUDGE_DIR, ShapeJudge, as_batch
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small matrices only here: one thread avoids thread start and contention costs on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small matrices: one thread avoids start and contention costs
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +134,21 @@ def test_kid_small_sets():
         kid(rng.normal(size=(5, 4)), rng.normal(size=(1, 4)))
 
 
+def test_kid_contributions_average_to_the_whole_set_kid():
+    rng = np.random.default_rng(2)
+    reference, same, shifted = rng.normal(size=(40, 6)), rng.normal(size=(40, 6)), rng.normal(size=(40, 6)) + 0.5
+    whole = kid(reference, shifted, subset_size=40, subsets=1)  # one subset of all features: the whole-set KID
+    contributions = kid_contributions(shifted, reference)
+    assert contributions.shape == (40,) and contributions.mean() == pytest.approx(whole.value, rel=1e-12)
+    assert abs(kid_contributions(same, reference).mean()) < 0.1 * whole.value
+    x, y = shifted, reference  # by hand: the unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3
+    k = lambda a, b: (a @ b.T / 6 + 1) ** 3  # noqa: E731
+    off_diagonal = lambda m: (m.sum() - np.trace(m)) / (len(m) * (len(m) - 1))  # noqa: E731
+    assert contributions.mean() == pytest.approx(off_diagonal(k(x, x)) + off_diagonal(k(y, y)) - 2 * k(x, y).mean())
+    with pytest.raises(ValueError, match="width"):
+        kid_contributions(shifted, reference[:, :5])
+
+
 def test_diversity_is_the_mean_pairwise_distance_per_prompt():
     features = [[[0, 0], [3, 4], [0, 0]], [[1, 1], [1, 1], [1, 1]]]
     np.testing.assert_allclose(diversity(features), [10 / 3, 0.0])
@@ -149,28 +157,6 @@ def test_diversity_is_the_mean_pairwise_distance_per_prompt():
 
 
 # CLIP and reference images
-
-
-@pytest.fixture(scope="module")
-def clip_folder(tmp_path_factory):
-    """A tiny random CLIP model, tokenizer and image processor saved like a hub checkpoint."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    from dualguide.vocab import write_tokenizer_files
-
-    folder = tmp_path_factory.mktemp("clip")
-    write_tokenizer_files(str(folder), grammar_words(), model_max_length=77)
-    tokenizer = CLIPTokenizer.from_pretrained(folder)
-    layers = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
-    text = dict(layers, vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=dict(layers, image_size=32, patch_size=8),
-                                 projection_dim=16))  # fmt: skip
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    model.save_pretrained(folder)
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
-    return folder
 
 
 def test_clip_scores_and_image_features(clip_folder):

@@ -10,8 +10,7 @@ Needs the ``eval`` extra (torchmetrics, scipy, matplotlib).
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from ..lazy import lazy_exports
 
 _EXPORTS = {
     "PairedComparison": "statistics",
@@ -28,20 +27,14 @@ _EXPORTS = {
     "load_reference_images": "reference",
     "KernelDistance": "metrics",
     "kid": "metrics",
+    "kid_contributions": "metrics",
     "diversity": "metrics",
     "MetricResult": "report",
     "write_report": "report",
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'dualguide.evaluation' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 def __dir__():

@@ -67,6 +67,30 @@ def kid(features_a, features_b, subset_size: Optional[int] = None, subsets: int 
     return KernelDistance(value=value, standard_error=error, subset_size=m, subsets=subsets)
 
 
+def kid_contributions(features, reference) -> np.ndarray:
+    """Each feature's share of the unbiased KID between ``features`` ``[N, D]`` and ``reference`` ``[M, D]``: ``[N]``.
+
+    Their mean is the whole-set unbiased KID (torchmetrics' polynomial kernel, what ``kid`` averages over subsets):
+    ``z_i = 2 g_i - 2 f_i - U_ff + U_rr`` with ``g_i`` the mean kernel of feature ``i`` with the other features,
+    ``f_i`` its mean kernel with the reference, ``U_ff = mean(g)`` and ``U_rr`` the reference's own term. ``z_i``
+    minus the mean is the first-order influence of feature ``i`` on the KID, so with the reference held fixed,
+    a paired bootstrap over the ``z`` of two feature sets (same prompts and seeds) gives an interval for the
+    difference of their KIDs.
+    """
+    import torch
+    from torchmetrics.image.kid import poly_kernel
+
+    x = torch.from_numpy(_features("features", features))
+    y = torch.from_numpy(_features("reference", reference))
+    if x.shape[1] != y.shape[1]:
+        raise ValueError(f"features and reference differ in width: {x.shape[1]} and {y.shape[1]}")
+    n, m = len(x), len(y)
+    within, across, reference_kernel = poly_kernel(x, x), poly_kernel(x, y), poly_kernel(y, y)
+    own = (within.sum(dim=1) - within.diagonal()) / (n - 1)
+    reference_term = (reference_kernel.sum() - reference_kernel.diagonal().sum()) / (m * (m - 1))
+    return (2 * own - 2 * across.mean(dim=1) - own.mean() + reference_term).numpy()
+
+
 def diversity(features) -> np.ndarray:
     """Per prompt, the mean Euclidean distance between the features of its seeds: ``[P, S, D]`` -> ``[P]``."""
     from scipy.spatial.distance import pdist

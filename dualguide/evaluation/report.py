@@ -21,6 +21,8 @@ import numpy as np
 
 from .statistics import CONFIDENCE, PairedComparison
 
+FIGURE_COLUMNS = 5  # metric panels per row of metrics.png
+
 
 @dataclass(frozen=True)
 class MetricResult:
@@ -118,13 +120,18 @@ def _png(figure) -> bytes:
 
 
 def metrics_figure(results: Results, baseline: str) -> bytes:
-    """PNG: per metric a panel with each compared mode's difference to ``baseline``, its interval and a zero line."""
+    """PNG: per metric a panel (up to ``FIGURE_COLUMNS`` a row) with each compared mode's difference to ``baseline``,
+    its interval and a zero line."""
     from matplotlib.figure import Figure
 
     metrics = _metrics(results)
-    figure = Figure(figsize=(3.2 * len(metrics), 3.2), layout="tight")
-    axes = figure.subplots(1, len(metrics), squeeze=False)
-    for ax, metric in zip(axes[0], metrics):
+    columns = min(len(metrics), FIGURE_COLUMNS)
+    rows = math.ceil(len(metrics) / columns)
+    figure = Figure(figsize=(3.2 * columns, 3.4 * rows), layout="tight")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    for ax in axes[len(metrics) :]:
+        ax.set_axis_off()
+    for ax, metric in zip(axes, metrics):
         compared = [(mode, r[metric].comparison) for mode, r in results.items() if metric in r and r[metric].comparison]
         names = [mode for mode, _ in compared]
         differences = [c.difference for _, c in compared]

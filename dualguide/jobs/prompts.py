@@ -1,8 +1,8 @@
 """Read a prompt file: ``.txt`` (one prompt per line) or ``.jsonl`` (one JSON object per line).
 
-A JSON line holds ``prompt`` and optionally ``negative``, ``seed`` (the seed of the line's first image),
-``n`` (its number of images) and generate settings by their flag name (``cfg``, ``tpg-layers`` or
-``tpg_layers``, ...). ``null`` means "as on the command line". Blank lines are skipped in both formats.
+A JSON line holds ``prompt`` (``""``: an unconditional image) and optionally ``negative``, ``seed`` (the
+seed of the line's first image), ``n`` (its number of images) and generate settings by their flag name
+(``cfg``, ``tpg-layers`` or ``tpg_layers``, ...). ``null`` means "as on the command line". Blank lines are skipped in both formats.
 Every problem is a ``PromptFileError`` whose message starts with ``FILE:LINE:`` (or ``FILE:`` for the file).
 """
 
@@ -96,8 +96,8 @@ def _json_line(where: str, number: int, text: str, settings: set) -> PromptLine:
         if value is not None:
             options[name] = _setting_value(where, key, value)
     prompt = entry.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise PromptFileError(f"{where}: \"prompt\" must be a non-empty string, got {json.dumps(prompt)}")
+    if not isinstance(prompt, str):
+        raise PromptFileError(f"{where}: \"prompt\" must be a string (\"\" for an unconditional image), got {json.dumps(prompt)}")
     negative = entry.get("negative")
     if negative is not None and not isinstance(negative, str):
         raise PromptFileError(f"{where}: \"negative\" must be a string or null, got {json.dumps(negative)}")
