@@ -142,7 +142,9 @@ def task_arguments(task: Task, kwargs: Dict[str, object], pipe) -> Dict[str, obj
 
 
 def task_metadata(task: Task) -> Dict[str, object]:
-    """What the PNG metadata records of the task: its name, files and numbers."""
+    """What the PNG metadata records of the task: its name, files and numbers; nothing for text-to-image."""
+    if task.name == "text2img":
+        return {}
     metadata: Dict[str, object] = {"task": task.name, **task.files}
     if task.strength is not None:
         metadata["strength"] = task.strength

@@ -79,6 +79,7 @@ def test_generate_writes_pngs_with_settings(model_folder, tmp_path, capsys):
     assert parameters["prompt"] == "a red circle" and parameters["seed"] == 5
     assert parameters["num_inference_steps"] == 2 and parameters["guidance_scale"] == 4.0  # recommended.json
     assert parameters["do_nag"] is True and parameters["tpg_interval"] == [0.0, 0.5]
+    assert "task" not in parameters  # text to image: no task fields (the ui writes the same metadata)
     assert str(out) in capsys.readouterr().out
 
 

@@ -5,6 +5,7 @@ with ``DUALGUIDE_CHROMIUM=/path``); skipped without them. Playwright's own brows
 ``DUALGUIDE_UI_SCREENSHOT=docs/ui.png`` also writes the README's screenshot.
 """
 
+import functools
 import importlib.util
 import io
 import json
@@ -354,7 +355,10 @@ def test_dualguide_ui_serves_the_page_on_localhost_then_the_model_and_stops_on_c
 
     port = free_port()
     began = time.perf_counter()
-    process = subprocess.Popen([*DUALGUIDE, "ui", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl+C as in a terminal, also when the tests run in a background job (which starts with SIGINT ignored).
+    restore_sigint = functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL)
+    process = subprocess.Popen([*DUALGUIDE, "ui", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=restore_sigint)  # fmt: skip
     try:
         serving = process.stdout.readline()
         served = time.perf_counter() - began
