@@ -87,8 +87,8 @@ def check_controlnet_call(
     height, width = processed_size(pipe, sized)
     args["height"] = height if args["height"] is None else args["height"]
     args["width"] = width if args["width"] is None else args["width"]
-    absent = {name: value for name, value in ABSENT.items() if name not in args}
-    checked = task_check(pipe, {**absent, **args})
+    absent = ABSENT.keys() - args.keys()
+    checked = task_check(pipe, with_absent(args))
     batch = GuidedSamplingMixin.prompt_batch(checked)
     for item in per_net:
         if control_batch(item) not in (1, batch):
