@@ -14,25 +14,26 @@ denoiser installs the resident hooks on the inner UNet before its first guided c
 from __future__ import annotations
 
 import weakref
+from typing import Optional
 
 import torch
-from diffusers.models.attention import BasicTransformerBlock
 from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
+from .families import ModelFamily, family_of
 from .hooks import hold_guidance_hooks
 
 _resident: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
-def keep_hooks_installed(unet: nn.Module) -> None:
+def keep_hooks_installed(unet: nn.Module, family: Optional[ModelFamily] = None) -> None:
     """Install every guidance hook and wrapper on ``unet`` (or the UNet a compiled module holds) for
-    the rest of its life; idempotent. Each call still acts only on what its own state asks for."""
+    the rest of its life; idempotent. Each call still acts only on what its own state asks for.
+    ``family``: the backbone's adapter (by default ``family_of(unet)``)."""
     unet = unwrap_module(unet)
     if unet in _resident:
         return
-    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock)]
-    hold_guidance_hooks(blocks, [b.attn1 for b in blocks], [b.attn2 for b in blocks if b.attn2 is not None])
+    hold_guidance_hooks(*(family or family_of(unet)).hook_sites(unet))
     _resident.add(unet)
 
 

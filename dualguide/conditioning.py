@@ -1,4 +1,5 @@
-"""SDXL prompt encoding -> ``Conditioning`` (prompt embeds, pooled embeds, time ids).
+"""Prompt encoding per family -> ``Conditioning``: SDXL (prompt embeds, pooled embeds, time ids) and
+Stable Diffusion 1.x / 2.x (prompt embeds only).
 
 Long prompts: a prompt longer than the tokenizer's window (``model_max_length``: 77 for SDXL, i.e.
 BOS + 75 tokens + EOS) is encoded window by window and the windows are concatenated along the
@@ -23,36 +24,45 @@ TokenIds = List[List[int]]  # one list of content token ids (no BOS/EOS) per pro
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What the SDXL UNet is conditioned on, one row per image.
+    """What a UNet is conditioned on, one row per image.
 
-    ``attention_mask`` ``[B, L]`` (1 keep, 0 hide) hides the padding windows of rows whose prompts
+    SDXL rows carry all three tensors; Stable Diffusion 1.x / 2.x rows only ``prompt_embeds``
+    (``pooled_embeds`` and ``time_ids`` None). ``attention_mask`` ``[B, L]`` (1 keep, 0 hide) hides the padding windows of rows whose prompts
     need fewer windows than the longest of their batch, so that each row gets what it gets alone;
     ``image_embeds`` are the IP-Adapter image embeddings (one tensor per adapter).
     """
 
-    prompt_embeds: Tensor  # [B, L, D]: both text encoders' hidden states, concatenated
-    pooled_embeds: Tensor  # [B, P]: text_encoder_2's pooled projection
-    time_ids: Tensor  # [B, 6]: original size, crop top-left, target size
+    prompt_embeds: Tensor  # [B, L, D]: the text encoders' hidden states (SDXL: both, concatenated)
+    pooled_embeds: Optional[Tensor] = None  # [B, P]: SDXL's text_encoder_2 pooled projection
+    time_ids: Optional[Tensor] = None  # [B, 6]: SDXL's original size, crop top-left, target size
     attention_mask: Optional[Tensor] = None  # [B, L]
     image_embeds: Optional[List[Tensor]] = None
 
     def __post_init__(self) -> None:
-        sizes = {self.prompt_embeds.shape[0], self.pooled_embeds.shape[0], self.time_ids.shape[0]}
-        if len(sizes) != 1:
+        tensors = {"prompt_embeds": self.prompt_embeds, "pooled_embeds": self.pooled_embeds, "time_ids": self.time_ids}
+        sizes = {name: t.shape[0] for name, t in tensors.items() if t is not None}
+        if len(set(sizes.values())) != 1:
             raise ValueError(
-                "Conditioning: prompt_embeds, pooled_embeds and time_ids must have the same batch size, got "
-                f"{self.prompt_embeds.shape[0]}, {self.pooled_embeds.shape[0]}, {self.time_ids.shape[0]}"
+                f"Conditioning: {', '.join(sizes)} must have the same batch size, got {', '.join(map(str, sizes.values()))}"
             )
 
     @property
     def batch_size(self) -> int:
         return self.prompt_embeds.shape[0]
 
+    def added_cond_kwargs(self) -> Optional[dict]:
+        """The UNet's added text conditioning of these rows (SDXL's ``text_embeds`` / ``time_ids``); None without."""
+        if self.pooled_embeds is None or self.time_ids is None:
+            return None
+        return {"text_embeds": self.pooled_embeds, "time_ids": self.time_ids}
+
     def _map(self, function) -> "Conditioning":
+        def optional(t: Optional[Tensor]) -> Optional[Tensor]:
+            return None if t is None else function(t)
+
         return Conditioning(
-            function(self.prompt_embeds), function(self.pooled_embeds), function(self.time_ids),
-            None if self.attention_mask is None else function(self.attention_mask),
-            None if self.image_embeds is None else [function(e) for e in self.image_embeds],
+            function(self.prompt_embeds), optional(self.pooled_embeds), optional(self.time_ids),
+            optional(self.attention_mask), None if self.image_embeds is None else [function(e) for e in self.image_embeds],
         )  # fmt: skip
 
     def to(self, device=None, dtype=None) -> "Conditioning":
@@ -60,6 +70,10 @@ class Conditioning:
         if self.attention_mask is None:
             return moved
         return replace(moved, attention_mask=self.attention_mask.to(device=device))
+
+    def select(self, rows: slice) -> "Conditioning":
+        """The rows ``rows`` (views, no copy)."""
+        return self._map(lambda t: t[rows])
 
     def repeat(self, times: int) -> "Conditioning":
         """Each row repeated ``times`` times in a row (``repeat_interleave``), as ``num_images_per_prompt`` does."""
@@ -77,13 +91,11 @@ class Conditioning:
         images = None
         if all(p.image_embeds is not None for p in parts):
             images = [torch.cat(group) for group in zip(*(p.image_embeds for p in parts))]
-        return Conditioning(
-            torch.cat([p.prompt_embeds for p in parts]),
-            torch.cat([p.pooled_embeds for p in parts]),
-            torch.cat([p.time_ids for p in parts]),
-            masks,
-            images,
-        )
+        def stacked(field: str) -> Optional[Tensor]:
+            tensors = [getattr(p, field) for p in parts]
+            return None if any(t is None for t in tensors) else torch.cat(tensors)
+
+        return Conditioning(torch.cat([p.prompt_embeds for p in parts]), stacked("pooled_embeds"), stacked("time_ids"), masks, images)
 
 
 def prompt_batch_size(prompt: PromptLike, parameter: str = "prompt") -> int:
@@ -462,12 +474,38 @@ def encode_nag_negative(
         )  # fmt: skip
         if encoded is not None:
             return encoded[0]
-    embeds, _, _, _ = pipe.encode_prompt(
+    return pipe.encode_prompt(  # the prompt embeds come first in every family's encode_prompt results
         prompt=prompts,
         device=device,
         num_images_per_prompt=num_images_per_prompt,
         do_classifier_free_guidance=False,
         lora_scale=lora_scale,
         clip_skip=clip_skip,
-    )
-    return embeds
+    )[0]
+
+
+def encode_sd(
+    pipe,
+    prompt: PromptLike,
+    negative_prompt: PromptLike = None,
+    *,
+    num_images_per_prompt: int = 1,
+    with_negative: bool = True,
+    device=None,
+    lora_scale: Optional[float] = None,
+    clip_skip: Optional[int] = None,
+    prompt_embeds: Optional[Tensor] = None,
+    negative_prompt_embeds: Optional[Tensor] = None,
+) -> Tuple[Conditioning, Optional[Conditioning]]:
+    """Encode positive (and, with ``with_negative``, negative) Stable Diffusion 1.x / 2.x conditioning.
+
+    Through diffusers' ``encode_prompt`` (one text encoder; prompts cut at the tokenizer's window; the
+    negative is ``negative_prompt`` or the empty string). Rows are prompt-major: ``num_images_per_prompt``
+    rows per prompt.
+    """
+    embeds, negative_embeds = pipe.encode_prompt(
+        prompt, device or pipe._execution_device, num_images_per_prompt, with_negative, negative_prompt,
+        prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale,
+        clip_skip=clip_skip,
+    )  # fmt: skip
+    return Conditioning(embeds), Conditioning(negative_embeds) if with_negative else None

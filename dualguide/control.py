@@ -90,7 +90,7 @@ def control_residuals(
         controlnet_cond=_repeat(control.image, rows, model_input.dtype),
         conditioning_scale=scales,
         guess_mode=control.guess_mode,
-        added_cond_kwargs={"text_embeds": stacked.pooled_embeds, "time_ids": stacked.time_ids},
+        added_cond_kwargs=stacked.added_cond_kwargs(),
         return_dict=False,
     )
     batch = model_input.shape[0]

@@ -14,8 +14,7 @@ from contextlib import contextmanager
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
-from diffusers.models.attention import BasicTransformerBlock
-from diffusers.utils.torch_utils import is_compiled_module, unwrap_module
+from diffusers.utils.torch_utils import is_compiled_module
 from torch import Tensor, nn
 
 from .callstate import GuidedCall, NAGCall, PAGCall, TPGCall, guided_call
@@ -23,21 +22,21 @@ from .compiled import keep_hooks_installed
 from .conditioning import Conditioning
 from .config import CFG, NAG, PAG, TPG
 from .control import ControlNetInput, control_residuals
+from .families import ModelFamily, family_of
 from .guidance import guided_prediction, rescale_guidance
 from .hooks import ensure_processor_wrappers, guidance_hooks
-from .layers import resolve_layers
 from .nag import NAGCrossAttnProcessor, negative_key_value
-from .perturb import PerturbedSelfAttnProcessor, token_counts
+from .perturb import PerturbedSelfAttnProcessor
 from .rows import BRANCH_ORDER, CallRows, Seeds, TokenPermutations, plan_calls
 from .schedule import DiscreteModelSchedule
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
-def _check_heads(blocks, heads) -> None:
+def _check_heads(attns, heads) -> None:
     if heads is None:
         return
-    available = min(module.attn1.heads for _, module in blocks)
+    available = min(attn.heads for attn in attns)
     bad = [h for h in heads if h >= available]
     if bad:
         raise ValueError(f"selected_heads {bad} out of range: the selected PAG layers have heads 0-{available - 1}")
@@ -54,7 +53,7 @@ def to_denoised(x: Tensor, sigma: Tensor, output: Tensor, prediction_type: str) 
 
 
 class GuidedDenoiser:
-    """k-diffusion denoiser around a diffusers ``UNet2DConditionModel`` with dual guidance.
+    """k-diffusion denoiser around a backbone of any supported family (``dualguide.families``) with dual guidance.
 
     Per call it stacks the active branches ``[uncond, cond, tpg, pag]`` along the batch,
     runs the UNet once (or in chunks of ``max_batch_rows``), and combines the branch
@@ -66,6 +65,9 @@ class GuidedDenoiser:
     thread. Any number of denoisers, in any threads, may share one UNet: each call's
     guidance acts on that call only. A ``torch.compile``d UNet (see ``compiled``) gets the
     guidance hooks installed for good on first use; the per-call state stays the same.
+
+    ``family``: the backbone's adapter (SDXL, SD 1.x/2.x, ...); by default the one whose backbone
+    ``unet`` is (``dualguide.families.family_of``).
     """
 
     def __init__(
@@ -83,7 +85,9 @@ class GuidedDenoiser:
         sigmas: Optional[Tensor] = None,
         cross_attention_kwargs: Optional[dict] = None,
         timestep_cond: Optional[Tensor] = None,
+        family: Optional[ModelFamily] = None,
     ) -> None:
+        family = family_of(unet) if family is None else family
         if not isinstance(schedule, DiscreteModelSchedule):
             prediction_type = prediction_type or getattr(getattr(schedule, "config", None), "prediction_type", None)
             schedule = DiscreteModelSchedule.from_scheduler(schedule)
@@ -96,6 +100,7 @@ class GuidedDenoiser:
         if max_batch_rows is not None and (isinstance(max_batch_rows, bool) or not isinstance(max_batch_rows, int) or max_batch_rows < 1):
             raise ValueError(f"max_batch_rows must be a positive integer or None, got {max_batch_rows!r}")
         self.unet = unet
+        self.family = family
         # ModelMixin.dtype walks every module (~15 ms on SDXL-sized UNets): read it once, not per step.
         self.model_dtype = unet.dtype
         self.schedule = schedule
@@ -107,15 +112,13 @@ class GuidedDenoiser:
         self.max_batch_rows = max_batch_rows
         self.cross_attention_kwargs = cross_attention_kwargs
         self.timestep_cond = timestep_cond
-        tpg_blocks = resolve_layers(unet, self.tpg.layers, "tpg_applied_layers_index") if self.tpg else []
-        pag_blocks = resolve_layers(unet, self.pag.layers, "pag_applied_layers_index") if self.pag else []
+        tpg_blocks = family.resolve(unet, self.tpg.layers, "tpg_applied_layers_index") if self.tpg else []
+        pag_blocks = family.resolve(unet, self.pag.layers, "pag_applied_layers_index") if self.pag else []
+        self._tpg_blocks = {family.tpg_module(block): index for index, (_, block) in enumerate(tpg_blocks)}
+        self._pag_attns = frozenset(family.pag_attention(block) for _, block in pag_blocks)
         if self.pag:
-            _check_heads(pag_blocks, self.pag.heads)
-        self._tpg_blocks = {module: index for index, (_, module) in enumerate(tpg_blocks)}
-        self._pag_attns = frozenset(module.attn1 for _, module in pag_blocks)
-        self._nag_attns = frozenset(
-            module.attn2 for module in unwrap_module(unet).modules() if isinstance(module, BasicTransformerBlock) and module.attn2 is not None
-        ) if self.nag else frozenset()  # fmt: skip
+            _check_heads(self._pag_attns, self.pag.heads)
+        self._nag_attns = family.nag_attentions(unet) if self.nag else frozenset()
         self._compiled = is_compiled_module(unet)
         self.permutations = TokenPermutations(seed)
         self._running = threading.Lock()
@@ -182,7 +185,7 @@ class GuidedDenoiser:
         (a compiled UNet keeps its resident ones, which pass through).
         """
         if self._compiled:
-            keep_hooks_installed(self.unet)
+            keep_hooks_installed(self.unet, self.family)
         with guidance_hooks(self._tpg_blocks, self._pag_attns, self._nag_attns):
             yield self
 
@@ -280,8 +283,10 @@ class GuidedDenoiser:
         if self.nag is not None and not isinstance(nag_negative, Tensor):
             raise ValueError("nag_negative (prompt embeds [B, L, D]) is required while nag_scale > 1")
         for name, value in (("cond", cond), ("uncond", uncond)):
-            if isinstance(value, Conditioning) and value.batch_size != x.shape[0]:
-                raise ValueError(f"{name} has batch size {value.batch_size}, x has {x.shape[0]}")
+            if isinstance(value, Conditioning):
+                self.family.check_conditioning(value, name)
+                if value.batch_size != x.shape[0]:
+                    raise ValueError(f"{name} has batch size {value.batch_size}, x has {x.shape[0]}")
         if isinstance(nag_negative, Tensor) and nag_negative.shape[0] != x.shape[0]:
             raise ValueError(f"nag_negative has batch size {nag_negative.shape[0]}, x has {x.shape[0]}")
         if self.permutations.per_image and self.tpg is not None and len(self.permutations.seeds) != x.shape[0]:
@@ -319,7 +324,7 @@ class GuidedDenoiser:
         """This step's TPG permutation of each TPG block for all images of ``latents``, drawn in the order the blocks run."""
         size = tuple(latents.shape[-2:])
         if size not in self._tpg_tokens:
-            counts = token_counts(self.unet, *size)
+            counts = self.family.token_counts(self.unet, *size)
             self._tpg_tokens[size] = [(block, self._tpg_blocks[block], tokens) for block, tokens in counts.items() if block in self._tpg_blocks]
         images = slice(0, latents.shape[0])
         return {block: self.permutations.get(index, tokens, latents.device, images) for block, index, tokens in self._tpg_tokens[size]}
@@ -351,22 +356,13 @@ class GuidedDenoiser:
             self._ensure_wrappers()
             for rows, call_rows in plan_calls(branches, batch, self.max_batch_rows):
                 call = self._guided_call(call_rows, permutations, self._call_nag(negative, rows, call_rows.guided))
-                added = {"text_embeds": stacked.pooled_embeds[rows], "time_ids": stacked.time_ids[rows]}
-                if stacked.image_embeds is not None:
-                    added["image_embeds"] = [embeds[rows] for embeds in stacked.image_embeds]
                 with guided_call(call):
                     outputs.append(
-                        self.unet(
-                            model_input[rows],
-                            timesteps[rows],
-                            encoder_hidden_states=stacked.prompt_embeds[rows],
-                            added_cond_kwargs=added,
+                        self.family.call(
+                            self.unet, model_input[rows], timesteps[rows], stacked.select(rows),
                             timestep_cond=None if timestep_cond is None else timestep_cond[rows],
-                            encoder_attention_mask=None if stacked.attention_mask is None else stacked.attention_mask[rows],
-                            down_block_additional_residuals=None if residuals is None else [r[rows] for r in residuals[0]],
-                            mid_block_additional_residual=None if residuals is None else residuals[1][rows],
+                            residuals=None if residuals is None else ([r[rows] for r in residuals[0]], residuals[1][rows]),
                             cross_attention_kwargs=self.cross_attention_kwargs,
-                            return_dict=False,
-                        )[0]
+                        )  # fmt: skip
                     )
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

@@ -66,13 +66,12 @@ def parse_layer_ids(spec: LayerSpec, parameter: str = "layers") -> List[str]:
     return list(dict.fromkeys(ids))
 
 
-def resolve_layers(unet: nn.Module, spec: LayerSpec, parameter: str = "layers") -> List[Tuple[str, nn.Module]]:
-    """Resolve a layer spec to ``(module name, BasicTransformerBlock)`` pairs of ``unet``.
+def resolve_ids(blocks: Dict[str, Tuple[str, nn.Module]], spec: LayerSpec, parameter: str = "layers") -> List[Tuple[str, nn.Module]]:
+    """Resolve a layer spec against ``blocks`` (layer id -> ``(module name, block)``) of one model.
 
-    Raises ``ValueError`` naming ``parameter`` and the valid ranges for an id this UNet lacks
+    Raises ``ValueError`` naming ``parameter`` and the valid ranges for an id the model lacks
     or for an empty selection.
     """
-    blocks = transformer_blocks(unet)
     ids = parse_layer_ids(spec, parameter)
     if not ids:
         raise ValueError(f"{parameter} selects no layer; valid ranges for this UNet: {valid_ranges(blocks)}")
@@ -82,3 +81,8 @@ def resolve_layers(unet: nn.Module, spec: LayerSpec, parameter: str = "layers") 
             f"{parameter}: unknown layer id(s) {', '.join(unknown)}; valid ranges for this UNet: {valid_ranges(blocks)}"
         )
     return [blocks[i] for i in ids]
+
+
+def resolve_layers(unet: nn.Module, spec: LayerSpec, parameter: str = "layers") -> List[Tuple[str, nn.Module]]:
+    """Resolve a layer spec to ``(module name, BasicTransformerBlock)`` pairs of ``unet`` (see ``resolve_ids``)."""
+    return resolve_ids(transformer_blocks(unet), spec, parameter)

@@ -1,8 +1,8 @@
 """Perturbations of the perturbed branch's rows: thin hooks whose settings come from the call in flight.
 
-* ``shuffle_tokens`` (TPG), a forward pre-hook of each selected ``BasicTransformerBlock``: the
+* ``shuffle_tokens`` (TPG), a forward pre-hook of each selected TPG module (a transformer block): the
   image tokens of the TPG rows are permuted along the token axis by the call's permutation for
-  the block (drawn before the call, ``token_counts`` tells its length); no un-shuffle.
+  the block (drawn before the call; the family adapter's ``token_counts`` tells its length); no un-shuffle.
 * ``PerturbedSelfAttnProcessor`` (PAG / SoftPAG), a wrapper of ``attn1``'s processor: the PAG rows
   use ``(1 - beta) softmax(QK^T) V + beta V`` on the selected heads (beta = 1 on all heads is
   PAG's identity attention, computed without the discarded attention); every other row goes to
@@ -11,43 +11,11 @@
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
-
 import torch
-from diffusers.models.attention import BasicTransformerBlock
-from diffusers.utils.torch_utils import unwrap_module
 from torch import Tensor, nn
 
 from . import attention
 from .callstate import PAGCall, current_call
-
-
-def token_counts(unet: nn.Module, height: int, width: int) -> Dict[nn.Module, int]:
-    """Image tokens entering each transformer block of a ``UNet2DConditionModel`` for ``height x width``
-    latents, in the order the forward runs the blocks (down, mid, up).
-
-    Down blocks halve the size after their attentions (rounding up, as their stride-2 convolutions
-    do); the mid block works at the smallest size; each up block upsamples to its skip's size.
-    """
-    unet = unwrap_module(unet)
-    counts: Dict[nn.Module, int] = {}
-    size, skips = (height, width), []
-
-    def record(block: nn.Module, size: Tuple[int, int]) -> None:
-        counts.update((m, size[0] * size[1]) for m in block.modules() if isinstance(m, BasicTransformerBlock))
-
-    for block in unet.down_blocks:
-        record(block, size)
-        if getattr(block, "downsamplers", None):
-            skips.append(size)
-            size = ((size[0] + 1) // 2, (size[1] + 1) // 2)
-    if unet.mid_block is not None:
-        record(unet.mid_block, size)
-    for block in unet.up_blocks:
-        record(block, size)
-        if getattr(block, "upsamplers", None):
-            size = skips.pop()
-    return counts
 
 
 def shuffle_tokens(module: nn.Module, args: tuple, kwargs: dict):

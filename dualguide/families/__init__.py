@@ -1,0 +1,39 @@
+"""Model family adapters (``ModelFamily``): SDXL and Stable Diffusion 1.x / 2.x, and how to pick one."""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+from diffusers.utils.torch_utils import unwrap_module
+from torch import nn
+
+from .base import ModelFamily
+from .sd import SD
+from .sdxl import SDXL
+
+FAMILIES: Tuple[ModelFamily, ...] = (SDXL, SD)
+
+
+def supported_families() -> str:
+    """The supported families, for messages: ``"Stable Diffusion XL, Stable Diffusion 1.x / 2.x"``."""
+    return ", ".join(family.title for family in FAMILIES)
+
+
+def family_of(model: nn.Module) -> ModelFamily:
+    """The adapter of ``model``'s family (a ``torch.compile``d model is unwrapped); ``TypeError`` when none fits."""
+    inner = unwrap_module(model)
+    for family in FAMILIES:
+        if family.matches(inner):
+            return family
+    raise TypeError(f"no guidance adapter for a {type(inner).__name__}; supported families: {supported_families()}")
+
+
+def family_named(name: str) -> ModelFamily:
+    """The adapter called ``name`` (``"sdxl"``, ``"sd"``); ``ValueError`` listing the names otherwise."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise ValueError(f"unknown model family {name!r}; choose one of {', '.join(f.name for f in FAMILIES)}")
+
+
+__all__ = ["FAMILIES", "ModelFamily", "SD", "SDXL", "family_named", "family_of", "supported_families"]

@@ -1,0 +1,98 @@
+"""What the UNet families (SD 1.x/2.x, SDXL) share: diffusers' ``UNet2DConditionModel`` and its
+``BasicTransformerBlock``s, ids d/m/u over its down, mid and up blocks."""
+
+from __future__ import annotations
+
+from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.utils.torch_utils import unwrap_module
+from torch import Tensor, nn
+
+from ..conditioning import Conditioning
+from ..layers import transformer_blocks
+from .base import Blocks, ModelFamily
+
+
+def _transformer_blocks_in(module: nn.Module) -> List[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, BasicTransformerBlock)]
+
+
+class UNetFamily(ModelFamily):
+    """A ``UNet2DConditionModel`` family: TPG shuffles each block's input tokens, PAG perturbs ``attn1``,
+    NAG extrapolates every ``attn2``; the subclass says which UNets it takes and what a row carries."""
+
+    def blocks(self, model: nn.Module) -> Blocks:
+        return transformer_blocks(model)
+
+    def tpg_module(self, block: nn.Module) -> nn.Module:
+        return block
+
+    def pag_attention(self, block: nn.Module) -> nn.Module:
+        return block.attn1
+
+    def nag_attentions(self, model: nn.Module) -> FrozenSet[nn.Module]:
+        return frozenset(b.attn2 for b in _transformer_blocks_in(unwrap_module(model)) if b.attn2 is not None)
+
+    def hook_sites(self, model: nn.Module) -> Tuple[List[nn.Module], List[nn.Module], List[nn.Module]]:
+        blocks = _transformer_blocks_in(unwrap_module(model))
+        return blocks, [b.attn1 for b in blocks], [b.attn2 for b in blocks if b.attn2 is not None]
+
+    def token_counts(self, model: nn.Module, height: int, width: int) -> Dict[nn.Module, int]:
+        """Down blocks halve the size after their attentions (rounding up, as their stride-2 convolutions
+        do); the mid block works at the smallest size; each up block upsamples to its skip's size."""
+        unet = unwrap_module(model)
+        counts: Dict[nn.Module, int] = {}
+        size, skips = (height, width), []
+
+        def record(block: nn.Module, size: Tuple[int, int]) -> None:
+            counts.update((m, size[0] * size[1]) for m in _transformer_blocks_in(block))
+
+        for block in unet.down_blocks:
+            record(block, size)
+            if getattr(block, "downsamplers", None):
+                skips.append(size)
+                size = ((size[0] + 1) // 2, (size[1] + 1) // 2)
+        if unet.mid_block is not None:
+            record(unet.mid_block, size)
+        for block in unet.up_blocks:
+            record(block, size)
+            if getattr(block, "upsamplers", None):
+                size = skips.pop()
+        return counts
+
+    def added_conditioning(self, cond: Conditioning) -> Optional[Dict[str, object]]:
+        """The UNet's ``added_cond_kwargs`` for the rows of ``cond``: its extra conditioning and IP-Adapter image embeds."""
+        added = cond.added_cond_kwargs() or {}
+        if cond.image_embeds is not None:
+            added["image_embeds"] = cond.image_embeds
+        return added or None
+
+    def call(
+        self,
+        model: nn.Module,
+        sample: Tensor,
+        timesteps: Tensor,
+        cond: Conditioning,
+        *,
+        timestep_cond: Optional[Tensor] = None,
+        residuals: Optional[Tuple[Sequence[Tensor], Tensor]] = None,
+        cross_attention_kwargs: Optional[dict] = None,
+    ) -> Tensor:
+        return model(
+            sample,
+            timesteps,
+            encoder_hidden_states=cond.prompt_embeds,
+            added_cond_kwargs=self.added_conditioning(cond),
+            timestep_cond=timestep_cond,
+            encoder_attention_mask=cond.attention_mask,
+            down_block_additional_residuals=None if residuals is None else list(residuals[0]),
+            mid_block_additional_residual=None if residuals is None else residuals[1],
+            cross_attention_kwargs=cross_attention_kwargs,
+            return_dict=False,
+        )[0]
+
+    def is_unet(self, model: nn.Module) -> bool:
+        from diffusers import UNet2DConditionModel
+
+        return isinstance(unwrap_module(model), UNet2DConditionModel)
