@@ -13,6 +13,7 @@ _EXPORTS = {
     "GuidedDenoiser": "denoiser",
     "Conditioning": "conditioning",
     "encode_sdxl": "conditioning",
+    "encode_sd": "conditioning",
     "encode_nag_negative": "conditioning",
     "CFG": "config",
     "TPG": "config",
@@ -41,9 +42,18 @@ _EXPORTS = {
     "StableDiffusionXLControlNetTPGPipeline": "pipelines",
     "StableDiffusionXLControlNetTPGImg2ImgPipeline": "pipelines",
     "StableDiffusionXLControlNetTPGInpaintPipeline": "pipelines",
+    "StableDiffusionTPGPipeline": "pipelines",
+    "StableDiffusionTPGImg2ImgPipeline": "pipelines",
+    "StableDiffusionTPGInpaintPipeline": "pipelines",
+    "StableDiffusionControlNetTPGPipeline": "pipelines",
+    "StableDiffusionControlNetTPGImg2ImgPipeline": "pipelines",
+    "StableDiffusionControlNetTPGInpaintPipeline": "pipelines",
+    "ModelFamily": "families",
+    "family_of": "families",
     "apply_softpag": "pipelines",
     "apply_nag": "pipelines",
     "build_tiny_sdxl": "tiny",
+    "build_tiny_sd": "tiny",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -318,7 +318,7 @@ def _max_clip_skip(pipe) -> Optional[int]:
 
 
 def check_pipeline_call(pipe, args: Dict[str, Any]) -> Dict[str, Any]:
-    """Check every argument of a guided SDXL pipeline call; return them normalised.
+    """Check every argument of a guided pipeline call (any family); return them normalised.
 
     Runs before any encoding or UNet call and changes nothing on ``pipe``. Numbers come back
     as Python numbers, ``height`` / ``width`` filled in, prompt-likes as strings or lists of
@@ -430,21 +430,22 @@ def _check_prompts(pipe, args: Dict[str, Any]) -> int:
         raise ValueError("give either prompt or prompt_embeds (exactly one of them)")
     if embeds is not None:
         check_tensor(embeds, "prompt_embeds", (None, None, None), "(batch, tokens, width)")
-        if args["prompt_2"] is not None:
+        if args.get("prompt_2") is not None:
             raise ValueError("prompt_2 cannot be combined with prompt_embeds; encode it into prompt_embeds")
-        if args["pooled_prompt_embeds"] is None:
+        if "pooled_prompt_embeds" in args and args["pooled_prompt_embeds"] is None:
             raise ValueError("pooled_prompt_embeds must be given with prompt_embeds (from the same text encoder)")
     batch = embeds.shape[0] if embeds is not None else (1 if isinstance(prompt, str) else len(prompt))
     reference = "prompt" if prompt is not None else "prompt_embeds"
     for name in ("prompt_2", "negative_prompt", "negative_prompt_2", "nag_negative_prompt"):
-        args[name] = check_prompt_batch(args[name], name, batch, reference)
-    if isinstance(args["prompt_2"], str) and args["prompt_2"] and batch > 1:
+        if name in args:  # a family with one text encoder has no *_2 prompts
+            args[name] = check_prompt_batch(args[name], name, batch, reference)
+    if isinstance(args.get("prompt_2"), str) and args["prompt_2"] and batch > 1:
         args["prompt_2"] = [args["prompt_2"]] * batch  # diffusers broadcasts every prompt-like string but this one
     if args["negative_prompt_embeds"] is not None:
         for name in ("negative_prompt", "negative_prompt_2"):
-            if args[name] is not None:
+            if args.get(name) is not None:
                 raise ValueError(f"{name} cannot be combined with negative_prompt_embeds; give one of them")
-        if args["negative_pooled_prompt_embeds"] is None:
+        if "negative_pooled_prompt_embeds" in args and args["negative_pooled_prompt_embeds"] is None:
             raise ValueError("negative_pooled_prompt_embeds must be given with negative_prompt_embeds")
     return batch
 
@@ -454,11 +455,11 @@ def _check_tensors(pipe, args: Dict[str, Any], batch: int) -> None:
     text_width, pooled_width = _unet_widths(pipe.unet)
     text_shape = (batch, None, text_width)
     embeds = check_tensor(args["prompt_embeds"], "prompt_embeds", text_shape, "(batch, tokens, cross_attention_dim)")
-    check_tensor(args["pooled_prompt_embeds"], "pooled_prompt_embeds", (batch, pooled_width), "(batch, pooled width)")
+    check_tensor(args.get("pooled_prompt_embeds"), "pooled_prompt_embeds", (batch, pooled_width), "(batch, pooled width)")
     negative_shape = tuple(embeds.shape) if embeds is not None else (batch, None, text_width)
     check_tensor(args["negative_prompt_embeds"], "negative_prompt_embeds", negative_shape, "(the shape of prompt_embeds)")
     check_tensor(
-        args["negative_pooled_prompt_embeds"], "negative_pooled_prompt_embeds", (batch, pooled_width), "(batch, pooled width)"
+        args.get("negative_pooled_prompt_embeds"), "negative_pooled_prompt_embeds", (batch, pooled_width), "(batch, pooled width)"
     )
     images = batch * args["num_images_per_prompt"]
     nag_embeds = check_tensor(
@@ -522,8 +523,12 @@ def _check_guidance(pipe, args: Dict[str, Any], batch: int) -> None:
     for prefix, scale in (("tpg", args["tpg_scale"]), ("pag", pag_scale)):
         name = f"{prefix}_applied_layers_index"
         spec = check_layer_spec(args[name], name)
-        if scale > 0:
-            resolve_layers(pipe.unet, spec, name)  # unknown ids listed with this UNet's valid ranges
+        if scale > 0:  # unknown ids listed with this model's valid ranges (by the pipeline's family adapter)
+            family = getattr(pipe, "family", None)
+            if family is not None:
+                family.resolve(pipe.unet, spec, name)
+            else:
+                resolve_layers(pipe.unet, spec, name)
         else:
             parse_layer_ids(spec, name)
     for name in ("cfg_interval", "tpg_interval", "pag_interval", "nag_interval"):

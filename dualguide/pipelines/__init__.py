@@ -1,4 +1,4 @@
-"""Guided SDXL pipelines, one module per diffusers task, all thin over ``GuidedSamplingMixin``.
+"""Guided pipelines, one module per diffusers task and family, all thin over ``GuidedSamplingMixin``.
 
 The names load lazily: text-to-image alone does not import diffusers' img2img, inpainting and
 ControlNet pipelines.
@@ -16,6 +16,12 @@ _EXPORTS = {
     "StableDiffusionXLControlNetTPGPipeline": "controlnet",
     "StableDiffusionXLControlNetTPGImg2ImgPipeline": "controlnet",
     "StableDiffusionXLControlNetTPGInpaintPipeline": "controlnet",
+    "StableDiffusionTPGPipeline": "sd_text2img",
+    "StableDiffusionTPGImg2ImgPipeline": "sd_img2img",
+    "StableDiffusionTPGInpaintPipeline": "sd_inpaint",
+    "StableDiffusionControlNetTPGPipeline": "sd_controlnet",
+    "StableDiffusionControlNetTPGImg2ImgPipeline": "sd_controlnet",
+    "StableDiffusionControlNetTPGInpaintPipeline": "sd_controlnet",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -30,22 +30,9 @@ from ..validation import check_control_guidance, check_pipeline_call, checked_ca
 from .guided import GuidedSamplingMixin
 from .img2img import ImageTaskMixin, ImageToImageMixin, IntervalLike, check_image, check_task_numbers, check_task_steps, processed_size
 from .inpaint import InpaintMixin, check_inpaint_call
+from .parameters import ABSENT, with_absent
 from .sampling import scheduler_levels
 from .text2img import TextToImageMixin
-
-# Arguments of the plain task pipelines that some diffusers ControlNet pipeline lacks, at the value that
-# means "not used": the shared runs and checks read them.
-ABSENT: Dict[str, Any] = {
-    "timesteps": None, "sigmas": None, "denoising_start": None, "denoising_end": None, "guidance_rescale": 0.0,
-    "masked_image_latents": None, "negative_original_size": None, "negative_crops_coords_top_left": (0, 0),
-    "negative_target_size": None,
-}  # fmt: skip
-
-
-def with_absent(args: Dict[str, Any]) -> Dict[str, Any]:
-    """``args`` with the arguments its pipeline lacks filled in from ``ABSENT``."""
-    return {**{name: value for name, value in ABSENT.items() if name not in args}, **args}
-
 
 def _unwrapped(controlnet):
     return getattr(controlnet, "_orig_mod", controlnet)  # torch.compile'd

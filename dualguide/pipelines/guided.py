@@ -1,5 +1,6 @@
-"""What every guided SDXL pipeline shares: guidance terms from the call's arguments, the conditioning,
-the seeds, the choice of sampling loop, the decode. Task pipelines are thin over ``GuidedSamplingMixin``.
+"""What every guided pipeline shares: guidance terms from the call's arguments, the conditioning,
+the seeds, the choice of sampling loop, the decode. Task pipelines are thin over ``GuidedSamplingMixin``;
+its prompt encoding and decoding are SDXL's, which other families' mixins override (``sd_base``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import Tensor
 
 import samplers
 
-from ..conditioning import encode_nag_negative, encode_sdxl
+from ..conditioning import Conditioning, encode_nag_negative, encode_sdxl
 from ..config import CFG, NAG, PAG, TPG
 from ..control import ControlNetInput
 from ..denoiser import GuidedDenoiser
@@ -118,11 +119,11 @@ class GuidedSamplingMixin:
             return args["nag_negative_prompt"]
         return self._nag_defaults.get("nag_negative_prompt")
 
-    def guidance_inputs(self, args: Dict[str, Any], cfg: CFG, nag: NAG, batch: int, device) -> GuidanceInputs:
-        """Encode the prompts (long ones window by window), the NAG negative and the IP-Adapter image embeds."""
-        lora_scale = (args["cross_attention_kwargs"] or {}).get("scale")
+    def encode_prompts(self, args: Dict[str, Any], cfg: CFG, device, lora_scale: Optional[float]) -> Tuple[Conditioning, Optional[Conditioning]]:
+        """The positive and (with CFG) negative conditioning of the call's prompts: SDXL's here, long prompts
+        window by window; other families' pipelines override it."""
         height, width = args["height"], args["width"]
-        positive, negative = encode_sdxl(
+        return encode_sdxl(
             self, args["prompt"], args["prompt_2"], args["negative_prompt"], args["negative_prompt_2"],
             num_images_per_prompt=args["num_images_per_prompt"], with_negative=cfg.enabled,
             size=args["original_size"] or (height, width), crop=args["crops_coords_top_left"],
@@ -133,6 +134,11 @@ class GuidedSamplingMixin:
             negative_pooled_prompt_embeds=args["negative_pooled_prompt_embeds"],
             truncate_long_prompts=args["truncate_long_prompts"],
         )  # fmt: skip
+
+    def guidance_inputs(self, args: Dict[str, Any], cfg: CFG, nag: NAG, batch: int, device) -> GuidanceInputs:
+        """Encode the prompts (``encode_prompts``), the NAG negative and the IP-Adapter image embeds."""
+        lora_scale = (args["cross_attention_kwargs"] or {}).get("scale")
+        positive, negative = self.encode_prompts(args, cfg, device, lora_scale)
         nag_negative = None
         if nag.enabled:
             nag_negative = encode_nag_negative(

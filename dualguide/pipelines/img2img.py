@@ -200,6 +200,14 @@ class ImageTaskMixin:
             inputs.uncond = replace(inputs.uncond, time_ids=negative_ids.to(device).repeat(rows, 1))
         return inputs
 
+    def noise_options(self, add_noise: bool) -> Dict[str, bool]:
+        """``prepare_latents``' noise switch (SDXL's ``add_noise``: off from ``denoising_start``)."""
+        return {"add_noise": add_noise}
+
+    def image_latents(self, image: torch.Tensor, batch: int, per_prompt: int, dtype, device, generator) -> torch.Tensor:
+        """The VAE latents of the preprocessed ``image``, one row per image of the call, without noise."""
+        return self.prepare_latents(image, None, batch, per_prompt, dtype, device, generator, add_noise=False)
+
     def task_sigmas(self, args: Dict[str, Any]) -> torch.Tensor:
         """k-diffusion sigmas cut at ``strength`` (or from ``denoising_start``), then at ``denoising_end``."""
         sigmas, _ = kdiffusion_sigmas(self.scheduler, {**args, "denoising_end": None})
@@ -246,15 +254,13 @@ class ImageToImageMixin(ImageTaskMixin):
                 if latents is None:
                     latents = self.prepare_latents(
                         init_image, timesteps[:1].repeat(images), batch, args["num_images_per_prompt"], dtype, device,
-                        generator, add_noise,
+                        generator, **self.noise_options(add_noise),
                     )  # fmt: skip
                 latents = self.scheduler_sample(args, terms, inputs, latents, timesteps, begin_index, device)
             else:
                 sigmas_k = self.task_sigmas(args)
                 if latents is None:
-                    init_latents = self.prepare_latents(
-                        init_image, None, batch, args["num_images_per_prompt"], dtype, device, generator, add_noise=False
-                    )
+                    init_latents = self.image_latents(init_image, batch, args["num_images_per_prompt"], dtype, device, generator)
                     x = init_latents.float()
                     if add_noise:
                         noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)

@@ -102,8 +102,8 @@ class InpaintMixin(ImageTaskMixin):
                 latent_timestep = timesteps[:1].repeat(images)
                 outputs = self.prepare_latents(
                     images, channels, height, width, dtype, device, generator, args["latents"], image=init_image,
-                    timestep=latent_timestep, is_strength_max=strength == 1.0, add_noise=add_noise, return_noise=True,
-                    return_image_latents=not nine_channels,
+                    timestep=latent_timestep, is_strength_max=strength == 1.0, return_noise=True,
+                    return_image_latents=not nine_channels, **self.noise_options(add_noise),
                 )  # fmt: skip
                 latents, noise = outputs[:2]
                 image_latents = outputs[2] if not nine_channels else None
@@ -154,7 +154,7 @@ class InpaintMixin(ImageTaskMixin):
         channels = self.vae.config.latent_channels
         _, noise, image_latents = self.prepare_latents(
             images, channels, height, width, dtype, device, generator, None, image=init_image, timestep=None,
-            is_strength_max=True, add_noise=False, return_noise=True, return_image_latents=True,
+            is_strength_max=True, return_noise=True, return_image_latents=True, **self.noise_options(False),
         )  # fmt: skip
         if args["latents"] is not None:
             noise = args["latents"].to(device=device, dtype=dtype)

@@ -1,0 +1,100 @@
+"""The guidance and sampler arguments every guided pipeline adds to its diffusers parent, defined once.
+
+``guided_call`` builds a pipeline's ``__call__`` from its diffusers parent's signature plus these
+parameters (with the family's default layers), so ``inspect.signature`` and ``help()`` show every
+argument. ``ABSENT`` fills in the arguments a pipeline lacks, at the value that means "not used",
+for the shared runs and checks.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from ..config import Interval
+from ..families import ModelFamily
+from ..layers import LayerSpec
+from ..validation import checked_call
+
+IntervalLike = Optional[Union[Interval, Tuple[float, float]]]
+
+# Arguments of the task pipelines that some diffusers pipeline lacks, at the value that means "not used".
+ABSENT: Dict[str, Any] = {
+    "timesteps": None, "sigmas": None, "denoising_start": None, "denoising_end": None, "guidance_rescale": 0.0,
+    "masked_image_latents": None, "negative_original_size": None, "negative_crops_coords_top_left": (0, 0),
+    "negative_target_size": None, "latents": None, "height": None, "width": None, "truncate_long_prompts": True,
+}  # fmt: skip
+
+
+def with_absent(args: Dict[str, Any]) -> Dict[str, Any]:
+    """``args`` with the arguments its pipeline lacks filled in from ``ABSENT``."""
+    return {**{name: value for name, value in ABSENT.items() if name not in args}, **args}
+
+
+def guidance_parameters(family: ModelFamily, long_prompts: bool = True) -> List[inspect.Parameter]:
+    """The guidance, interval and sampler parameters, with ``family``'s default layers; ``long_prompts``
+    adds ``truncate_long_prompts`` (for families whose prompts are windowed)."""
+    specs = [
+        ("tpg_scale", float, 3.0),
+        ("tpg_applied_layers_index", LayerSpec, family.default_tpg_layers),
+        ("pag_scale", Optional[float], None),
+        ("pag_applied_layers_index", LayerSpec, family.default_pag_layers),
+        ("do_nag", Optional[bool], None),
+        ("nag_scale", Optional[float], None),
+        ("nag_tau", Optional[float], None),
+        ("nag_alpha", Optional[float], None),
+        ("nag_use_l1", Optional[bool], None),
+        ("nag_negative_prompt", Optional[Union[str, List[str]]], None),
+        ("nag_negative_prompt_embeds", Optional[torch.Tensor], None),
+        ("nag_end", Optional[float], None),
+        ("cfg_interval", IntervalLike, None),
+        ("tpg_interval", IntervalLike, None),
+        ("pag_interval", IntervalLike, None),
+        ("nag_interval", IntervalLike, None),
+        ("sampler", Optional[Union[str, Callable]], None),
+        ("sigma_schedule", Optional[str], None),
+        ("sigma_min", Optional[float], None),
+        ("sigma_max", Optional[float], None),
+        ("max_batch_rows", Optional[int], None),
+    ]
+    if long_prompts:
+        specs.append(("truncate_long_prompts", bool, False))
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return [inspect.Parameter(name, kind, default=default, annotation=annotation) for name, annotation, default in specs]
+
+
+GUIDANCE_DOC = """
+        Dual guidance: ``tpg_scale`` (3.0; 0 turns TPG off) on ``tpg_applied_layers_index`` ({tpg}),
+        ``pag_scale`` (0, or 3.0 after ``apply_softpag``) on ``pag_applied_layers_index`` ({pag}), and NAG
+        with ``do_nag`` and ``nag_scale`` (3.0), ``nag_tau`` (2.5), ``nag_alpha`` (0.5), ``nag_use_l1``
+        (True), ``nag_negative_prompt``, ``nag_end`` (1.0). ``*_interval`` limit a term to ``(start, end)``
+        fractions of the schedule. Without ``sampler`` the loop follows ``pipe.scheduler`` as diffusers
+        does; a k-diffusion sampler name or a callable runs that sampler instead, over ``sigma_schedule``
+        ("model", "karras", "exponential"). ``max_batch_rows`` splits a step's rows over several UNet calls.
+"""
+
+
+def guided_signature(parent_call: Callable, family: ModelFamily, long_prompts: bool = True) -> inspect.Signature:
+    """``parent_call``'s parameters (without its deprecated ``**kwargs``) followed by the guidance parameters."""
+    own = [p for p in inspect.signature(parent_call).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    return inspect.Signature(own + guidance_parameters(family, long_prompts))
+
+
+def guided_call(
+    parent: type, family: ModelFamily, check: Callable[[Any, Dict[str, Any]], Dict[str, Any]], run: str, summary: str,
+    long_prompts: bool = True,
+) -> Callable:
+    """A pipeline ``__call__``: ``parent.__call__``'s arguments plus the guidance ones, all checked by ``check``
+    (arguments the pipeline lacks filled from ``ABSENT``), then handed to the shared run ``self.<run>(args)``."""
+
+    def __call__(self, **arguments):
+        return getattr(self, run)(with_absent(arguments))
+
+    __call__.__signature__ = guided_signature(parent.__call__, family, long_prompts)
+    __call__.__doc__ = (
+        f"{summary}\n\n        The arguments of ``{parent.__name__}`` mean what they mean there.\n"
+        + GUIDANCE_DOC.format(tpg=repr(family.default_tpg_layers), pag=repr(family.default_pag_layers))
+    )
+    return checked_call(lambda pipe, args: check(pipe, with_absent(args)))(torch.no_grad()(__call__))

@@ -1,0 +1,100 @@
+"""Stable Diffusion 1.x / 2.x pipelines: with the guidance terms off they equal diffusers' SD pipelines, and
+PAG on the mid block equals diffusers' SD PAG pipelines (tiny float32 models, few steps)."""
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    StableDiffusionControlNetPAGPipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+    StableDiffusionPAGImg2ImgPipeline,
+    StableDiffusionPAGInpaintPipeline,
+    StableDiffusionPAGPipeline,
+    StableDiffusionPipeline,
+    UniPCMultistepScheduler,
+)
+
+from dualguide import (
+    StableDiffusionControlNetTPGPipeline,
+    StableDiffusionTPGImg2ImgPipeline,
+    StableDiffusionTPGInpaintPipeline,
+    StableDiffusionTPGPipeline,
+)
+from dualguide.tiny import build_tiny_controlnet, build_tiny_sd
+
+SIZE = 32
+SCHEDULERS = {
+    "ddim": lambda config: DDIMScheduler.from_config(config),
+    "dpmpp_karras": lambda config: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", use_karras_sigmas=True),
+    "euler_a": lambda config: EulerAncestralDiscreteScheduler.from_config(config),
+    "unipc": lambda config: UniPCMultistepScheduler.from_config(config),
+}
+# task -> (ours, diffusers' plain pipeline, diffusers' PAG pipeline)
+TASKS = {
+    "text2img": (StableDiffusionTPGPipeline, StableDiffusionPipeline, StableDiffusionPAGPipeline),
+    "img2img": (StableDiffusionTPGImg2ImgPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPAGImg2ImgPipeline),
+    "inpaint": (StableDiffusionTPGInpaintPipeline, StableDiffusionInpaintPipeline, StableDiffusionPAGInpaintPipeline),
+    "controlnet": (StableDiffusionControlNetTPGPipeline, StableDiffusionControlNetPipeline, StableDiffusionControlNetPAGPipeline),
+}
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["sd1", "sd2"])
+def components(request):
+    parts = build_tiny_sd(version=request.param)
+    return {**parts, "controlnet": build_tiny_controlnet(parts["unet"])}
+
+
+def pixels(seed: int, channels: int = 3) -> torch.Tensor:
+    return torch.rand(1, channels, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def task_inputs(task: str) -> dict:
+    if task == "text2img":
+        return dict(height=SIZE, width=SIZE, num_inference_steps=3)
+    if task == "controlnet":
+        return dict(image=pixels(1), height=SIZE, width=SIZE, num_inference_steps=3)
+    inputs = dict(image=pixels(2), strength=0.75, num_inference_steps=4)  # 3 steps after the strength cut
+    if task == "inpaint":
+        mask = torch.zeros(1, 1, SIZE, SIZE)
+        mask[..., 8:24, 8:24] = 1.0
+        inputs.update(mask_image=mask, height=SIZE, width=SIZE)
+    return inputs
+
+
+def build(cls, components, scheduler, **options):
+    names = set(cls.__init__.__code__.co_varnames[1 : cls.__init__.__code__.co_argcount]) | {"requires_safety_checker"}
+    pipe = cls(**{k: v for k, v in components.items() if k in names}, **options)
+    pipe.scheduler = SCHEDULERS[scheduler](components["scheduler"].config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def latents(pipe, task, **kwargs) -> torch.Tensor:
+    out = pipe(
+        "a red circle", negative_prompt="blurry", guidance_scale=5.0, output_type="latent",
+        generator=torch.Generator().manual_seed(0), **task_inputs(task), **kwargs,
+    )  # fmt: skip
+    return out.images
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+@pytest.mark.parametrize("task", list(TASKS))
+def test_guidance_off_equals_diffusers(components, task, scheduler):
+    ours, plain, _ = TASKS[task]
+    expected = latents(build(plain, components, scheduler), task)
+    got = latents(build(ours, components, scheduler), task, tpg_scale=0.0)
+    assert (got - expected).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("task", list(TASKS))
+def test_pag_on_the_mid_block_equals_diffusers_pag(components, task):
+    ours, _, pag = TASKS[task]
+    expected = latents(build(pag, components, "ddim", pag_applied_layers="mid"), task, pag_scale=3.0)
+    got = latents(build(ours, components, "ddim"), task, tpg_scale=0.0, pag_scale=3.0, pag_applied_layers_index="m0")
+    assert (got - expected).abs().max() <= 1e-4
