@@ -1,16 +1,35 @@
-"""Load a ``StableDiffusionXLTPGPipeline`` from a hub id, a local folder or a single .safetensors file,
-and the ``recommended.json`` sampling settings a model folder may hold beside its weights."""
+"""Load the guided pipeline of a model's family (SDXL, Stable Diffusion 1.x / 2.x) from a hub id, a local
+folder or a single .safetensors file, and the ``recommended.json`` sampling settings a model folder may
+hold beside its weights. ``detect_family`` tells the family without loading anything."""
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from typing import TYPE_CHECKING, Dict, Optional, Union
 
 if TYPE_CHECKING:  # torch loads with the first model: reading recommended.json stays fast
     import torch
 
 RECOMMENDED_FILE = "recommended.json"
+
+# diffusers' pipeline classes (``model_index.json``'s ``_class_name``) of each family: every SDXL class name
+# starts with SDXL_CLASS_PREFIX; the SD 1.x / 2.x ones are listed (other "StableDiffusion..." classes are other families).
+SDXL_CLASS_PREFIX = "StableDiffusionXL"
+SD_CLASSES = (
+    "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+    "StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
+    "StableDiffusionControlNetInpaintPipeline", "StableDiffusionPAGPipeline", "StableDiffusionTPGPipeline",
+    "StableDiffusionTPGImg2ImgPipeline", "StableDiffusionTPGInpaintPipeline", "StableDiffusionControlNetTPGPipeline",
+)  # fmt: skip
+# A single-file checkpoint's text-encoder keys -> its family (the first prefix found decides).
+FAMILY_KEYS = (
+    ("conditioner.embedders.1.", "sdxl"),  # SDXL: CLIP ViT-L and OpenCLIP ViT-bigG
+    ("cond_stage_model.model.", "sd"),  # SD 2.x: OpenCLIP ViT-H
+    ("cond_stage_model.transformer.", "sd"),  # SD 1.x: CLIP ViT-L
+)
+FAMILY_PIPELINES = {"sdxl": "StableDiffusionXLTPGPipeline", "sd": "StableDiffusionTPGPipeline"}
 
 
 def default_dtype(device: Union[str, "torch.device"]) -> "torch.dtype":
@@ -35,26 +54,92 @@ def write_recommended(folder: Union[str, os.PathLike], settings: Dict[str, objec
         json.dump(settings, f, indent=2)
 
 
-def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: Optional["torch.dtype"] = None):
-    """The pipeline for ``model``; ``None`` gives a random-weight tiny SDXL-layout model (no download).
+def _unsupported(what: str) -> ValueError:
+    from .families import supported_families
+
+    return ValueError(f"{what} is not a supported model family; supported: {supported_families()}")
+
+
+def _family_of_class(class_name: str, source: str) -> str:
+    if class_name.startswith(SDXL_CLASS_PREFIX):
+        return "sdxl"
+    if class_name in SD_CLASSES:
+        return "sd"
+    raise _unsupported(f"{source} ({class_name or 'no _class_name'})")
+
+
+def _safetensors_keys(path: str):
+    """Tensor names in a .safetensors file's header (8-byte little-endian length, then JSON), read without the weights."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > 100_000_000:
+            raise ValueError(f"{path}: not a .safetensors file (header of {length} bytes)")
+        return json.loads(f.read(length)).keys()
+
+
+def _model_index(model: str) -> Optional[str]:
+    """``model_index.json`` of a folder, or of a hub id (from the local cache, or downloaded where a network
+    exists); None when there is none."""
+    if os.path.isdir(model):
+        path = os.path.join(model, "model_index.json")
+        return path if os.path.isfile(path) else None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(model, "model_index.json")
+    except (OSError, ValueError):  # not a repo id, not cached offline, no such file: the caller says what is missing
+        return None
+
+
+def detect_family(model: Union[str, os.PathLike]) -> str:
+    """The family (``"sdxl"`` or ``"sd"``) of a diffusers folder (its ``model_index.json``'s ``_class_name``),
+    a single ``.safetensors`` checkpoint (its text-encoder keys: SDXL ``conditioner.embedders.1``, SD 1.x
+    ``cond_stage_model.transformer``, SD 2.x ``cond_stage_model.model``) or a hub id (cached, or downloaded).
+
+    Reads no weights. ``ValueError`` (one line, naming the supported families) for anything else.
+    """
+    model = os.fspath(model)
+    if os.path.isfile(model):
+        if not model.endswith(".safetensors"):
+            raise ValueError(f"{model}: the family is read from .safetensors checkpoints only; pass family= to load it")
+        keys = _safetensors_keys(model)
+        for prefix, family in FAMILY_KEYS:
+            if any(key.startswith(prefix) for key in keys):
+                return family
+        raise _unsupported(f"{model} (no SDXL or SD 1.x/2.x text-encoder keys)")
+    index = _model_index(model)
+    if index is None:
+        raise ValueError(f"{model}: no model_index.json found (not a diffusers folder, or a hub id neither cached nor reachable)")
+    with open(index, encoding="utf-8") as f:
+        class_name = json.load(f).get("_class_name", "")
+    return _family_of_class(class_name, model)
+
+
+def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: Optional["torch.dtype"] = None, family: Optional[str] = None):
+    """The guided pipeline of ``model``'s family; ``None`` gives a random-weight tiny SDXL-layout model (no download).
 
     ``model`` may be a diffusers folder, a single-file checkpoint (``.safetensors``/``.ckpt``)
-    or a hub id already in the local cache (or downloadable where a network exists).
+    or a hub id already in the local cache (or downloadable where a network exists). ``family``
+    (``"sdxl"``, ``"sd"``) skips ``detect_family`` (needed for ``.ckpt`` files).
     """
     import torch
 
-    from .pipelines import StableDiffusionXLTPGPipeline
+    from . import pipelines
 
     dtype = dtype or torch.float32
     if model is None:
         from .tiny import build_tiny_sdxl
 
-        pipe = StableDiffusionXLTPGPipeline(**build_tiny_sdxl(), add_watermarker=False)
+        pipe = pipelines.StableDiffusionXLTPGPipeline(**build_tiny_sdxl(), add_watermarker=False)
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
+        family = family or detect_family(model)
+        if family not in FAMILY_PIPELINES:
+            raise ValueError(f"family must be one of {', '.join(FAMILY_PIPELINES)}, got {family!r}")
+        cls = getattr(pipelines, FAMILY_PIPELINES[family])
         # float32 is what the loaders give by default; naming it only adds a deprecation warning.
         options = {} if dtype == torch.float32 else {"torch_dtype": dtype}
-        load = StableDiffusionXLTPGPipeline.from_single_file if os.path.isfile(model) else StableDiffusionXLTPGPipeline.from_pretrained
+        load = cls.from_single_file if os.path.isfile(model) else cls.from_pretrained
         pipe = load(model, **options)
     return pipe.to(device)
