@@ -12,27 +12,22 @@ from __future__ import annotations
 
 from dataclasses import replace
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict
 
 import torch
-from diffusers import (
-    StableDiffusionXLControlNetImg2ImgPipeline,
-    StableDiffusionXLControlNetInpaintPipeline,
-    StableDiffusionXLControlNetPipeline,
-    StableDiffusionXLImg2ImgPipeline,
-)
+from diffusers import StableDiffusionXLControlNetImg2ImgPipeline, StableDiffusionXLControlNetInpaintPipeline, StableDiffusionXLControlNetPipeline, StableDiffusionXLImg2ImgPipeline
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
-from ..config import DEFAULT_PAG_LAYERS, DEFAULT_TPG_LAYERS
 from ..control import ControlNetInput
-from ..layers import LayerSpec
-from ..validation import check_control_guidance, check_pipeline_call, checked_call, control_batch, control_images_per_net
+from ..families import SDXL
+from ..validation import check_control_guidance, check_pipeline_call, control_batch, control_images_per_net
 from .guided import GuidedSamplingMixin
-from .img2img import ImageTaskMixin, ImageToImageMixin, IntervalLike, check_image, check_task_numbers, check_task_steps, processed_size
+from .img2img import ImageTaskMixin, ImageToImageMixin, check_image, check_task_numbers, check_task_steps, processed_size
 from .inpaint import InpaintMixin, check_inpaint_call
-from .parameters import ABSENT, with_absent
+from .parameters import ABSENT, guided_call, with_absent
 from .sampling import scheduler_levels
 from .text2img import TextToImageMixin
+
 
 def _unwrapped(controlnet):
     return getattr(controlnet, "_orig_mod", controlnet)  # torch.compile'd
@@ -137,84 +132,13 @@ class StableDiffusionXLControlNetTPGPipeline(ControlNetMixin, TextToImageMixin, 
 
     control_image_name = "image"
 
-    @checked_call(partial(check_controlnet_call, image_name="image", size_name="image", task_check=check_pipeline_call))
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: Optional[Union[str, List[str]]] = None,
-        prompt_2: Optional[Union[str, List[str]]] = None,
-        image: Any = None,
-        height: Optional[int] = None,
-        width: Optional[int] = None,
-        num_inference_steps: int = 50,
-        timesteps: Optional[List[int]] = None,
-        sigmas: Optional[List[float]] = None,
-        denoising_end: Optional[float] = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: Optional[Union[str, List[str]]] = None,
-        negative_prompt_2: Optional[Union[str, List[str]]] = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        latents: Optional[torch.Tensor] = None,
-        prompt_embeds: Optional[torch.Tensor] = None,
-        negative_prompt_embeds: Optional[torch.Tensor] = None,
-        pooled_prompt_embeds: Optional[torch.Tensor] = None,
-        negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
-        ip_adapter_image: Optional[Any] = None,
-        ip_adapter_image_embeds: Optional[List[torch.Tensor]] = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
-        controlnet_conditioning_scale: Union[float, List[float]] = 1.0,
-        guess_mode: bool = False,
-        control_guidance_start: Union[float, List[float]] = 0.0,
-        control_guidance_end: Union[float, List[float]] = 1.0,
-        original_size: Optional[Tuple[int, int]] = None,
-        crops_coords_top_left: Tuple[int, int] = (0, 0),
-        target_size: Optional[Tuple[int, int]] = None,
-        negative_original_size: Optional[Tuple[int, int]] = None,
-        negative_crops_coords_top_left: Tuple[int, int] = (0, 0),
-        negative_target_size: Optional[Tuple[int, int]] = None,
-        clip_skip: Optional[int] = None,
-        callback_on_step_end: Optional[Callable[..., Dict[str, torch.Tensor]]] = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        # perturbation guidance
-        tpg_scale: float = 3.0,
-        tpg_applied_layers_index: LayerSpec = DEFAULT_TPG_LAYERS,
-        pag_scale: Optional[float] = None,
-        pag_applied_layers_index: LayerSpec = DEFAULT_PAG_LAYERS,
-        # normalized attention guidance
-        do_nag: Optional[bool] = None,
-        nag_scale: Optional[float] = None,
-        nag_tau: Optional[float] = None,
-        nag_alpha: Optional[float] = None,
-        nag_use_l1: Optional[bool] = None,
-        nag_negative_prompt: Optional[Union[str, List[str]]] = None,
-        nag_negative_prompt_embeds: Optional[torch.Tensor] = None,
-        nag_end: Optional[float] = None,
-        # guidance intervals (fractions of the schedule, or dualguide.Interval)
-        cfg_interval: IntervalLike = None,
-        tpg_interval: IntervalLike = None,
-        pag_interval: IntervalLike = None,
-        nag_interval: IntervalLike = None,
-        # sampling
-        sampler: Optional[Union[str, Callable]] = None,
-        sigma_schedule: Optional[str] = None,
-        sigma_min: Optional[float] = None,
-        sigma_max: Optional[float] = None,
-        max_batch_rows: Optional[int] = None,
-        truncate_long_prompts: bool = False,
-    ):
-        r"""Generate images that follow the control ``image`` (one per ControlNet for a ``MultiControlNetModel``).
-
-        The SDXL and ControlNet arguments mean what they mean in ``StableDiffusionXLControlNetPipeline``
-        (``height`` / ``width`` default to the control image's size); the guidance and sampler arguments
-        are those of ``StableDiffusionXLTPGPipeline``. ``control_guidance_start`` / ``_end`` are fractions
-        of the steps: following ``pipe.scheduler`` counted before ``denoising_end`` cuts the run, as
-        diffusers counts them; with ``sampler``, of the sampler's steps.
-        """
-        return self.text_to_image(with_absent({name: value for name, value in locals().items() if name not in ("self", "__class__")}))
+    __call__ = guided_call(
+        StableDiffusionXLControlNetPipeline, SDXL,
+        partial(check_controlnet_call, image_name="image", size_name="image", task_check=check_pipeline_call), "text_to_image",
+        "Generate images that follow the control ``image`` (one per ControlNet for a ``MultiControlNetModel``; "
+        "``height`` / ``width`` default to its size).",
+        defaults={"guidance_scale": 7.5},
+    )  # fmt: skip
 
 
 class StableDiffusionXLControlNetTPGImg2ImgPipeline(
@@ -222,84 +146,13 @@ class StableDiffusionXLControlNetTPGImg2ImgPipeline(
 ):
     """SDXL ControlNet image-to-image with dual guidance (CFG + TPG + NAG, PAG/SoftPAG) in one UNet call per step."""
 
-    @checked_call(partial(check_controlnet_call, image_name="control_image", size_name="control_image", task_check=check_image_task))
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: Optional[Union[str, List[str]]] = None,
-        prompt_2: Optional[Union[str, List[str]]] = None,
-        image: Any = None,
-        control_image: Any = None,
-        height: Optional[int] = None,
-        width: Optional[int] = None,
-        strength: float = 0.8,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        negative_prompt: Optional[Union[str, List[str]]] = None,
-        negative_prompt_2: Optional[Union[str, List[str]]] = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        latents: Optional[torch.Tensor] = None,
-        prompt_embeds: Optional[torch.Tensor] = None,
-        negative_prompt_embeds: Optional[torch.Tensor] = None,
-        pooled_prompt_embeds: Optional[torch.Tensor] = None,
-        negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
-        ip_adapter_image: Optional[Any] = None,
-        ip_adapter_image_embeds: Optional[List[torch.Tensor]] = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
-        controlnet_conditioning_scale: Union[float, List[float]] = 0.8,
-        guess_mode: bool = False,
-        control_guidance_start: Union[float, List[float]] = 0.0,
-        control_guidance_end: Union[float, List[float]] = 1.0,
-        original_size: Optional[Tuple[int, int]] = None,
-        crops_coords_top_left: Tuple[int, int] = (0, 0),
-        target_size: Optional[Tuple[int, int]] = None,
-        negative_original_size: Optional[Tuple[int, int]] = None,
-        negative_crops_coords_top_left: Tuple[int, int] = (0, 0),
-        negative_target_size: Optional[Tuple[int, int]] = None,
-        aesthetic_score: float = 6.0,
-        negative_aesthetic_score: float = 2.5,
-        clip_skip: Optional[int] = None,
-        callback_on_step_end: Optional[Callable[..., Dict[str, torch.Tensor]]] = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        # perturbation guidance
-        tpg_scale: float = 3.0,
-        tpg_applied_layers_index: LayerSpec = DEFAULT_TPG_LAYERS,
-        pag_scale: Optional[float] = None,
-        pag_applied_layers_index: LayerSpec = DEFAULT_PAG_LAYERS,
-        # normalized attention guidance
-        do_nag: Optional[bool] = None,
-        nag_scale: Optional[float] = None,
-        nag_tau: Optional[float] = None,
-        nag_alpha: Optional[float] = None,
-        nag_use_l1: Optional[bool] = None,
-        nag_negative_prompt: Optional[Union[str, List[str]]] = None,
-        nag_negative_prompt_embeds: Optional[torch.Tensor] = None,
-        nag_end: Optional[float] = None,
-        # guidance intervals (fractions of the schedule, or dualguide.Interval)
-        cfg_interval: IntervalLike = None,
-        tpg_interval: IntervalLike = None,
-        pag_interval: IntervalLike = None,
-        nag_interval: IntervalLike = None,
-        # sampling
-        sampler: Optional[Union[str, Callable]] = None,
-        sigma_schedule: Optional[str] = None,
-        sigma_min: Optional[float] = None,
-        sigma_max: Optional[float] = None,
-        max_batch_rows: Optional[int] = None,
-        truncate_long_prompts: bool = False,
-    ):
-        r"""Transform ``image`` guided by the prompt and by ``control_image`` (one per ControlNet).
-
-        The SDXL and ControlNet arguments mean what they mean in ``StableDiffusionXLControlNetImg2ImgPipeline``
-        (``strength`` 0.8, ``controlnet_conditioning_scale`` 0.8, ``height`` / ``width`` from the control
-        image, to which ``image`` is resized); the guidance and sampler arguments are those of
-        ``StableDiffusionXLTPGPipeline``.
-        """
-        return self.image_to_image(with_absent({name: value for name, value in locals().items() if name not in ("self", "__class__")}))
+    __call__ = guided_call(
+        StableDiffusionXLControlNetImg2ImgPipeline, SDXL,
+        partial(check_controlnet_call, image_name="control_image", size_name="control_image", task_check=check_image_task),
+        "image_to_image", "Transform ``image`` guided by the prompt and by ``control_image`` (one per ControlNet; "
+        "``height`` / ``width`` from the control image, to which ``image`` is resized).",
+        defaults={"guidance_scale": 7.5},
+    )  # fmt: skip
 
 
 class StableDiffusionXLControlNetTPGInpaintPipeline(
@@ -308,82 +161,10 @@ class StableDiffusionXLControlNetTPGInpaintPipeline(
     """SDXL ControlNet inpainting (4- or 9-channel UNets) with dual guidance in one UNet call per step;
     diffusers' PAG has no counterpart."""
 
-    @checked_call(partial(check_controlnet_call, image_name="control_image", size_name="image", task_check=check_inpaint_call))
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: Optional[Union[str, List[str]]] = None,
-        prompt_2: Optional[Union[str, List[str]]] = None,
-        image: Any = None,
-        mask_image: Any = None,
-        control_image: Any = None,
-        height: Optional[int] = None,
-        width: Optional[int] = None,
-        padding_mask_crop: Optional[int] = None,
-        strength: float = 0.9999,
-        num_inference_steps: int = 50,
-        denoising_start: Optional[float] = None,
-        denoising_end: Optional[float] = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: Optional[Union[str, List[str]]] = None,
-        negative_prompt_2: Optional[Union[str, List[str]]] = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        latents: Optional[torch.Tensor] = None,
-        prompt_embeds: Optional[torch.Tensor] = None,
-        negative_prompt_embeds: Optional[torch.Tensor] = None,
-        ip_adapter_image: Optional[Any] = None,
-        ip_adapter_image_embeds: Optional[List[torch.Tensor]] = None,
-        pooled_prompt_embeds: Optional[torch.Tensor] = None,
-        negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
-        controlnet_conditioning_scale: Union[float, List[float]] = 1.0,
-        guess_mode: bool = False,
-        control_guidance_start: Union[float, List[float]] = 0.0,
-        control_guidance_end: Union[float, List[float]] = 1.0,
-        guidance_rescale: float = 0.0,
-        original_size: Optional[Tuple[int, int]] = None,
-        crops_coords_top_left: Tuple[int, int] = (0, 0),
-        target_size: Optional[Tuple[int, int]] = None,
-        aesthetic_score: float = 6.0,
-        negative_aesthetic_score: float = 2.5,
-        clip_skip: Optional[int] = None,
-        callback_on_step_end: Optional[Callable[..., Dict[str, torch.Tensor]]] = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        # perturbation guidance
-        tpg_scale: float = 3.0,
-        tpg_applied_layers_index: LayerSpec = DEFAULT_TPG_LAYERS,
-        pag_scale: Optional[float] = None,
-        pag_applied_layers_index: LayerSpec = DEFAULT_PAG_LAYERS,
-        # normalized attention guidance
-        do_nag: Optional[bool] = None,
-        nag_scale: Optional[float] = None,
-        nag_tau: Optional[float] = None,
-        nag_alpha: Optional[float] = None,
-        nag_use_l1: Optional[bool] = None,
-        nag_negative_prompt: Optional[Union[str, List[str]]] = None,
-        nag_negative_prompt_embeds: Optional[torch.Tensor] = None,
-        nag_end: Optional[float] = None,
-        # guidance intervals (fractions of the schedule, or dualguide.Interval)
-        cfg_interval: IntervalLike = None,
-        tpg_interval: IntervalLike = None,
-        pag_interval: IntervalLike = None,
-        nag_interval: IntervalLike = None,
-        # sampling
-        sampler: Optional[Union[str, Callable]] = None,
-        sigma_schedule: Optional[str] = None,
-        sigma_min: Optional[float] = None,
-        sigma_max: Optional[float] = None,
-        max_batch_rows: Optional[int] = None,
-        truncate_long_prompts: bool = False,
-    ):
-        r"""Repaint the white region of ``mask_image`` in ``image``, guided by the prompt and ``control_image``.
-
-        The SDXL and ControlNet arguments mean what they mean in ``StableDiffusionXLControlNetInpaintPipeline``
-        (``height`` / ``width`` default to the image's size; the control image is resized and cropped
-        like it); the guidance and sampler arguments are those of ``StableDiffusionXLTPGPipeline``.
-        """
-        return self.inpaint(with_absent({name: value for name, value in locals().items() if name not in ("self", "__class__")}))
+    __call__ = guided_call(
+        StableDiffusionXLControlNetInpaintPipeline, SDXL,
+        partial(check_controlnet_call, image_name="control_image", size_name="image", task_check=check_inpaint_call),
+        "inpaint", "Repaint the white region of ``mask_image`` in ``image``, guided by the prompt and ``control_image`` "
+        "(resized and cropped like the image).",
+        defaults={"guidance_scale": 7.5},
+    )  # fmt: skip

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import replace
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import PIL.Image
@@ -20,15 +20,14 @@ from diffusers import StableDiffusionXLImg2ImgPipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..config import DEFAULT_PAG_LAYERS, DEFAULT_TPG_LAYERS, Interval
-from ..layers import LayerSpec
-from ..validation import check_number, check_pipeline_call, check_tensor, checked_call
+from ..families import SDXL
+from ..validation import check_number, check_pipeline_call, check_tensor
 from ..workflows import sigmas_from, sigmas_until, strength_sigmas
 from .guided import GuidedSamplingMixin, seeds_from
+from .parameters import guided_call
 from .sampling import Interrupted
 from .schedules import kdiffusion_sigmas
 
-IntervalLike = Optional[Union[Interval, Tuple[float, float]]]
 IMAGE_TYPES = (PIL.Image.Image, np.ndarray, torch.Tensor)
 
 
@@ -78,7 +77,7 @@ def _raw_size(item, name: str, mask: bool) -> Tuple[int, int]:
     raise ValueError(f"{name} must be a 2-D, 3-D or 4-D image array, got shape {shape}")
 
 
-def _is_latents(pipe, item) -> bool:
+def is_latents(pipe, item) -> bool:
     return isinstance(item, torch.Tensor) and item.ndim == 4 and item.shape[1] == pipe.vae.config.latent_channels
 
 
@@ -86,7 +85,7 @@ def pixel_size(pipe, image, name: str = "image") -> Tuple[int, int]:
     """``(height, width)`` in pixels of ``image`` (its first image; latents times the VAE factor)."""
     first = image[0] if isinstance(image, list) else image
     height, width = _raw_size(first, name, False)
-    if _is_latents(pipe, first):
+    if is_latents(pipe, first):
         return height * pipe.vae_scale_factor, width * pipe.vae_scale_factor
     return height, width
 
@@ -94,7 +93,7 @@ def pixel_size(pipe, image, name: str = "image") -> Tuple[int, int]:
 def processed_size(pipe, image) -> Tuple[int, int]:
     """The ``(height, width)`` diffusers' ``image_processor.preprocess(image)`` gives (sides rounded down to the VAE factor)."""
     first = image[0] if isinstance(image, list) else image
-    if _is_latents(pipe, first):
+    if is_latents(pipe, first):
         return pixel_size(pipe, image)
     factor = pipe.vae_scale_factor
     height, width = _raw_size(first, "image", False)
@@ -277,82 +276,8 @@ class ImageToImageMixin(ImageTaskMixin):
 class StableDiffusionXLTPGImg2ImgPipeline(ImageToImageMixin, GuidedSamplingMixin, StableDiffusionXLImg2ImgPipeline):
     """SDXL image-to-image / refiner with dual guidance (CFG + TPG + NAG, PAG/SoftPAG) in one UNet call per step."""
 
-    @checked_call(check_img2img_call)
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: Optional[Union[str, List[str]]] = None,
-        prompt_2: Optional[Union[str, List[str]]] = None,
-        image: Any = None,
-        strength: float = 0.3,
-        num_inference_steps: int = 50,
-        timesteps: Optional[List[int]] = None,
-        sigmas: Optional[List[float]] = None,
-        denoising_start: Optional[float] = None,
-        denoising_end: Optional[float] = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: Optional[Union[str, List[str]]] = None,
-        negative_prompt_2: Optional[Union[str, List[str]]] = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        latents: Optional[torch.Tensor] = None,
-        prompt_embeds: Optional[torch.Tensor] = None,
-        negative_prompt_embeds: Optional[torch.Tensor] = None,
-        pooled_prompt_embeds: Optional[torch.Tensor] = None,
-        negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
-        ip_adapter_image: Optional[Any] = None,
-        ip_adapter_image_embeds: Optional[List[torch.Tensor]] = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
-        guidance_rescale: float = 0.0,
-        original_size: Optional[Tuple[int, int]] = None,
-        crops_coords_top_left: Tuple[int, int] = (0, 0),
-        target_size: Optional[Tuple[int, int]] = None,
-        negative_original_size: Optional[Tuple[int, int]] = None,
-        negative_crops_coords_top_left: Tuple[int, int] = (0, 0),
-        negative_target_size: Optional[Tuple[int, int]] = None,
-        aesthetic_score: float = 6.0,
-        negative_aesthetic_score: float = 2.5,
-        clip_skip: Optional[int] = None,
-        callback_on_step_end: Optional[Callable[..., Dict[str, torch.Tensor]]] = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        # perturbation guidance
-        tpg_scale: float = 3.0,
-        tpg_applied_layers_index: LayerSpec = DEFAULT_TPG_LAYERS,
-        pag_scale: Optional[float] = None,
-        pag_applied_layers_index: LayerSpec = DEFAULT_PAG_LAYERS,
-        # normalized attention guidance
-        do_nag: Optional[bool] = None,
-        nag_scale: Optional[float] = None,
-        nag_tau: Optional[float] = None,
-        nag_alpha: Optional[float] = None,
-        nag_use_l1: Optional[bool] = None,
-        nag_negative_prompt: Optional[Union[str, List[str]]] = None,
-        nag_negative_prompt_embeds: Optional[torch.Tensor] = None,
-        nag_end: Optional[float] = None,
-        # guidance intervals (fractions of the schedule, or dualguide.Interval)
-        cfg_interval: IntervalLike = None,
-        tpg_interval: IntervalLike = None,
-        pag_interval: IntervalLike = None,
-        nag_interval: IntervalLike = None,
-        # sampling
-        sampler: Optional[Union[str, Callable]] = None,
-        sigma_schedule: Optional[str] = None,
-        sigma_min: Optional[float] = None,
-        sigma_max: Optional[float] = None,
-        max_batch_rows: Optional[int] = None,
-        truncate_long_prompts: bool = False,
-    ):
-        r"""Transform ``image`` (PIL / array / tensor, or latents of a base model for a refiner) guided by the prompt.
-
-        The SDXL arguments mean what they mean in ``StableDiffusionXLImg2ImgPipeline``: ``strength``
-        (0.3) keeps the last ``int(num_inference_steps * strength)`` steps; ``denoising_start``
-        continues a base model stopped at ``denoising_end`` (latents passed as ``image``, no noise
-        added). The guidance and sampler arguments are those of ``StableDiffusionXLTPGPipeline``;
-        with ``sampler`` the k-diffusion sigmas are cut the same way and the run starts from
-        ``init_latents + noise * sigmas[0]``.
-        """
-        args = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
-        return self.image_to_image(args)
+    __call__ = guided_call(
+        StableDiffusionXLImg2ImgPipeline, SDXL, check_img2img_call, "image_to_image",
+        "Transform ``image`` (PIL / array / tensor, or latents of a base model for a refiner) guided by the prompt.",
+        defaults={"guidance_scale": 7.5},
+    )  # fmt: skip

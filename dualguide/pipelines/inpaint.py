@@ -9,18 +9,18 @@ UNets through ``dualguide.workflows.InpaintModel``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional
 
 import PIL.Image
 import torch
 from diffusers import StableDiffusionXLInpaintPipeline
 
-from ..config import DEFAULT_PAG_LAYERS, DEFAULT_TPG_LAYERS
-from ..layers import LayerSpec
-from ..validation import check_number, check_pipeline_call, check_tensor, checked_call
+from ..families import SDXL
+from ..validation import check_number, check_pipeline_call, check_tensor
 from ..workflows import InpaintModel, keep_known
 from .guided import GuidedSamplingMixin, seeds_from
-from .img2img import ImageTaskMixin, IntervalLike, _is_latents, check_image, check_task_numbers, check_task_steps, pixel_size
+from .img2img import ImageTaskMixin, check_image, check_task_numbers, check_task_steps, is_latents, pixel_size
+from .parameters import guided_call
 from .sampling import Interrupted
 from .schedules import timesteps_until
 
@@ -38,7 +38,7 @@ def check_inpaint_call(pipe, args: Dict[str, Any]) -> Dict[str, Any]:
     latent_channels = pipe.vae.config.latent_channels
     masked = check_tensor(args["masked_image_latents"], "masked_image_latents", (None, latent_channels, None, None), "(batch, latent channels, h, w)")
     first = args["image"][0] if isinstance(args["image"], list) else args["image"]
-    if pipe.unet.config.in_channels == 9 and masked is None and _is_latents(pipe, first):
+    if pipe.unet.config.in_channels == 9 and masked is None and is_latents(pipe, first):
         raise ValueError("masked_image_latents must be given with image latents for a 9-channel inpainting UNet")
     crop = args["padding_mask_crop"]
     if crop is not None:
@@ -179,84 +179,7 @@ class InpaintMixin(ImageTaskMixin):
 class StableDiffusionXLTPGInpaintPipeline(InpaintMixin, GuidedSamplingMixin, StableDiffusionXLInpaintPipeline):
     """SDXL inpainting (4- or 9-channel UNets) with dual guidance (CFG + TPG + NAG, PAG/SoftPAG) in one UNet call per step."""
 
-    @checked_call(check_inpaint_call)
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: Optional[Union[str, List[str]]] = None,
-        prompt_2: Optional[Union[str, List[str]]] = None,
-        image: Any = None,
-        mask_image: Any = None,
-        masked_image_latents: Optional[torch.Tensor] = None,
-        height: Optional[int] = None,
-        width: Optional[int] = None,
-        padding_mask_crop: Optional[int] = None,
-        strength: float = 0.9999,
-        num_inference_steps: int = 50,
-        timesteps: Optional[List[int]] = None,
-        sigmas: Optional[List[float]] = None,
-        denoising_start: Optional[float] = None,
-        denoising_end: Optional[float] = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: Optional[Union[str, List[str]]] = None,
-        negative_prompt_2: Optional[Union[str, List[str]]] = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        latents: Optional[torch.Tensor] = None,
-        prompt_embeds: Optional[torch.Tensor] = None,
-        negative_prompt_embeds: Optional[torch.Tensor] = None,
-        pooled_prompt_embeds: Optional[torch.Tensor] = None,
-        negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
-        ip_adapter_image: Optional[Any] = None,
-        ip_adapter_image_embeds: Optional[List[torch.Tensor]] = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
-        guidance_rescale: float = 0.0,
-        original_size: Optional[Tuple[int, int]] = None,
-        crops_coords_top_left: Tuple[int, int] = (0, 0),
-        target_size: Optional[Tuple[int, int]] = None,
-        negative_original_size: Optional[Tuple[int, int]] = None,
-        negative_crops_coords_top_left: Tuple[int, int] = (0, 0),
-        negative_target_size: Optional[Tuple[int, int]] = None,
-        aesthetic_score: float = 6.0,
-        negative_aesthetic_score: float = 2.5,
-        clip_skip: Optional[int] = None,
-        callback_on_step_end: Optional[Callable[..., Dict[str, torch.Tensor]]] = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        # perturbation guidance
-        tpg_scale: float = 3.0,
-        tpg_applied_layers_index: LayerSpec = DEFAULT_TPG_LAYERS,
-        pag_scale: Optional[float] = None,
-        pag_applied_layers_index: LayerSpec = DEFAULT_PAG_LAYERS,
-        # normalized attention guidance
-        do_nag: Optional[bool] = None,
-        nag_scale: Optional[float] = None,
-        nag_tau: Optional[float] = None,
-        nag_alpha: Optional[float] = None,
-        nag_use_l1: Optional[bool] = None,
-        nag_negative_prompt: Optional[Union[str, List[str]]] = None,
-        nag_negative_prompt_embeds: Optional[torch.Tensor] = None,
-        nag_end: Optional[float] = None,
-        # guidance intervals (fractions of the schedule, or dualguide.Interval)
-        cfg_interval: IntervalLike = None,
-        tpg_interval: IntervalLike = None,
-        pag_interval: IntervalLike = None,
-        nag_interval: IntervalLike = None,
-        # sampling
-        sampler: Optional[Union[str, Callable]] = None,
-        sigma_schedule: Optional[str] = None,
-        sigma_min: Optional[float] = None,
-        sigma_max: Optional[float] = None,
-        max_batch_rows: Optional[int] = None,
-        truncate_long_prompts: bool = False,
-    ):
-        r"""Repaint the white region of ``mask_image`` in ``image``, guided by the prompt.
-
-        The SDXL arguments mean what they mean in ``StableDiffusionXLInpaintPipeline`` (``strength``
-        0.9999, ``padding_mask_crop``, ``masked_image_latents``, ``denoising_start`` / ``denoising_end``);
-        the guidance and sampler arguments are those of ``StableDiffusionXLTPGPipeline``.
-        """
-        args = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
-        return self.inpaint(args)
+    __call__ = guided_call(
+        StableDiffusionXLInpaintPipeline, SDXL, check_inpaint_call, "inpaint",
+        "Repaint the white region of ``mask_image`` in ``image``, guided by the prompt.",
+    )  # fmt: skip

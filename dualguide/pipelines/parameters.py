@@ -9,16 +9,14 @@ for the shared runs and checks.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ..config import Interval
+from ..config import IntervalLike
 from ..families import ModelFamily
 from ..layers import LayerSpec
 from ..validation import checked_call
-
-IntervalLike = Optional[Union[Interval, Tuple[float, float]]]
 
 # Arguments of the task pipelines that some diffusers pipeline lacks, at the value that means "not used".
 ABSENT: Dict[str, Any] = {
@@ -26,6 +24,13 @@ ABSENT: Dict[str, Any] = {
     "masked_image_latents": None, "negative_original_size": None, "negative_crops_coords_top_left": (0, 0),
     "negative_target_size": None, "latents": None, "height": None, "width": None, "truncate_long_prompts": True,
 }  # fmt: skip
+
+
+# ``callback_on_step_end(pipe, step, timestep, tensors)`` returns replacements for the named tensors.
+CALLBACK_ANNOTATIONS = {
+    "callback_on_step_end": Optional[Callable[..., Dict[str, torch.Tensor]]],
+    "callback_on_step_end_tensor_inputs": Sequence[str],
+}
 
 
 def with_absent(args: Dict[str, Any]) -> Dict[str, Any]:
@@ -72,29 +77,44 @@ GUIDANCE_DOC = """
         (True), ``nag_negative_prompt``, ``nag_end`` (1.0). ``*_interval`` limit a term to ``(start, end)``
         fractions of the schedule. Without ``sampler`` the loop follows ``pipe.scheduler`` as diffusers
         does; a k-diffusion sampler name or a callable runs that sampler instead, over ``sigma_schedule``
-        ("model", "karras", "exponential"). ``max_batch_rows`` splits a step's rows over several UNet calls.
+        ("model", "karras", "exponential"), ``sigmas`` or ``timesteps``. ``max_batch_rows`` splits a step's rows
+        over several UNet calls to save memory.{long_prompts}
 """
+LONG_PROMPTS_DOC = """ Prompts longer than the tokenizer's window are encoded window by window unless
+        ``truncate_long_prompts``."""
 
 
-def guided_signature(parent_call: Callable, family: ModelFamily, long_prompts: bool = True) -> inspect.Signature:
-    """``parent_call``'s parameters (without its deprecated ``**kwargs``) followed by the guidance parameters."""
-    own = [p for p in inspect.signature(parent_call).parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+def guided_signature(
+    parent_call: Callable, family: ModelFamily, long_prompts: bool = True, defaults: Optional[Dict[str, Any]] = None
+) -> inspect.Signature:
+    """``parent_call``'s parameters (without its deprecated ``**kwargs``; ``defaults`` replacing some defaults; the
+    callback as the guided runs call it, its tensor names an immutable ``("latents",)``) followed by the guidance
+    parameters."""
+    defaults = {"callback_on_step_end_tensor_inputs": ("latents",), **(defaults or {})}
+    own = [
+        p.replace(default=defaults.get(p.name, p.default), annotation=CALLBACK_ANNOTATIONS.get(p.name, p.annotation))
+        for p in inspect.signature(parent_call).parameters.values()
+        if p.kind is not inspect.Parameter.VAR_KEYWORD
+    ]
     return inspect.Signature(own + guidance_parameters(family, long_prompts))
 
 
 def guided_call(
     parent: type, family: ModelFamily, check: Callable[[Any, Dict[str, Any]], Dict[str, Any]], run: str, summary: str,
-    long_prompts: bool = True,
+    long_prompts: bool = True, defaults: Optional[Dict[str, Any]] = None,
 ) -> Callable:
-    """A pipeline ``__call__``: ``parent.__call__``'s arguments plus the guidance ones, all checked by ``check``
-    (arguments the pipeline lacks filled from ``ABSENT``), then handed to the shared run ``self.<run>(args)``."""
+    """A pipeline ``__call__``: ``parent.__call__``'s arguments (``defaults`` overriding some of its defaults) plus
+    the guidance ones, all checked by ``check`` (arguments the pipeline lacks filled from ``ABSENT``), then handed
+    to the shared run ``self.<run>(args)``."""
 
     def __call__(self, **arguments):
         return getattr(self, run)(with_absent(arguments))
 
-    __call__.__signature__ = guided_signature(parent.__call__, family, long_prompts)
+    __call__.__signature__ = guided_signature(parent.__call__, family, long_prompts, defaults)
     __call__.__doc__ = (
         f"{summary}\n\n        The arguments of ``{parent.__name__}`` mean what they mean there.\n"
-        + GUIDANCE_DOC.format(tpg=repr(family.default_tpg_layers), pag=repr(family.default_pag_layers))
+        + GUIDANCE_DOC.format(
+            tpg=repr(family.default_tpg_layers), pag=repr(family.default_pag_layers), long_prompts=LONG_PROMPTS_DOC if long_prompts else ""
+        )
     )
     return checked_call(lambda pipe, args: check(pipe, with_absent(args)))(torch.no_grad()(__call__))

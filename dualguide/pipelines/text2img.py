@@ -8,21 +8,19 @@ k-diffusion name or callable) it runs that sampler on the guided x0 prediction.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict
 
 import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..config import DEFAULT_PAG_LAYERS, DEFAULT_TPG_LAYERS, Interval
-from ..layers import LayerSpec
-from ..validation import check_pipeline_call, checked_call
+from ..families import SDXL
+from ..validation import check_pipeline_call
 from .guided import GuidedSamplingMixin, seeds_from
+from .parameters import guided_call
 from .sampling import Interrupted
 from .schedules import kdiffusion_sigmas
-
-IntervalLike = Optional[Union[Interval, Tuple[float, float]]]
 
 
 class TextToImageMixin:
@@ -63,84 +61,7 @@ class TextToImageMixin:
 class StableDiffusionXLTPGPipeline(TextToImageMixin, GuidedSamplingMixin, StableDiffusionXLPipeline):
     """SDXL text-to-image with dual guidance (CFG + TPG + NAG, PAG/SoftPAG) in one UNet call per step."""
 
-    @checked_call(check_pipeline_call)
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: Optional[Union[str, List[str]]] = None,
-        prompt_2: Optional[Union[str, List[str]]] = None,
-        height: Optional[int] = None,
-        width: Optional[int] = None,
-        num_inference_steps: int = 50,
-        timesteps: Optional[List[int]] = None,
-        sigmas: Optional[List[float]] = None,
-        denoising_end: Optional[float] = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: Optional[Union[str, List[str]]] = None,
-        negative_prompt_2: Optional[Union[str, List[str]]] = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        latents: Optional[torch.Tensor] = None,
-        prompt_embeds: Optional[torch.Tensor] = None,
-        negative_prompt_embeds: Optional[torch.Tensor] = None,
-        pooled_prompt_embeds: Optional[torch.Tensor] = None,
-        negative_pooled_prompt_embeds: Optional[torch.Tensor] = None,
-        ip_adapter_image: Optional[Any] = None,
-        ip_adapter_image_embeds: Optional[List[torch.Tensor]] = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: Optional[Dict[str, Any]] = None,
-        guidance_rescale: float = 0.0,
-        original_size: Optional[Tuple[int, int]] = None,
-        crops_coords_top_left: Tuple[int, int] = (0, 0),
-        target_size: Optional[Tuple[int, int]] = None,
-        negative_original_size: Optional[Tuple[int, int]] = None,
-        negative_crops_coords_top_left: Tuple[int, int] = (0, 0),
-        negative_target_size: Optional[Tuple[int, int]] = None,
-        clip_skip: Optional[int] = None,
-        callback_on_step_end: Optional[Callable[..., Dict[str, torch.Tensor]]] = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-        # perturbation guidance
-        tpg_scale: float = 3.0,
-        tpg_applied_layers_index: LayerSpec = DEFAULT_TPG_LAYERS,
-        pag_scale: Optional[float] = None,
-        pag_applied_layers_index: LayerSpec = DEFAULT_PAG_LAYERS,
-        # normalized attention guidance
-        do_nag: Optional[bool] = None,
-        nag_scale: Optional[float] = None,
-        nag_tau: Optional[float] = None,
-        nag_alpha: Optional[float] = None,
-        nag_use_l1: Optional[bool] = None,
-        nag_negative_prompt: Optional[Union[str, List[str]]] = None,
-        nag_negative_prompt_embeds: Optional[torch.Tensor] = None,
-        nag_end: Optional[float] = None,
-        # guidance intervals (fractions of the schedule, or dualguide.Interval)
-        cfg_interval: IntervalLike = None,
-        tpg_interval: IntervalLike = None,
-        pag_interval: IntervalLike = None,
-        nag_interval: IntervalLike = None,
-        # sampling
-        sampler: Optional[Union[str, Callable]] = None,
-        sigma_schedule: Optional[str] = None,
-        sigma_min: Optional[float] = None,
-        sigma_max: Optional[float] = None,
-        max_batch_rows: Optional[int] = None,
-        truncate_long_prompts: bool = False,
-    ):
-        r"""Generate images; the SDXL arguments mean what they mean in ``StableDiffusionXLPipeline``.
-
-        Dual guidance: ``tpg_scale`` (3.0; 0 turns TPG off) on ``tpg_applied_layers_index``
-        ("d6-d23"), ``pag_scale`` (0, or 3.0 after ``apply_softpag``) on
-        ``pag_applied_layers_index`` ("m0-m9"), and NAG with ``do_nag`` and ``nag_scale`` (3.0),
-        ``nag_tau`` (2.5), ``nag_alpha`` (0.5), ``nag_use_l1`` (True), ``nag_negative_prompt``,
-        ``nag_end`` (1.0). ``*_interval`` limit a term to ``(start, end)`` fractions of the
-        schedule. Without ``sampler`` the loop follows ``pipe.scheduler`` as diffusers does; a
-        k-diffusion sampler name or a callable ``(model, x, sigmas, extra_args, callback, disable,
-        seed)`` runs that sampler instead, over ``sigma_schedule`` ("model", "karras",
-        "exponential"), ``sigmas`` or ``timesteps``. ``max_batch_rows`` splits a step's rows over
-        several UNet calls to save memory. Prompts longer than the tokenizer's window are encoded
-        window by window unless ``truncate_long_prompts``.
-        """
-        args = {name: value for name, value in locals().items() if name not in ("self", "__class__")}
-        return self.text_to_image(args)
+    __call__ = guided_call(
+        StableDiffusionXLPipeline, SDXL, check_pipeline_call, "text_to_image", "Generate images from the prompt.",
+        defaults={"guidance_scale": 7.5},
+    )  # fmt: skip
