@@ -13,7 +13,7 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 from torch import Tensor
 
 from .layers import LayerSpec, parse_layer_ids
-from .validation import check_bool, check_layer_spec, check_number
+from .checks import check_bool, check_layer_spec, check_number
 
 DEFAULT_TPG_LAYERS = "d6-d23"
 DEFAULT_PAG_LAYERS = "m0-m9"

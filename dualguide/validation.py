@@ -6,221 +6,23 @@ batch) raise ``ValueError``. Numbers may be Python or numpy scalars (anything re
 as ``numbers.Real`` / ``numbers.Integral``, never ``bool``); they come back as Python
 ``float`` / ``int``, so a numpy scalar gives exactly what the same Python number gives.
 
-The primitives at the top import nothing heavy (``samplers`` and ``dualguide.config`` use
-them); ``check_pipeline_call`` at the bottom checks every argument of the SDXL pipeline's
-``__call__`` before any encoding or UNet call, and ``checked_call`` applies it.
+The primitives live in ``dualguide.checks`` (and its scalar checks in ``samplers.checks``), which
+``dualguide.config`` uses too; ``check_pipeline_call`` here checks every argument of the guided
+pipelines' ``__call__`` before any encoding or UNet call, and ``checked_call`` applies it.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
-INF = math.inf
-
-
-# --------------------------------------------------------------------------------------------
-# Primitives
-# --------------------------------------------------------------------------------------------
-
-
-def describe_range(
-    low: float = -INF, high: float = INF, low_open: bool = False, high_open: bool = False, integer: bool = False
-) -> str:
-    """``"an integer >= 1"``, ``"a finite number in [0, 1]"``, ``"a finite number > 0"``, ..."""
-    kind = "an integer" if integer else "a finite number"
-    if low == -INF and high == INF:
-        return kind
-    if high == INF:
-        return f"{kind} {'>' if low_open else '>='} {low:g}"
-    if low == -INF:
-        return f"{kind} {'<' if high_open else '<='} {high:g}"
-    return f"{kind} in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-
-
-def is_number(value: Any) -> bool:
-    """A Python or numpy real scalar, not a bool."""
-    return isinstance(value, numbers.Real) and not is_bool(value)
-
-
-def is_bool(value: Any) -> bool:
-    """``True``/``False`` or a numpy bool."""
-    return isinstance(value, bool) or (type(value).__module__ == "numpy" and type(value).__name__ in ("bool_", "bool"))
-
-
-def check_number(
-    value: Any,
-    name: str,
-    low: float = -INF,
-    high: float = INF,
-    *,
-    low_open: bool = False,
-    high_open: bool = False,
-    integer: bool = False,
-    optional: bool = False,
-    allow_inf: bool = False,
-):
-    """``value`` as a Python ``float`` (``int`` with ``integer``) in the given range, else an error naming ``name``.
-
-    NaN and -inf are always rejected; +inf only with ``allow_inf`` (for documented "no bound"
-    sentinels such as ``Interval.sigma_high``). ``optional`` lets ``None`` through unchanged.
-    Integer parameters take integers only (``numbers.Integral``, e.g. ``np.int64``); a float
-    there, even ``20.0``, is a ``ValueError``.
-    """
-    if value is None and optional:
-        return None
-    valid = describe_range(low, high, low_open, high_open, integer)
-    if allow_inf:
-        valid += " (or inf)"
-    if optional:
-        valid += " or None"
-    if not is_number(value):
-        raise TypeError(f"{name} must be {valid}, got {value!r} of type {type(value).__name__}")
-    if integer:
-        if not isinstance(value, numbers.Integral):
-            raise ValueError(f"{name} must be {valid}, got {value!r}")
-        number = int(value)
-    else:
-        number = float(value)
-        if math.isnan(number) or number == -INF or (number == INF and not allow_inf):
-            raise ValueError(f"{name} must be {valid}, got {number!r}")
-    too_low = number <= low if low_open else number < low
-    too_high = number >= high if high_open else number > high
-    if too_low or too_high:
-        raise ValueError(f"{name} must be {valid}, got {number!r}")
-    return number
-
-
-def check_bool(value: Any, name: str, optional: bool = False) -> Optional[bool]:
-    """``value`` as a Python ``bool`` (numpy bools accepted)."""
-    if value is None and optional:
-        return None
-    if not is_bool(value):
-        raise TypeError(f"{name} must be True or False{' or None' if optional else ''}, got {value!r}")
-    return bool(value)
-
-
-def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
-    """``value`` if it is one of the strings ``choices``."""
-    if not isinstance(value, str):
-        raise TypeError(f"{name} must be one of {', '.join(choices)}; got {value!r} of type {type(value).__name__}")
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-    return value
-
-
-def check_size(value: Any, name: str, factor: int, default: Optional[int] = None) -> int:
-    """An image side in pixels: a positive integer multiple of ``factor``; ``None`` gives ``default``."""
-    if value is None and default is not None:
-        return default
-    valid = f"a positive integer multiple of the VAE factor {factor}"
-    if not is_number(value):
-        raise TypeError(f"{name} must be {valid}, got {value!r} of type {type(value).__name__}")
-    if not isinstance(value, numbers.Integral) or value <= 0 or int(value) % factor:
-        raise ValueError(f"{name} must be {valid}, got {value!r}")
-    return int(value)
-
-
-def check_pair(value: Any, name: str, low: int = 0, optional: bool = False) -> Optional[Tuple[int, int]]:
-    """A pair of integers ``>= low`` (SDXL sizes and crop coordinates) as a tuple of Python ints."""
-    if value is None and optional:
-        return None
-    valid = f"a pair of integers >= {low}{' or None' if optional else ''}"
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) and not _is_array(value):
-        raise TypeError(f"{name} must be {valid}, got {value!r}")
-    items = list(value)
-    if len(items) != 2:
-        raise ValueError(f"{name} must be {valid}, got {len(items)} values: {value!r}")
-    return tuple(check_number(v, name, low, integer=True) for v in items)  # type: ignore[return-value]
-
-
-def _is_array(value: Any) -> bool:
-    return hasattr(value, "shape") and hasattr(value, "__len__")
-
-
-def check_tensor(
-    value: Any,
-    name: str,
-    shape: Optional[Sequence[Optional[int]]] = None,
-    meaning: str = "",
-    optional: bool = True,
-    finite: bool = True,
-):
-    """A ``torch.Tensor`` of ``shape`` (``None`` entries match any size) with finite values.
-
-    ``meaning`` describes the expected dims in the message, e.g. ``"(batch, channels, h, w)"``.
-    """
-    import torch
-
-    if value is None and optional:
-        return None
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor{' or None' if optional else ''}, got {type(value).__name__}")
-    if shape is not None:
-        actual = tuple(value.shape)
-        if len(actual) != len(shape) or any(e is not None and e != a for e, a in zip(shape, actual)):
-            wanted = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
-            raise ValueError(f"{name} must have shape {wanted}{' ' + meaning if meaning else ''}, got {actual}")
-    if finite and (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name} holds NaN or infinite values")
-    return value
-
-
-def check_prompt(value: Any, name: str, optional: bool = True):
-    """A string or a non-empty list/tuple of strings; returns it (tuples as lists)."""
-    if value is None and optional:
-        return None
-    valid = f"a string or a non-empty list of strings{' or None' if optional else ''}"
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
-        raise TypeError(f"{name} must be {valid}, got {value!r}")
-    if not value:
-        raise ValueError(f"{name} must be {valid}, got an empty list")
-    return list(value)
-
-
-def check_prompt_batch(value: Any, name: str, batch: int, reference: str = "prompt"):
-    """A prompt-like argument matching ``batch`` prompts: one string (for every prompt) or ``batch`` strings.
-
-    Returns a string or a list (tuples become lists; a list of one for one prompt becomes its string).
-    """
-    value = check_prompt(value, name)
-    if value is None or isinstance(value, str):
-        return value
-    if len(value) != batch:
-        raise ValueError(
-            f"{name} has {len(value)} entries but {reference} has {batch}; give one per prompt or a single string"
-        )
-    return value if batch > 1 else value[0]
-
-
-def check_generator(value: Any, name: str, count: int):
-    """``None``, a ``torch.Generator``, or a list of ``count`` generators (one per image)."""
-    import torch
-
-    if value is None or isinstance(value, torch.Generator):
-        return value
-    if isinstance(value, (list, tuple)) and all(isinstance(g, torch.Generator) for g in value):
-        if len(value) != count:
-            raise ValueError(f"{name} is a list of {len(value)}; give one per image ({count}) or a single one")
-        return list(value)
-    raise TypeError(f"{name} must be a torch.Generator, a list of {count} generators or None, got {value!r}")
-
-
-def check_layer_spec(value: Any, name: str):
-    """Layer ids as a string (``"d6-d23"``) or a list of strings; ``None`` is an error naming ``name``."""
-    if value is None:
-        raise ValueError(f"{name} must be layer ids such as 'd6-d23', 'm0' or a list of them, got None")
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{name} must be layer ids such as 'd6-d23', 'm0' or a list of them, got {value!r}")
-    return value
+from .checks import (  # check_number, check_pair, check_size, check_tensor: also the pipelines' and tests' import
+    INF, check_bool, check_choice, check_generator, check_layer_spec, check_number, check_pair, check_prompt,
+    check_prompt_batch, check_size, check_tensor,
+)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional, Tuple
 
-from dualguide.validation import check_choice, check_number
+from .checks import check_choice, check_number
 
 if TYPE_CHECKING:
     from torch import Tensor
