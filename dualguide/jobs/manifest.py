@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-if TYPE_CHECKING:
-    from .plan import ImageJob
+from .plan import ImageJob, canonical
 
 MANIFEST = "manifest.jsonl"
 FAILURES = "failures.jsonl"
 _ENTRY_START = b'{"id":'  # every line starts with its id, so an entry glued to a killed writer's half line is found again
-
-
-def canonical(value) -> str:
-    """Canonical JSON (sorted keys, no spaces; tuples as lists): equal settings give equal text."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def append_line(path: str, entry: Dict[str, object]) -> None:
@@ -83,11 +77,11 @@ class Manifest:
         for entry in entries:  # the last line of an id wins (an --overwrite remade it)
             self.latest[str(entry["id"])] = entry
 
-    def is_done(self, job: "ImageJob") -> bool:
+    def is_done(self, job: ImageJob) -> bool:
         entry = self.latest.get(job.id)
         return entry is not None and same_spec(entry, job) and os.path.isfile(os.path.join(self.out, str(entry.get("file"))))
 
-    def conflicts(self, jobs: Sequence["ImageJob"]) -> List[Tuple["ImageJob", Dict[str, object]]]:
+    def conflicts(self, jobs: Sequence[ImageJob]) -> List[Tuple[ImageJob, Dict[str, object]]]:
         """Planned images already made (PNG present) from another prompt, seed, model or settings."""
         found = []
         for job in jobs:
@@ -96,10 +90,10 @@ class Manifest:
                 found.append((job, entry))
         return found
 
-    def record(self, job: "ImageJob", seconds: float) -> None:
+    def record(self, job: ImageJob, seconds: float) -> None:
         append_line(self.path, {"id": job.id, "line": job.line, "index": job.index, **job.spec(), "file": job.file, "seconds": round(seconds, 4)})
 
-    def record_failure(self, job: "ImageJob", error: str) -> None:
+    def record_failure(self, job: ImageJob, error: str) -> None:
         append_line(self.failures_path, {"id": job.id, "line": job.line, "index": job.index, "prompt": job.prompt, "seed": job.seed, "error": error})
 
     def entries(self) -> Iterator[Dict[str, object]]:
@@ -130,11 +124,11 @@ class Manifest:
                 os.remove(temporary)
 
 
-def same_spec(entry: Dict[str, object], job: "ImageJob") -> bool:
+def same_spec(entry: Dict[str, object], job: ImageJob) -> bool:
     return canonical({key: entry.get(key) for key in job.spec()}) == canonical(job.spec())
 
 
-def differences(entry: Dict[str, object], job: "ImageJob") -> List[str]:
+def differences(entry: Dict[str, object], job: ImageJob) -> List[str]:
     """The names of what differs between a manifest entry and a planned image (``seed``, ``settings.cfg``...)."""
     spec, names = job.spec(), []
     for key, value in spec.items():

@@ -8,12 +8,17 @@ the batch size, or which process makes it. Every process computes the same plan.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Dict, List, Optional, Sequence
 
-from .manifest import canonical
 from .prompts import PromptLine
+
+
+def canonical(value) -> str:
+    """Canonical JSON (sorted keys, no spaces; tuples as lists): equal settings give equal text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 @dataclass(frozen=True)
