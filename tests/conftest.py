@@ -2,6 +2,7 @@
 
 import json
 import os
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning makes each op 10x slower.
@@ -71,16 +72,16 @@ def model_folder(pipe, tmp_path_factory):
 
 @pytest.fixture
 def loads(monkeypatch):
-    """Calls of ``cli._load``: a check that fails must fail before any model is loaded."""
-    from dualguide import cli
+    """Calls of ``generation.models.load_model``: a check that fails must fail before any model is loaded."""
+    from dualguide.generation import models
 
     calls = []
 
-    def refuse(args):
-        calls.append(args)
+    def refuse(path, device="auto", dtype="auto", compile=False):
+        calls.append(SimpleNamespace(path=path, device=device, dtype=dtype, compile=compile))
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(cli, "_load", refuse)
+    monkeypatch.setattr(models, "load_model", refuse)
     return calls
 
 

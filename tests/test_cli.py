@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 
 from dualguide import cli
+from dualguide.generation import images as image_files
+from dualguide.generation import models
 
 
 
@@ -47,11 +49,11 @@ class FakePipe:
 
 @pytest.fixture
 def fake(monkeypatch, tmp_path_factory):
-    """``(pipe, model folder)``: ``cli._load`` returns a FakePipe; the folder passes the --model checks."""
+    """``(pipe, model folder)``: ``load_model`` returns a FakePipe; the folder passes the --model checks."""
     folder = tmp_path_factory.mktemp("fake_model")
     (folder / "model_index.json").write_text("{}")
     pipe = FakePipe()
-    monkeypatch.setattr(cli, "_load", lambda args: pipe)
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: pipe)
     return pipe, str(folder)
 
 
@@ -132,7 +134,7 @@ def test_interrupted_save_leaves_no_partial_png(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", interrupted_save)
     with pytest.raises(KeyboardInterrupt):
-        cli.save_png(image, str(tmp_path / "x.png"), {"prompt": "p"})
+        image_files.save_png(image, str(tmp_path / "x.png"), {"prompt": "p"})
     assert os.listdir(tmp_path) == []
 
 
@@ -144,7 +146,7 @@ def test_recommended_json_round_trip_and_default_dtype(tmp_path):
     assert read_recommended(tmp_path) == {}
     write_recommended(tmp_path, {"guidance_scale": 4.0, "tpg_applied_layers_index": "d0-d23"})
     assert read_recommended(tmp_path) == {"guidance_scale": 4.0, "tpg_applied_layers_index": "d0-d23"}
-    assert cli.recommended_settings(str(tmp_path))["guidance_scale"] == 4.0
+    assert models.recommended_settings(str(tmp_path))["guidance_scale"] == 4.0
     assert default_dtype("cpu") == torch.float32 and default_dtype("cuda:0") == torch.float16
 
 
@@ -218,7 +220,7 @@ def test_unwritable_out_is_refused_before_loading(loads, tmp_path, capsys, monke
     def denied(folder):
         raise PermissionError(13, "Permission denied", folder)
 
-    monkeypatch.setattr(cli, "_probe", denied)
+    monkeypatch.setattr(image_files, "probe_folder", denied)
     for out in (tmp_path, tmp_path / "new" / "folder"):
         assert run_cli("generate", "p", "--out", out) == 2
         err = one_error_line(capsys)
@@ -233,7 +235,7 @@ def test_out_in_a_folder_no_one_can_write_is_refused(loads, capsys):
 
 
 def test_probe_leaves_nothing_behind(tmp_path):
-    cli._probe(str(tmp_path))
+    image_files.probe_folder(str(tmp_path))
     assert os.listdir(tmp_path) == []
 
 
@@ -272,7 +274,7 @@ def test_failed_write_is_one_line_and_status_1(fake, tmp_path, capsys, monkeypat
     def disk_full(image, path, metadata):
         raise OSError(28, "No space left on device", path)
 
-    monkeypatch.setattr(cli, "save_png", disk_full)
+    monkeypatch.setattr(image_files, "save_png", disk_full)
     assert run_cli("compare", "p", "--model", folder, "--out", tmp_path) == 1
     assert "No space left on device: " in one_error_line(capsys)
 
@@ -364,7 +366,7 @@ def test_temporary_files_have_unique_names_in_the_same_folder(tmp_path, monkeypa
     monkeypatch.setattr(Image.Image, "save", failing_save)
     for _ in range(2):
         with pytest.raises(OSError):
-            cli.save_png(image, str(tmp_path / "x.png"), {"prompt": "p"})
+            image_files.save_png(image, str(tmp_path / "x.png"), {"prompt": "p"})
     assert len(set(seen)) == 2 and all(os.path.dirname(p) == str(tmp_path) and p.endswith(".partial") for p in seen)
     assert os.listdir(tmp_path) == []
 
@@ -375,7 +377,7 @@ def test_concurrent_writes_of_one_path_leave_one_whole_png(tmp_path):
 
     def write(image):
         for _ in range(10):
-            cli.save_png(image, path, {"prompt": "p"})
+            image_files.save_png(image, path, {"prompt": "p"})
 
     threads = [threading.Thread(target=write, args=(image,)) for image in images]
     for thread in threads:
@@ -390,7 +392,7 @@ def test_concurrent_writes_of_one_path_leave_one_whole_png(tmp_path):
 def test_saved_png_has_the_usual_permissions(tmp_path):
     umask = os.umask(0o022)
     try:
-        cli.save_png(Image.new("RGB", (8, 8)), str(tmp_path / "x.png"), {})
+        image_files.save_png(Image.new("RGB", (8, 8)), str(tmp_path / "x.png"), {})
     finally:
         os.umask(umask)
     assert os.stat(tmp_path / "x.png").st_mode & 0o777 == 0o644

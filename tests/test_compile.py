@@ -5,7 +5,6 @@ Inductor on this CPU takes minutes per variant for the 70-block tiny SDXL model,
 the same SDXL layout with one transformer layer per attention (11 blocks: d0-d3, m0, u0-u5).
 """
 
-import argparse
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from torch._dynamo.utils import counters
 
 from dualguide import GuidedDenoiser, StableDiffusionXLTPGPipeline, TPG, cli
 from dualguide.compiled import compile_unet
+from dualguide.generation.models import load_model
 from dualguide.hooks import installed_count
 from dualguide.tiny import tiny_unet_config
 
@@ -102,7 +102,7 @@ def test_compile_is_a_command_option_not_a_line_setting(tmp_path, loads, capsys)
 
 
 def test_load_with_compile_gives_a_compiled_unet_with_resident_hooks(model_folder):
-    pipe = cli._load(argparse.Namespace(model_path=model_folder, device="cpu", dtype="auto", compile=True))
+    pipe = load_model(model_folder, device="cpu", dtype="auto", compile=True)
     assert isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule)
     block = pipe.unet._orig_mod.mid_block.attentions[0].transformer_blocks[0]
     assert installed_count(block) == 1 and installed_count(block.attn1) == 1 and installed_count(block.attn2) == 1

@@ -17,6 +17,9 @@ import pytest
 from PIL import Image
 
 from dualguide import cli
+from dualguide.generation import images as image_files
+from dualguide.generation import models
+from dualguide.jobs.batch import plan_batch
 from dualguide.jobs import append_line, image_calls, read_lines
 from dualguide.jobs.progress import JobProgress
 
@@ -111,7 +114,7 @@ def fake_model(tmp_path_factory):
 
 def plan(path, model, *extra):
     args = cli.build_parser().parse_args(["batch", str(path), "--model", model, "--out", str(os.path.dirname(path)), *extra])
-    return cli.plan_batch(args)[0]
+    return plan_batch(args)[0]
 
 
 def test_txt_ids_seeds_and_names(tmp_path, fake_model):
@@ -197,7 +200,7 @@ def test_bad_batch_size_and_unwritable_out_are_status_2(tmp_path, fake_model, lo
     def denied(folder):
         raise PermissionError(13, "Permission denied", folder)
 
-    monkeypatch.setattr(cli, "_probe", denied)
+    monkeypatch.setattr(image_files, "probe_folder", denied)
     assert run_cli("batch", path, "--model", fake_model, "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--out" in err and "cannot write" in err and loads == []
@@ -334,7 +337,7 @@ class FakePipe:
 @pytest.fixture
 def fake(monkeypatch, fake_model):
     pipe = FakePipe()
-    monkeypatch.setattr(cli, "_load", lambda args: pipe)
+    monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: pipe)
     return pipe, fake_model
 
 

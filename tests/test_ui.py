@@ -22,6 +22,7 @@ import pytest
 from PIL import Image
 
 from dualguide import cli
+from dualguide.generation import EMBEDDED, call_arguments, recommended_settings
 from dualguide.ui import settings as ui_settings
 from dualguide.ui.strips import CELL, HEADER, LABEL_WIDTH, rows_for
 
@@ -31,7 +32,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]  # fmt: skip
 PROMPT = "a yellow star on a purple background"
-SETTINGS = cli.recommended_settings(cli.EMBEDDED)
+SETTINGS = recommended_settings(EMBEDDED)
 CFG, TPG = f"{SETTINGS['guidance_scale']:g}", f"{SETTINGS['tpg_scale']:g}"
 DUALGUIDE = [sys.executable, "-c", "import sys; from dualguide.cli import main; sys.exit(main(sys.argv[1:]))"]
 TIMEOUT_MS = 240_000  # one run on two busy CPU cores
@@ -52,9 +53,9 @@ def test_each_mode_is_one_generate_command_with_its_pipeline_arguments():
     for run in runs:
         assert run.argv == ["generate", "--seed", "7", "--steps", "3", *flags[run.label], "--", controls.prompt]
         args = cli.build_parser().parse_args(run.argv)
-        assert run.kwargs == cli.call_arguments(args, SETTINGS) and run.seeds == [7]
+        assert run.kwargs == call_arguments(vars(args), SETTINGS) and run.seeds == [7]
         assert ui_settings.command_line(run).startswith("dualguide generate --seed 7")
-    assert "tpg_scale=0.0" in ui_settings.python_text(runs[:1], cli.EMBEDDED, "cpu", None)
+    assert "tpg_scale=0.0" in ui_settings.python_text(runs[:1], EMBEDDED, "cpu", None)
 
 
 @pytest.mark.parametrize(

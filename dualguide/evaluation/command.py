@@ -14,15 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import cli
-from ..cli import UsageError
+from ..generation.errors import UsageError
+from ..generation.images import check_output_folder
+from ..generation.models import DEFAULTS
+from ..generation.settings import call_arguments, check_names, check_seeds
+from ..jobs.batch import run_batch
 from ..jobs.processes import process_state
+from ..options import line_option_parser, parse_setting, with_settings
 from .clip import load_clip
 from .reference import load_reference_images
 from .report import MetricResult, Results, markdown, write_atomic, write_report
@@ -66,7 +69,7 @@ def parse_modes(text: str, baseline: str) -> Modes:
     Keys are generate flag names (``cfg``, ``tpg``, ``tpg-layers``, ``nag``, ``steps``...: what a ``.jsonl`` line
     of ``dualguide batch`` may set). A value may hold commas (``tpg-layers=u0-u3,m0``). UsageError naming ``--modes``.
     """
-    parser, names = cli._line_option_parser()
+    parser, names = line_option_parser()
     valid = ", ".join(name.replace("_", "-") for name in names)
     modes: Modes = {}
     for part in filter(str.strip, text.split(";")):
@@ -90,10 +93,9 @@ def parse_modes(text: str, baseline: str) -> Modes:
             if setting not in names:
                 raise UsageError(f"--modes: mode {name!r}: unknown key {key!r}; valid: {valid}")
             try:
-                parser.parse_args([f"--{setting.replace('_', '-')}={value}"])
+                parse_setting(parser, setting, value)
             except ValueError as error:
-                reason = re.sub(r"^argument [^:]*: ", "", str(error))
-                raise UsageError(f"--modes: mode {name!r}: {key}: {reason}") from None
+                raise UsageError(f"--modes: mode {name!r}: {key}: {error}") from None
             modes[name][setting] = value
     if not modes:
         raise UsageError(f"--modes: no modes; e.g. '{EXAMPLE_MODES}'")
@@ -107,15 +109,13 @@ def mode_settings(args: argparse.Namespace, modes: Modes) -> Modes:
 
     Checks each mode's sampler and schedule names as the batch job will (UsageError naming the mode).
     """
-    parser, _ = cli._line_option_parser()
+    parser, _ = line_option_parser()
     result: Modes = {}
     for name, settings in modes.items():
         result[name] = {**{key: off for key, off in SCALES_OFF.items() if getattr(args, key) is None}, **settings}
-        merged = argparse.Namespace(**vars(args))
-        for key, value in settings.items():
-            setattr(merged, key, getattr(parser.parse_args([f"--{key.replace('_', '-')}={value}"]), key))
+        merged = with_settings(vars(args), settings, parser)
         try:
-            cli._check_names(cli.call_arguments(merged, cli.DEFAULTS))
+            check_names(call_arguments(vars(merged), DEFAULTS))
         except UsageError as error:
             raise UsageError(f"--modes: mode {name!r}: {str(error).lstrip('-')}") from None
     return result
@@ -300,7 +300,7 @@ def compare(measured: Dict[str, Dict[str, Measured]], baseline: str) -> Results:
 
 def evaluate(args: argparse.Namespace) -> int:
     """Check everything, make the missing images with the batch job, then (main process) measure and report."""
-    cli.check_output_folder(args.out)
+    check_output_folder(args.out)
     modes = mode_settings(args, parse_modes(args.modes or DEFAULT_MODES, args.baseline))
     embedded = args.model is None
     prompts = read_prompts(args, embedded)
@@ -309,7 +309,7 @@ def evaluate(args: argparse.Namespace) -> int:
                          "the judge knows only the embedded model's pictures")  # fmt: skip
     if args.unconditional and not embedded and args.reference is None:
         raise UsageError("--unconditional: the unconditional KID needs reference images (--reference DIR) with --model")
-    cli.check_seeds(args.seed, len(prompts) * args.seeds + args.unconditional)
+    check_seeds(args.seed, len(prompts) * args.seeds + args.unconditional)
     try:
         clip = load_clip(args.clip) if args.clip is not None else None
         reference = load_reference_images(args.reference) if args.reference is not None else None
@@ -323,7 +323,7 @@ def evaluate(args: argparse.Namespace) -> int:
     lines = plan_lines(order, units, modes)
     write_atomic(plan, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8"))
     folder = os.path.join(args.out, IMAGES)
-    status = cli.command_batch(argparse.Namespace(**{**vars(args), "prompts": plan, "out": folder, "n": 1}))
+    status = run_batch(argparse.Namespace(**{**vars(args), "prompts": plan, "out": folder, "n": 1}))
     if status or not process_state(args.device).is_main_process:
         return status
     return report(args, prompts, load_images(folder, order, units, len(prompts) * args.seeds), clip, reference)

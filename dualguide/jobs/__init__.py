@@ -6,13 +6,15 @@
 - ``processes`` one process per device with accelerate's ``PartialState``: the shard of this process
 - ``progress``  the main process's progress bar over the whole job, counted from the manifest
 - ``run``       make this process's images: pipeline calls, PNGs, manifest lines, failures
+- ``batch``     a whole job from the command's options: plan (checked before any load), make, report
 
-Nothing here imports ``dualguide.cli``; the command passes in what it owns (settings, loading, PNG writing).
-Importing this package does not import torch.
+The modules read one way: prompts <- plan <- manifest <- progress, run <- batch. They call the library layer
+(``dualguide.generation``) and the shared options (``dualguide.options``), never a front end. Importing this
+package does not import torch.
 """
 
-from .manifest import Manifest, append_line, canonical, read_lines
-from .plan import ImageJob, image_calls, plan_images
+from .manifest import Manifest, append_line, read_lines
+from .plan import ImageJob, canonical, image_calls, plan_images
 from .prompts import PromptFileError, PromptLine, read_prompt_file
 
 __all__ = [

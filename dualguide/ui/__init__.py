@@ -19,10 +19,9 @@ CONCURRENCY = 2  # runs at once on the shared model; more wait in gradio's queue
 def serve(model=None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "auto", dtype: str = "auto") -> int:
     """Start the explorer and serve until interrupted; the page is up before the model finishes loading.
 
-    ``UsageError`` (from ``dualguide.cli``) when gradio is missing, the port is taken or the model
-    cannot be loaded.
+    ``UsageError`` when gradio is missing, the port is taken or the model cannot be loaded.
     """
-    from ..cli import UsageError
+    from ..generation.errors import UsageError
     from .engine import Engine
 
     began = time.perf_counter()

@@ -3,7 +3,6 @@ previews through ``callback_on_step_end``, cancellation within one step. No grad
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import os
 import queue
@@ -14,7 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence
 
-from .. import cli
+from ..generation import models
+from ..generation.errors import UsageError, describe_error, one_line
+from ..generation.images import save_png
+from ..generation.settings import generators
 from . import settings as ui_settings
 from .strips import Strip, preview_steps, rows_for
 
@@ -41,9 +43,9 @@ class Cancelled(Exception):
 
 def error_message(error: BaseException) -> str:
     """One line for the page: the message of bad input, else ``Type: message`` (never a traceback)."""
-    if isinstance(error, (ValueError, TypeError, cli.UsageError)):
-        return cli._one_line(str(error)) or type(error).__name__
-    return cli._describe(error)
+    if isinstance(error, (ValueError, TypeError, UsageError)):
+        return one_line(str(error)) or type(error).__name__
+    return describe_error(error)
 
 
 class Engine:
@@ -53,11 +55,8 @@ class Engine:
                  concurrency: int = 2) -> None:  # fmt: skip
         self.model_option = model
         self.concurrency = concurrency
-        self.model, folder = cli.resolve_model(model)  # UsageError for a path that holds no model
-        try:
-            self.settings = cli.recommended_settings(folder)
-        except ValueError as error:  # json.JSONDecodeError, worded as the command words it
-            raise cli.UsageError(f"--model {self.model}: recommended.json is not valid JSON: {cli._one_line(str(error))}") from None
+        # UsageError for a path that holds no model or an unreadable recommended.json, worded as the command words it
+        self.model, self.settings = models.model_and_settings(model)
         self.device_option, self.dtype_option = device, dtype
         self.device, self.dtype = device, dtype
         if output_dir is None:  # the PNGs offered for download; gone when the server stops
@@ -89,8 +88,7 @@ class Engine:
     def _load(self) -> None:
         began = time.perf_counter()
         try:
-            args = argparse.Namespace(model_path=self.model, device=self.device_option, dtype=self.dtype_option)
-            pipe = cli._load(args)  # exactly as ``dualguide generate`` loads
+            pipe = models.load_model(self.model, self.device_option, self.dtype_option)  # as ``dualguide generate`` loads
             pipe.set_progress_bar_config(disable=True)
             if pipe.device.type == "cpu":
                 # Runs at once share the cores: oversubscribed OpenMP threads spin and slow every run many times over.
@@ -235,7 +233,7 @@ class Engine:
             raise Cancelled(f"cancelled before {run.label}")
         pipe = self.request_pipeline()
         if run.softpag_beta is not None:
-            from .. import apply_softpag
+            from ..pipelines import apply_softpag
 
             apply_softpag(pipe, run.softpag_beta)
         steps = run.steps
@@ -262,7 +260,7 @@ class Engine:
 
         events.put(Event("progress", index, run.label, 0, steps))
         output = pipe(
-            run.prompt, generator=cli._generators(run.seeds), num_images_per_prompt=len(run.seeds),
+            run.prompt, generator=generators(run.seeds), num_images_per_prompt=len(run.seeds),
             callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=available, **run.kwargs,
         )  # fmt: skip
         if stopped["step"] is not None or cancel.is_set():
@@ -270,7 +268,7 @@ class Engine:
             raise Cancelled(f"cancelled {run.label} after step {done}/{steps}")
         for image, seed in zip(output.images, run.seeds):
             path = os.path.join(folder, f"{index:02d}_{ui_settings.image_file_name(run, seed)}")
-            cli.save_png(image, path, ui_settings.metadata(run, self.model, seed))
+            save_png(image, path, ui_settings.metadata(run, self.model, seed))
             events.put(Event("image", index, run.label, steps, steps, image=path))
 
     def _decode_branches(self, pipe, tensors, rows: Sequence[str]):

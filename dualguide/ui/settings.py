@@ -1,8 +1,9 @@
 """The explorer's controls -> one ``dualguide generate`` command per mode -> the pipeline arguments.
 
 The command is the single source of truth: each mode's argument list is parsed by the command's
-own parser and turned into pipeline arguments by ``cli.call_arguments`` over the model's
-``recommended_settings``, so an image from the page equals the image the shown command writes.
+parser (built from ``dualguide.options``) and turned into pipeline arguments by
+``generation.call_arguments`` over the model's recommended settings, so an image from the page equals the
+image the shown command writes.
 No torch, no gradio here.
 """
 
@@ -13,13 +14,15 @@ import shlex
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .. import cli
+from .. import options
+from ..generation.errors import UsageError, one_line
+from ..generation.images import slug
+from ..generation.settings import PANEL_SCALE, call_arguments, check_names, image_seed
 
 DEFAULT_PROMPT = "a red circle on a blue background"
 TERMS = ("cfg", "tpg", "pag", "nag")
 TERM_NAMES = {"cfg": "CFG", "tpg": "TPG", "pag": "PAG", "nag": "NAG"}
 OFF = {"cfg": 1.0, "tpg": 0.0, "pag": 0.0, "nag": 1.0}  # the scale that turns each term off
-PANEL_SCALE = cli.PANEL_SCALE  # PAG / NAG scale when neither the model nor the user sets one
 DEFAULT_PAG_LAYERS = "m0-m9"  # as dualguide.config.DEFAULT_PAG_LAYERS (not imported: that module needs torch)
 
 # Modes compared side by side from the same seed: name -> the terms on.
@@ -130,27 +133,24 @@ def _whole(value, name: str) -> str:
     return str(int(value)) if isinstance(value, int) else str(int(number))
 
 
-class _Parser:
-    """The command's parser with errors raised (not printed and exited) for the page."""
+class GenerateParser:
+    """The parser of a ``dualguide generate`` command line, with errors raised as SettingsError for the page."""
 
     def __init__(self) -> None:
-        def fail(message: str):
-            raise SettingsError(cli._one_line(message))
-
-        self.parser = cli.build_parser()
-        self.parser.error = fail  # type: ignore[assignment]
-        self.generate = None
-        for action in self.parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for subparser in action.choices.values():
-                    subparser.error = fail  # type: ignore[assignment]
-                self.generate = action.choices.get("generate")
+        self.parser = options.RaisingParser(prog="dualguide generate")
+        options.add_generate_arguments(self.parser)
 
     def has_option(self, option: str) -> bool:
-        return self.generate is not None and option in self.generate._option_string_actions
+        return option in self.parser._option_string_actions
 
     def parse(self, argv: Sequence[str]) -> argparse.Namespace:
-        return self.parser.parse_args(list(argv))
+        """``argv`` as after ``dualguide``: ``generate``, then its options and prompt."""
+        if not argv or argv[0] != "generate":
+            raise SettingsError(f"not a generate command: {' '.join(argv[:1])!r}")
+        try:
+            return self.parser.parse_args(list(argv[1:]))
+        except ValueError as error:
+            raise SettingsError(one_line(str(error))) from None
 
 
 def _interval_text(interval: Sequence[float]) -> str:
@@ -164,7 +164,7 @@ def _default_interval(settings: Dict[str, object], term: str) -> Tuple[float, fl
 
 def _size_tuple(text: str) -> Optional[Tuple[int, int]]:
     try:
-        return cli._size(text.strip())
+        return options.size(text.strip())
     except argparse.ArgumentTypeError:
         return None  # the parser reports it
 
@@ -181,7 +181,7 @@ def plan(controls: Controls, settings: Dict[str, object], server_flags: Sequence
         raise SettingsError(f"unknown mode(s) {', '.join(unknown)}; valid: {', '.join(MODES)}")
     if not selected:
         raise SettingsError("choose at least one mode to compare")
-    parser = _Parser()
+    parser = GenerateParser()
     seed = _whole(controls.seed, "seed")
     common: List[str] = ["--seed", seed, *server_flags]
     steps = _whole(controls.steps, "steps")
@@ -204,7 +204,7 @@ def plan(controls: Controls, settings: Dict[str, object], server_flags: Sequence
     return runs
 
 
-def _mode_run(parser: _Parser, label: str, terms: Tuple[str, ...], controls: Controls, settings: Dict[str, object],
+def _mode_run(parser: GenerateParser, label: str, terms: Tuple[str, ...], controls: Controls, settings: Dict[str, object],
               common: List[str], seed: int) -> ModeRun:  # fmt: skip
     flags: List[str] = list(common)
     notes: List[str] = []
@@ -248,13 +248,13 @@ def _mode_run(parser: _Parser, label: str, terms: Tuple[str, ...], controls: Con
             flags += ["--nag-negative", controls.nag_negative]
     argv = ["generate", *flags, "--", controls.prompt]
     args = parser.parse(argv)
-    kwargs = cli.call_arguments(args, settings)
+    kwargs = call_arguments(vars(args), settings)
     try:
-        cli._check_names(kwargs)
-    except cli.UsageError as error:
+        check_names(kwargs)
+    except UsageError as error:
         raise SettingsError(str(error)) from None
     kwargs.update(extra)
-    seeds = [cli.image_seed(seed, 0, 0, 1)]
+    seeds = [image_seed(seed, 0, 0, 1)]
     return ModeRun(label, terms, argv, kwargs, controls.prompt, seeds, softpag_beta, notes)
 
 
@@ -300,8 +300,8 @@ def python_text(runs: Sequence[ModeRun], model: str, device: str, dtype: Optiona
 
 
 def image_file_name(run: ModeRun, seed: int) -> str:
-    slug = "".join(c if c.isalnum() else "_" for c in run.label.lower()) or "mode"
-    return f"{slug}_s{seed}_{cli._slug(run.prompt)}.png"
+    label = "".join(c if c.isalnum() else "_" for c in run.label.lower()) or "mode"
+    return f"{label}_s{seed}_{slug(run.prompt)}.png"
 
 
 def metadata(run: ModeRun, model: str, seed: int) -> Dict[str, object]:

@@ -1,5 +1,5 @@
-"""The task of a ``generate`` / ``compare`` command: text-to-image, img2img, inpainting, each with or
-without a ControlNet, chosen by ``--image``, ``--mask`` and ``--control``.
+"""The task of a generation: text-to-image, img2img, inpainting, each with or without a ControlNet, chosen
+by the options ``--image``, ``--mask`` and ``--control``.
 
 ``read_task`` checks the files the command names (before any model loads); ``task_pipeline`` moves a
 loaded text-to-image pipeline to the task's pipeline with ``from_pipe`` (no weights reloaded);
@@ -91,7 +91,7 @@ def _size(size: Tuple[int, int]) -> str:
 
 def task_pipeline(pipe, task: Task):
     """``pipe`` (text-to-image) as the task's pipeline; the same modules, the ControlNet loaded beside them."""
-    from . import pipelines
+    from .. import pipelines
 
     if task.controlnet is None:
         classes = {"text2img": None, "img2img": pipelines.StableDiffusionXLTPGImg2ImgPipeline,

@@ -1,0 +1,62 @@
+"""The ``dualguide`` command: argument parsing and dispatch only; the work is in the library layer
+(``dualguide.generation``) and the front ends' own packages (``jobs``, ``evaluation``, ``ui``).
+
+One module per subcommand (``generate``, ``compare``, ``batch``, ``evaluate``, ``ui``, ``samplers``), each with
+``add_parser(commands)`` and ``run(args) -> exit status``. Heavy modules (torch, diffusers) are imported only by
+the subcommands that need them, so ``dualguide --help`` and ``dualguide samplers`` answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Optional, Sequence
+
+from ..generation.errors import UsageError, describe_error, one_line
+from ..options import ArgumentParser
+from . import batch, compare, evaluate, generate, samplers, ui
+
+DEBUG_VARIABLE = "DUALGUIDE_DEBUG"  # =1: tracebacks and library warnings instead of one line
+SUBCOMMANDS = {"generate": generate, "compare": compare, "batch": batch, "eval": evaluate, "ui": ui, "samplers": samplers}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: every subcommand with its options."""
+    parser = ArgumentParser(
+        prog="dualguide",
+        description="Training-free dual guidance (TPG + NAG, with CFG and PAG) for SDXL in one UNet call per step.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    for module in SUBCOMMANDS.values():
+        module.add_parser(commands)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command; every failure is one line on stderr and status 2 (usage) or 1 (runtime), 130 if interrupted.
+
+    Set ``DUALGUIDE_DEBUG=1`` to see the traceback of a runtime error and the libraries' warnings.
+    """
+    debug = os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error, already printed as one line (2)
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+    with warnings.catch_warnings():
+        if not debug:
+            warnings.simplefilter("ignore")  # libraries' deprecation notes would break the one-line rule
+        try:
+            return SUBCOMMANDS[args.command].run(args)
+        except UsageError as error:
+            print(f"dualguide: error: {one_line(str(error))}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("dualguide: interrupted", file=sys.stderr)
+            return 130
+        except Exception as error:
+            if debug:
+                raise
+            print(f"dualguide: error: {describe_error(error)}", file=sys.stderr)
+            return 1

@@ -1,0 +1,7 @@
+"""``python -m dualguide.cli``: the ``dualguide`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

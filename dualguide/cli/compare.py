@@ -1,0 +1,36 @@
+"""``dualguide compare``: one labelled grid of the same seed under each guidance mode, a row per prompt."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..generation import images
+from ..generation.run import generate_images, prepare
+from ..generation.settings import compare_modes
+from ..generation.tasks import task_metadata
+from ..options import add_guidance_arguments, add_model_arguments, add_task_arguments
+
+
+def add_parser(commands) -> None:
+    compare = commands.add_parser("compare", help="one labelled grid of the same seed under each guidance mode")
+    compare.add_argument("prompt", nargs="+", help="one grid row per prompt, all with the same seed")
+    compare.add_argument("--with-pag", action="store_true", help="add a CFG+PAG panel")
+    add_model_arguments(compare)
+    add_guidance_arguments(compare)
+    add_task_arguments(compare)
+
+
+def run(args: argparse.Namespace) -> int:
+    prepared = prepare(vars(args))
+    modes = compare_modes(prepared.kwargs, args.with_pag)
+    rows = [[generate_images(prepared.pipe, prompt, [args.seed], arguments, prepared.task)[0] for _, arguments in modes]
+            for prompt in args.prompt]  # fmt: skip
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"compare_s{args.seed}_{images.grid_name(args.prompt)}.png")
+    replaced = os.path.exists(path)
+    prompt = args.prompt[0] if len(args.prompt) == 1 else args.prompt
+    metadata = {"prompt": prompt, "seed": args.seed, "model": prepared.model, **task_metadata(prepared.task), "panels": dict(modes)}
+    images.save_png(images.labelled_grid([label for label, _ in modes], rows), path, metadata)
+    print(f"{'replaced' if replaced else 'wrote'} the comparison grid {os.path.abspath(path)}")
+    return 0

@@ -1,0 +1,31 @@
+"""``dualguide eval``: guidance modes on the same prompts and seeds, measured and compared (work in ``dualguide.evaluation``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..options import add_guidance_arguments, add_model_arguments, require_out, whole
+
+
+def add_parser(commands) -> None:
+    evaluate = commands.add_parser("eval", help="compare guidance modes on the same prompts and seeds: metrics, paired statistics, report")
+    evaluate.add_argument("prompts", metavar="PROMPTS", nargs="?", default=None, help=".txt/.jsonl prompt file (or --embedded-prompts)")
+    evaluate.add_argument("--embedded-prompts", type=whole(2), default=None, metavar="N", help="N prompts of the embedded model's grammar")
+    evaluate.add_argument("--modes", default=None, help='"NAME: KEY=VALUE,...; ..." keyed by generate flag names; a scale a mode does not set is '
+                          "off (default: none, cfg, tpg, cfg+tpg, cfg+nag, cfg+tpg+nag, cfg+pag)")  # fmt: skip
+    evaluate.add_argument("--baseline", default="cfg", help="the mode every other is compared with (default cfg)")
+    evaluate.add_argument("--seeds", type=whole(1), default=2, help="images per prompt, the same seeds in every mode (>= 1, default 2)")
+    evaluate.add_argument("--unconditional", type=whole(0), default=0, metavar="N", help="empty-prompt images per mode, for the unconditional KID")
+    evaluate.add_argument("--clip", default=None, metavar="PATH", help="local CLIP model folder: CLIP score (and the features, with --model)")
+    evaluate.add_argument("--reference", default=None, metavar="DIR", help="reference images for the KID (embedded model: ground-truth renders)")
+    evaluate.add_argument("--batch-size", type=whole(1), default=1, help="images with the same settings per pipeline call (>= 1)")
+    evaluate.add_argument("--overwrite", action="store_true", help="remake images made before in --out with other settings")
+    add_model_arguments(evaluate)
+    add_guidance_arguments(evaluate)
+    require_out(evaluate, "output folder: plan.jsonl, images/, results.*, metrics.png, examples.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluation.command import evaluate  # numpy, torch and the metrics load only here
+
+    return evaluate(args)

@@ -1,0 +1,108 @@
+"""Which model a front end runs and how it loads: ``--model`` resolved to a hub id, a diffusers folder or a
+single-file checkpoint, the folder's recommended settings, and the pipeline loaded as every front end loads it."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, Optional, Tuple
+
+from .errors import UsageError, describe_error, one_line
+
+EMBEDDED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "embedded")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # single-file checkpoints
+DEFAULTS: Dict[str, object] = {
+    "num_inference_steps": 25, "guidance_scale": 5.0, "tpg_scale": 3.0, "tpg_applied_layers_index": "d6-d23",
+    "sampler": "euler", "sigma_schedule": "model",
+}  # fmt: skip
+
+
+def recommended_settings(model_folder: Optional[str]) -> Dict[str, object]:
+    """Pipeline arguments recommended for the model (``recommended.json`` beside its weights) over SDXL's defaults."""
+    from ..loading import read_recommended
+
+    return {**DEFAULTS, **(read_recommended(model_folder) if model_folder else {})}
+
+
+def looks_like_hub_id(model: str) -> bool:
+    """``name`` or ``owner/name`` in the hub's characters: not a path, not a checkpoint file name."""
+    hub_like = re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?", model)
+    return bool(hub_like) and not model.lower().endswith(CHECKPOINT_SUFFIXES)
+
+
+def resolve_model(model: Optional[str]) -> Tuple[str, Optional[str]]:
+    """``(what to load, folder holding recommended.json or None)``; UsageError for a path that holds no model.
+
+    ``None`` is the embedded model.
+    """
+    if model is None:
+        if not os.path.isfile(os.path.join(EMBEDDED, "model_index.json")):
+            raise UsageError("the embedded model is not installed in this checkout; pass --model <hub id | folder | .safetensors>")
+        return EMBEDDED, EMBEDDED
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise UsageError(f"--model {model}: no diffusers model here (no model_index.json)")
+        return path, path
+    if os.path.isfile(path):
+        if not path.lower().endswith(CHECKPOINT_SUFFIXES):
+            suffixes = ", ".join(CHECKPOINT_SUFFIXES)
+            raise UsageError(f"--model {model}: not a diffusers folder nor a single-file checkpoint ({suffixes})")
+        return path, None
+    if os.path.exists(path):
+        raise UsageError(f"--model {model}: neither a folder nor a file")
+    if not looks_like_hub_id(model):
+        raise UsageError(f"--model: no such file or folder: {model}")
+    return model, None
+
+
+def model_and_settings(model: Optional[str]) -> Tuple[str, Dict[str, object]]:
+    """``(what to load, its recommended settings)`` for ``--model``; UsageError when its recommended.json is not JSON."""
+    path, folder = resolve_model(model)
+    try:
+        return path, recommended_settings(folder)
+    except ValueError as error:  # json.JSONDecodeError
+        raise UsageError(f"--model {path}: recommended.json is not valid JSON: {one_line(str(error))}") from None
+
+
+def model_identity(model: Optional[str], path: str) -> str:
+    """The model as a bulk job's manifest records it: ``embedded``, a real path, or a hub id."""
+    if model is None:
+        return "embedded"
+    return os.path.realpath(path) if os.path.exists(path) else path
+
+
+def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bool = False):
+    """The pipeline at ``path`` (from ``resolve_model``) on ``device`` (auto, cpu, cuda) in ``dtype`` (auto or a
+    torch dtype name), its UNet compiled with the guidance hooks when ``compile``; UsageError when it cannot load."""
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from ..loading import default_dtype, load_pipeline
+
+    for library_logging in (diffusers_logging, transformers_logging):
+        library_logging.disable_progress_bar()
+        library_logging.set_verbosity_error()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    torch_dtype = default_dtype(device) if dtype == "auto" else getattr(torch, dtype)
+    local = os.path.exists(path)
+    try:
+        pipe = load_pipeline(path, device=device, dtype=torch_dtype)
+    except OSError as error:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(error).lower() or "cache" in str(error).lower()
+        if offline and not local:
+            raise UsageError(
+                f"--model {path}: not in the local Hugging Face cache and this machine is offline; "
+                f"on a machine with a network run `huggingface-cli download {path}` (or copy the folder here)"
+            ) from None
+        raise UsageError(f"--model {path}: {describe_error(error)}") from None
+    except (ValueError, TypeError, KeyError) as error:  # a folder or file that is not a loadable SDXL model
+        raise UsageError(f"--model {path}: cannot load it: {describe_error(error)}") from None
+    if compile:
+        from ..compiled import compile_unet
+
+        pipe.unet = compile_unet(pipe.unet)
+    return pipe

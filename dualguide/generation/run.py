@@ -1,0 +1,61 @@
+"""Running generations: check the settings and the files they name, load the task's pipeline, make a prompt's
+images from per-image seeds."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Sequence
+
+from . import models
+from .errors import UsageError, one_line
+from .images import check_output_folder
+from .settings import call_arguments, check_names, check_seeds, generators
+from .tasks import Task, TaskError, read_task, task_arguments, task_pipeline
+
+
+@dataclass
+class Prepared:
+    """A loaded pipeline ready for a run: the model as named, its pipeline arguments, the pipeline, the task."""
+
+    model: str
+    kwargs: Dict[str, object]
+    pipe: object
+    task: Task
+
+
+def prepare(options: Mapping[str, object], images: int = 1) -> Prepared:
+    """Check the options (named as the command's flags: ``model``, ``seed``, ``out``, ``image``, ``steps``, ...)
+    and the files they name, then load the model; UsageError before any load for anything wrong.
+
+    The pipeline is the task's (img2img, inpainting, ControlNet) when ``image`` / ``control`` name one.
+    """
+    check_seeds(options["seed"], images)
+    check_output_folder(options["out"])
+    try:
+        task = read_task(options.get("image"), options.get("mask"), options.get("strength"), options.get("control"),
+                         options.get("controlnet"), options.get("control_scale"))  # fmt: skip
+    except TaskError as error:
+        raise UsageError(str(error)) from None
+    model, settings = models.model_and_settings(options.get("model"))
+    kwargs = call_arguments(options, settings)
+    check_names(kwargs)
+    pipe = models.load_model(model, options.get("device", "auto"), options.get("dtype", "auto"), bool(options.get("compile")))
+    try:
+        return Prepared(model, kwargs, task_pipeline(pipe, task), task)
+    except TaskError as error:
+        raise UsageError(str(error)) from None
+
+
+def generate_images(pipe, prompt: str, seeds: Sequence[int], kwargs: Dict[str, object], task: Task) -> List[object]:
+    """The images of ``prompt``, one per seed (image ``k`` from its own generator seeded ``seeds[k]``).
+
+    A ValueError/TypeError of the pipeline (bad settings) becomes a UsageError.
+    """
+    # Progress bars only on a terminal: piped or logged stderr then holds nothing but a failure's one line.
+    pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), desc=prompt[:40])
+    arguments = task_arguments(task, kwargs, pipe)
+    try:
+        return pipe(prompt, generator=generators(seeds), num_images_per_prompt=len(seeds), **arguments).images
+    except (ValueError, TypeError) as error:
+        raise UsageError(one_line(str(error))) from None

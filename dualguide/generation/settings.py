@@ -1,0 +1,89 @@
+"""Generation settings: option values (named as the command's flags) -> pipeline arguments, checked names,
+per-image seeds and generators, and the guidance modes of a comparison."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Sequence, Tuple
+
+from .errors import UsageError
+
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64-1
+TERMS = ("cfg", "tpg", "pag", "nag")
+# Option (the flag's dest) -> pipeline argument of the same setting.
+OPTION_ARGUMENTS = {
+    "steps": "num_inference_steps", "cfg": "guidance_scale", "tpg": "tpg_scale", "tpg_layers": "tpg_applied_layers_index",
+    "pag": "pag_scale", "nag": "nag_scale", "nag_tau": "nag_tau", "nag_alpha": "nag_alpha", "sampler": "sampler",
+    "schedule": "sigma_schedule", "negative": "negative_prompt", "nag_negative": "nag_negative_prompt",
+}  # fmt: skip
+PANEL_SCALE = 3.0  # PAG / NAG scale of the comparison panels when neither the model nor the command sets one
+
+
+def call_arguments(options: Mapping[str, object], settings: Mapping[str, object]) -> Dict[str, object]:
+    """Pipeline arguments: ``settings`` (the model's recommended ones), overridden by the options given.
+
+    ``options`` maps flag dests (``steps``, ``size``, ``cfg``, ``tpg_layers``, ``nag_interval``, ...) to values;
+    ``None`` or a missing key leaves the setting as it is.
+    """
+    kwargs = dict(settings)
+    for option, argument in OPTION_ARGUMENTS.items():
+        value = options.get(option)
+        if value is not None:
+            kwargs[argument] = value
+    size = options.get("size")
+    if size:
+        kwargs.update(width=size[0], height=size[1])
+    kwargs["do_nag"] = float(kwargs.get("nag_scale", 1.0)) > 1.0
+    for term in TERMS:
+        interval = options.get(f"{term}_interval")
+        if interval is not None:
+            kwargs[f"{term}_interval"] = interval
+    return kwargs
+
+
+def check_names(kwargs: Mapping[str, object]) -> None:
+    """UsageError naming ``--sampler`` / ``--schedule`` when the pipeline arguments name an unknown one."""
+    import samplers
+
+    if kwargs["sampler"] not in samplers.names():
+        raise UsageError(f"--sampler: unknown sampler {kwargs['sampler']!r}; valid: {', '.join(samplers.names())}")
+    if kwargs["sigma_schedule"] not in samplers.SCHEDULE_NAMES:
+        raise UsageError(f"--schedule: unknown schedule {kwargs['sigma_schedule']!r}; valid: {', '.join(samplers.SCHEDULE_NAMES)}")
+
+
+def check_seeds(seed: int, images: int) -> None:
+    """The images get seeds ``seed .. seed+images-1``; all must fit a generator seed (0..2**64-1)."""
+    if seed + images - 1 > SEED_MAX:
+        raise UsageError(
+            f"--seed {seed}: the {images} images take seeds {seed}..{seed + images - 1}, "
+            f"past 2**64-1; use a seed <= {SEED_MAX - images + 1}"
+        )
+
+
+def image_seed(seed: int, prompt_index: int, image_index: int, images_per_prompt: int) -> int:
+    """Image ``k = prompt_index * n + image_index`` of a ``generate`` command gets seed ``seed + k``."""
+    return seed + prompt_index * images_per_prompt + image_index
+
+
+def generators(seeds: Sequence[int]) -> List[object]:
+    """One CPU ``torch.Generator`` per image, seeded with its seed."""
+    import torch
+
+    return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+
+def compare_modes(kwargs: Mapping[str, object], with_pag: bool) -> List[Tuple[str, Dict[str, object]]]:
+    """The panels of a comparison: (label, pipeline arguments), all from the same settings and seed."""
+    cfg, tpg = kwargs["guidance_scale"], kwargs["tpg_scale"]
+    nag = kwargs["nag_scale"] if kwargs["do_nag"] else PANEL_SCALE
+    pag = kwargs.get("pag_scale") or PANEL_SCALE
+    off = dict(kwargs, guidance_scale=1.0, tpg_scale=0.0, pag_scale=0.0, do_nag=False)
+    modes = [
+        ("no guidance", off),
+        (f"CFG {cfg:g}", dict(off, guidance_scale=cfg)),
+        (f"CFG+TPG {tpg:g}", dict(off, guidance_scale=cfg, tpg_scale=tpg)),
+        (f"CFG+NAG {nag:g}", dict(off, guidance_scale=cfg, do_nag=True, nag_scale=nag)),
+        ("CFG+TPG+NAG", dict(off, guidance_scale=cfg, tpg_scale=tpg, do_nag=True, nag_scale=nag)),
+    ]
+    if with_pag:
+        modes.append((f"CFG+PAG {pag:g}", dict(off, guidance_scale=cfg, pag_scale=pag)))
+    return modes

@@ -1,0 +1,109 @@
+"""A whole bulk job from the command's options: plan every image of the prompt file (checked before any model
+loads), then make this process's missing images and report the job. ``dualguide batch`` and ``dualguide eval``
+both run it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Dict, List, Tuple
+
+from ..generation import images, models
+from ..generation.errors import UsageError, describe_error
+from ..generation.settings import SEED_MAX, call_arguments, check_names
+from ..options import line_option_parser, with_settings
+from .manifest import Manifest, differences
+from .plan import ImageJob, plan_images
+from .prompts import PromptFileError, PromptLine, option_text, read_prompt_file
+
+
+def line_options(args: argparse.Namespace, line: PromptLine, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The command's options with those the line sets, checked as on the command line (UsageError at file:line)."""
+    written = {name: option_text(name, value) for name, value in line.options.items()}
+    try:
+        return with_settings(vars(args), written, parser)
+    except ValueError as error:
+        raise UsageError(f"{args.prompts}:{line.line}: {error}") from None
+
+
+def plan_batch(args: argparse.Namespace) -> Tuple[List[ImageJob], str]:
+    """Check the command and its prompt file and plan every image: ``(jobs, model to load)``. Loads no model."""
+    images.check_output_folder(args.out)
+    parser, names = line_option_parser()
+    try:
+        lines = read_prompt_file(args.prompts, names)
+    except PromptFileError as error:
+        raise UsageError(str(error)) from None
+    model, recommended = models.model_and_settings(args.model)
+    base = call_arguments(vars(args), recommended)
+    check_names(base)
+    negative = base.pop("negative_prompt", None)
+
+    def settings_for(line: PromptLine) -> Dict[str, object]:
+        if not line.options:
+            return base
+        kwargs = call_arguments(vars(line_options(args, line, parser)), recommended)
+        kwargs.pop("negative_prompt", None)
+        try:
+            check_names(kwargs)
+        except UsageError as error:
+            raise UsageError(f"{args.prompts}:{line.line}: {str(error).lstrip('-')}") from None
+        return kwargs
+
+    jobs = plan_images(lines, args.seed, args.n, settings_for, negative, models.model_identity(args.model, model))
+    for job in jobs:
+        if job.seed > SEED_MAX:
+            given = next(line.seed is not None for line in lines if line.line == job.line)
+            source = 'its line\'s "seed"' if given else f"--seed {args.seed}"
+            raise UsageError(f"{args.prompts}:{job.line}: image {job.index} of this line would get seed {job.seed} from {source}, past 2**64-1")
+    return jobs, model
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    """Every image of the prompt file that ``--out`` lacks; this process's share when several run. Exit status."""
+    import torch
+
+    from .processes import device_of, finish, process_state, shard
+    from .progress import JobProgress
+    from .run import make_images, remove_stale_partials
+
+    jobs, model = plan_batch(args)
+    os.makedirs(args.out, exist_ok=True)
+    manifest = Manifest(args.out)
+    conflicts = manifest.conflicts(jobs)
+    if conflicts and not args.overwrite:
+        job, entry = conflicts[0]
+        raise UsageError(
+            f"--out {args.out}: {len(conflicts)} image(s) of this job were made there before from other settings "
+            f"(first: {job.id}, {entry.get('file')}: {', '.join(differences(entry, job))} differ); "
+            "rerun with --overwrite to remake them, or use another --out"
+        )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    state = process_state(args.device)
+    mine = shard(state, jobs)
+    todo = [job for job in mine if not manifest.is_done(job)]
+    already = sum(manifest.is_done(job) for job in jobs)
+    remove_stale_partials(args.out, mine, manifest)
+    show = state.is_main_process and sys.stderr.isatty()
+    progress = JobProgress(manifest.path, manifest.failures_path, len(jobs), already, show=show)
+    if state.num_processes > 1:
+        state.wait_for_everyone()  # every process has read the manifest before any writes to it
+    failed: List[ImageJob] = []
+    pipe = models.load_model(model, device_of(state), args.dtype, args.compile) if todo else None
+    with progress:  # from here, so that images/s and the ETA do not count the loading
+        if pipe is not None:
+            pipe.set_progress_bar_config(disable=True)
+            failed = make_images(pipe, todo, args.batch_size, manifest, images.save_png, describe_error)
+        finish(state)  # the main process waits for the others, so that it reports the whole job
+    if conflicts and state.is_local_main_process:
+        manifest.compact()  # every process is done: one line per image again
+    if not state.is_main_process:
+        return 1 if failed else 0
+    where = os.path.abspath(args.out)
+    print(f"{already + progress.made} of {len(jobs)} image(s) in {where} ({progress.made} made now, {already} already there)")
+    if progress.failed:
+        print(f"dualguide: error: {progress.failed} image(s) failed; see {os.path.join(where, 'failures.jsonl')} (a rerun retries them)", file=sys.stderr)
+        return 1
+    return 0
