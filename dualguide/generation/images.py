@@ -69,10 +69,16 @@ def save_png(image: "Image.Image", path: str, metadata: Dict[str, object]) -> No
             os.remove(temporary)
 
 
+SLUG_CHARACTERS, SLUG_BYTES = 60, 120  # a file name from a prompt stays far below the 255-byte limit of file systems
+
+
 def slug(text: str) -> str:
-    """``text`` as a file-name part: lower-case letters and digits joined by ``_``, at most 60 characters."""
+    """``text`` as a file-name part: letters and digits (any script, lower-cased) joined by single ``_``, at most
+    60 characters and 120 bytes of UTF-8; ``image`` when nothing is left. No separator, dot or control character."""
     cleaned = "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
-    return "_".join(filter(None, cleaned.split("_")))[:60] or "image"
+    part = "_".join(filter(None, cleaned.split("_")))[:SLUG_CHARACTERS]
+    part = part.encode("utf-8")[:SLUG_BYTES].decode("utf-8", errors="ignore").rstrip("_")
+    return part or "image"
 
 
 def image_name(prompt_index: int, image_index: int, seed: int, prompt: str) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Dict, List, Optional, Sequence
 
+from ..generation.images import slug
 from .prompts import PromptLine
 
 
@@ -75,9 +76,3 @@ def image_calls(jobs: Sequence[ImageJob], batch_size: int) -> List[List[ImageJob
         else:
             calls.append([job])
     return calls
-
-
-def slug(text: str) -> str:
-    """Lower-case letters, digits and single underscores, at most 60 characters (as ``generate`` names files)."""
-    cleaned = "".join(c if c.isalnum() else "_" for c in text.lower()).strip("_")
-    return "_".join(filter(None, cleaned.split("_")))[:60] or "image"
