@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -124,10 +124,15 @@ def time_ids(pipe, size: Tuple[int, int], crop: Tuple[int, int], target: Tuple[i
 
 
 def _encoders(pipe) -> List[Tuple[object, torch.nn.Module]]:
-    """``(tokenizer, text_encoder)`` pairs in diffusers' order; the refiner (no ``text_encoder``) has only the second."""
-    tokenizers = [pipe.tokenizer, pipe.tokenizer_2] if pipe.tokenizer is not None else [pipe.tokenizer_2]
-    text_encoders = [pipe.text_encoder, pipe.text_encoder_2] if pipe.text_encoder is not None else [pipe.text_encoder_2]
-    return list(zip(tokenizers, text_encoders))
+    """``(tokenizer, text_encoder)`` pairs in diffusers' order: SD's one, SDXL's two (the refiner, without
+    ``text_encoder``, only the second)."""
+    pairs = [(pipe.tokenizer, pipe.text_encoder), (getattr(pipe, "tokenizer_2", None), getattr(pipe, "text_encoder_2", None))]
+    return [(tokenizer, encoder) for tokenizer, encoder in pairs if encoder is not None]
+
+
+def _has_second_encoder(pipe) -> bool:
+    """SDXL pipelines (two text encoder slots, pooled embeds) rather than SD 1.x / 2.x (one)."""
+    return hasattr(pipe, "text_encoder_2")
 
 
 def _content_ids(pipe, prompts: List[str], tokenizer) -> TokenIds:
@@ -158,10 +163,13 @@ def _windows(ids: Sequence[int], tokenizer, count: int) -> List[List[int]]:
     return windows
 
 
-def _encode_windows(text_encoder, windows: Tensor, hidden_layer: int) -> Tuple[Tensor, Optional[Tensor]]:
+HiddenStates = Callable[[torch.nn.Module, object], Tensor]  # (text encoder, its output) -> the embeds diffusers uses
+
+
+def _encode_windows(text_encoder, windows: Tensor, select: HiddenStates) -> Tuple[Tensor, Optional[Tensor]]:
     """Run one text encoder on windows ``[B, count, W]`` as diffusers' ``encode_prompt`` runs it.
 
-    Returns the hidden states ``[B, count * W, D]`` (windows concatenated along the sequence) and, for an
+    Returns the hidden states ``select`` picks, ``[B, count * W, D]`` (windows concatenated along the sequence) and, for an
     encoder with a pooled projection, the pooled embeds ``[B, P]`` of each prompt's first window. The first
     windows run as one batch of ``B``, as diffusers runs the prompts, so they and the pooled embeds are
     bit-identical to the truncated encoding; the other windows run as a second batch.
@@ -178,38 +186,48 @@ def _encode_windows(text_encoder, windows: Tensor, hidden_layer: int) -> Tuple[T
         for part in (windows[:, :1], windows[:, 1:])
         if part.shape[1]
     ]
-    hidden = [output.hidden_states[hidden_layer] for output in outputs]
+    hidden = [select(text_encoder, output) for output in outputs]
     hidden = torch.cat([h.reshape(rows, -1, h.shape[-1]) for h in hidden], dim=1)
     pooled = outputs[0][0] if outputs[0][0].ndim == 2 else None
     return hidden, pooled
 
 
-def _encode_ids(pipe, ids_per_encoder: Sequence[TokenIds], count: int, hidden_layer: int) -> Tuple[Tensor, Optional[Tensor]]:
+def _encode_ids(pipe, ids_per_encoder: Sequence[TokenIds], count: int, select: HiddenStates) -> Tuple[Tensor, Optional[Tensor]]:
     """Prompt embeds ``[B, count * W, D1 + D2]`` and pooled embeds (first window) of already tokenized prompts."""
     hidden, pooled = [], None
     for ids, (tokenizer, text_encoder) in zip(ids_per_encoder, _encoders(pipe)):
         windows = torch.tensor([_windows(row, tokenizer, count) for row in ids], dtype=torch.long)
-        states, encoder_pooled = _encode_windows(text_encoder, windows, hidden_layer)
+        states, encoder_pooled = _encode_windows(text_encoder, windows, select)
         hidden.append(states)
         if pooled is None:  # diffusers keeps the first encoder output that is pooled (text_encoder_2's projection)
             pooled = encoder_pooled
     return torch.cat(hidden, dim=-1), pooled
 
 
-def _hidden_layer(clip_skip: Optional[int]) -> int:
+def _sdxl_hidden(clip_skip: Optional[int]) -> HiddenStates:
     """The hidden state SDXL uses: the penultimate layer, ``clip_skip`` layers earlier (as diffusers indexes it)."""
-    return -2 if clip_skip is None else -(clip_skip + 2)
+    layer = -2 if clip_skip is None else -(clip_skip + 2)
+    return lambda encoder, output: output.hidden_states[layer]
+
+
+def _sd_hidden(clip_skip: Optional[int]) -> HiddenStates:
+    """The hidden state SD 1.x / 2.x uses: the last (normed) one, or ``clip_skip`` layers earlier through the
+    final layer norm, as diffusers' SD ``encode_prompt``."""
+    if clip_skip is None:
+        return lambda encoder, output: output[0]
+    # transformers 4 keeps the norm in ``CLIPTextModel.text_model``, 5 on the model itself
+    return lambda encoder, output: getattr(encoder, "text_model", encoder).final_layer_norm(output.hidden_states[-(clip_skip + 1)])
 
 
 @contextmanager
 def _lora_scaled(pipe, lora_scale: Optional[float]) -> Iterator[None]:
     """The text encoders' LoRA scale around an encoding, exactly as diffusers' ``encode_prompt`` sets and resets it."""
-    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
     from diffusers.models.lora import adjust_lora_scale_text_encoder
     from diffusers.utils import USE_PEFT_BACKEND, scale_lora_layers, unscale_lora_layers
 
-    is_lora_pipe = isinstance(pipe, StableDiffusionXLLoraLoaderMixin)
-    encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
+    is_lora_pipe = isinstance(pipe, (StableDiffusionXLLoraLoaderMixin, StableDiffusionLoraLoaderMixin))
+    encoders = [encoder for _, encoder in _encoders(pipe)]
     if lora_scale is not None and is_lora_pipe:
         pipe._lora_scale = lora_scale
         for encoder in encoders:
@@ -226,7 +244,9 @@ def _lora_scaled(pipe, lora_scale: Optional[float]) -> Iterator[None]:
 
 
 def _embeds_dtype(pipe):
-    return pipe.text_encoder_2.dtype if pipe.text_encoder_2 is not None else pipe.unet.dtype
+    """The prompt embeds' dtype as diffusers casts them: the (last) text encoder's, else the UNet's."""
+    encoders = _encoders(pipe)
+    return encoders[-1][1].dtype if encoders else pipe.unet.dtype
 
 
 def _tokenize(pipe, texts_per_encoder: Sequence[List[str]]) -> List[TokenIds]:
@@ -320,10 +340,10 @@ def _encode_windowed(
 
     with _lora_scaled(pipe, lora_scale):
         if positive_ids is not None:
-            prompt_embeds, pooled = _encode_ids(pipe, positive_ids, count, _hidden_layer(clip_skip))
+            prompt_embeds, pooled = _encode_ids(pipe, positive_ids, count, _sdxl_hidden(clip_skip))
             pooled_prompt_embeds = pooled if pooled_prompt_embeds is None else pooled_prompt_embeds
         if negative_ids is not None:
-            negative_prompt_embeds, pooled = _encode_ids(pipe, negative_ids, count, _hidden_layer(None))
+            negative_prompt_embeds, pooled = _encode_ids(pipe, negative_ids, count, _sdxl_hidden(None))
             negative_pooled_prompt_embeds = pooled if negative_pooled_prompt_embeds is None else negative_pooled_prompt_embeds
     if pooled_prompt_embeds is None:
         raise ValueError("pooled_prompt_embeds must be given with prompt_embeds")
@@ -468,10 +488,11 @@ def encode_nag_negative(
         source, parameter = "", "nag_negative_prompt"
     prompts = _as_list(source, batch, parameter)
     if not truncate_long_prompts:
-        encoded = _encode_windowed(
-            pipe, prompts, None, None, None, device=device, num_images_per_prompt=num_images_per_prompt,
-            with_negative=False, lora_scale=lora_scale, clip_skip=clip_skip,
-        )  # fmt: skip
+        options = dict(device=device, num_images_per_prompt=num_images_per_prompt, lora_scale=lora_scale, clip_skip=clip_skip)
+        if _has_second_encoder(pipe):
+            encoded = _encode_windowed(pipe, prompts, None, None, None, with_negative=False, **options)
+        else:
+            encoded = _encode_sd_windowed(pipe, prompts, None, **options)
         if encoded is not None:
             return encoded[0]
     return pipe.encode_prompt(  # the prompt embeds come first in every family's encode_prompt results
@@ -496,16 +517,55 @@ def encode_sd(
     clip_skip: Optional[int] = None,
     prompt_embeds: Optional[Tensor] = None,
     negative_prompt_embeds: Optional[Tensor] = None,
+    truncate_long_prompts: bool = False,
 ) -> Tuple[Conditioning, Optional[Conditioning]]:
     """Encode positive (and, with ``with_negative``, negative) Stable Diffusion 1.x / 2.x conditioning.
 
-    Through diffusers' ``encode_prompt`` (one text encoder; prompts cut at the tokenizer's window; the
-    negative is ``negative_prompt`` or the empty string). Rows are prompt-major: ``num_images_per_prompt``
-    rows per prompt.
+    One text encoder; the negative is ``negative_prompt`` or the empty string. Prompts longer than the
+    tokenizer's window are encoded window by window as for SDXL (the negative padded to the same windows,
+    a mask hiding the padding windows of shorter prompts), unless ``truncate_long_prompts`` or given
+    embeds; everything else goes through diffusers' ``encode_prompt``. Rows are prompt-major:
+    ``num_images_per_prompt`` rows per prompt.
     """
+    if not truncate_long_prompts and prompt_embeds is None and negative_prompt_embeds is None:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = _as_list(negative_prompt or "", len(prompts), "negative_prompt") if with_negative else None
+        encoded = _encode_sd_windowed(
+            pipe, prompts, negatives, device=device, num_images_per_prompt=num_images_per_prompt, lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )  # fmt: skip
+        if encoded is not None:
+            embeds, negative_embeds, mask = encoded
+            negative = Conditioning(negative_embeds, attention_mask=mask) if with_negative else None
+            return Conditioning(embeds, attention_mask=mask), negative
     embeds, negative_embeds = pipe.encode_prompt(
         prompt, device or pipe._execution_device, num_images_per_prompt, with_negative, negative_prompt,
         prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, lora_scale=lora_scale,
         clip_skip=clip_skip,
     )  # fmt: skip
     return Conditioning(embeds), Conditioning(negative_embeds) if with_negative else None
+
+
+def _encode_sd_windowed(
+    pipe, prompts: List[str], negatives: Optional[List[str]], *, device, num_images_per_prompt: int,
+    lora_scale: Optional[float], clip_skip: Optional[int],
+) -> Optional[Tuple[Tensor, Optional[Tensor], Optional[Tensor]]]:
+    """SD's prompt embeds, the negative's (when given) and the padding mask, long prompts windowed; ``None``
+    when every text fits one window. The negative uses the last hidden state whatever ``clip_skip`` is, as
+    diffusers' SD ``encode_prompt``."""
+    to_encode = [_tokenize(pipe, [texts]) for texts in (prompts, negatives) if texts is not None]
+    count = max(_windows_needed(pipe, ids) for ids in to_encode)
+    if count == 1:
+        return None
+    with _lora_scaled(pipe, lora_scale):
+        encoded = [_encode_ids(pipe, ids, count, _sd_hidden(clip_skip if index == 0 else None))[0] for index, ids in enumerate(to_encode)]
+    mask = _padding_mask(pipe, to_encode, count, _encoders(pipe)[0][0].model_max_length)
+    dtype, device = _embeds_dtype(pipe), device or pipe._execution_device
+
+    def rows(tensor: Optional[Tensor], cast: bool) -> Optional[Tensor]:
+        if tensor is None:
+            return None
+        tensor = tensor.to(dtype=dtype, device=device) if cast else tensor.to(device)
+        return tensor.repeat_interleave(num_images_per_prompt, dim=0)
+
+    return rows(encoded[0], True), rows(encoded[1] if negatives is not None else None, True), rows(mask, False)

@@ -7,7 +7,7 @@ import torch
 from conftest import unet_snapshot
 from test_nag import reference_nag_attention
 from dualguide import CFG, NAG, TPG, GuidedDenoiser, StableDiffusionTPGPipeline, StableDiffusionTPGImg2ImgPipeline
-from dualguide.conditioning import encode_sd
+from dualguide.conditioning import encode_nag_negative, encode_sd
 from dualguide.denoiser import to_denoised
 from dualguide.families import SD, family_of
 from dualguide.tiny import build_tiny_sd
@@ -149,3 +149,27 @@ def test_a_wrong_layer_id_names_the_parameter_and_the_valid_range_before_any_une
     assert unet_snapshot(pipe.unet) == before
     with pytest.raises(ValueError, match="d0-d5, m0, u0-u8"):
         GuidedDenoiser(pipe.unet, pipe.scheduler, tpg=TPG(3.0, layers="d6"))
+
+
+LONG = "a red circle on a blue square " * 4  # more than one 77-token window
+
+
+@torch.no_grad()
+def test_long_prompts_are_windowed_unless_truncated(pipe):
+    windowed, negative = encode_sd(pipe, LONG, with_negative=True)
+    cut, _ = encode_sd(pipe, LONG, with_negative=True, truncate_long_prompts=True)
+    tokens = windowed.prompt_embeds.shape[1]
+    assert tokens > 77 and tokens % 77 == 0 and negative.prompt_embeds.shape == windowed.prompt_embeds.shape
+    assert cut.prompt_embeds.shape[1] == 77
+    assert torch.equal(windowed.prompt_embeds[:, :77], cut.prompt_embeds)  # the first window is diffusers' encoding
+    skipped = encode_sd(pipe, LONG, with_negative=False, clip_skip=1)[0].prompt_embeds
+    ids = pipe.tokenizer(LONG, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    penultimate = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+    norm = getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm  # transformers 4 / 5
+    assert torch.allclose(skipped[:, :77], norm(penultimate), atol=1e-6)
+    kwargs = dict(height=SIZE, width=SIZE, num_inference_steps=2, guidance_scale=5.0, tpg_scale=2.0, output_type="latent")
+    both = pipe([LONG, "a red circle"], generator=[torch.Generator().manual_seed(s) for s in (1, 2)], **kwargs).images
+    alone = pipe("a red circle", generator=torch.Generator().manual_seed(2), **kwargs).images
+    assert torch.allclose(both[1:], alone, rtol=1e-4, atol=1e-4)  # the short prompt's padding windows are masked
+    nag_negative = encode_nag_negative(pipe, 1, 1, LONG)
+    assert nag_negative.shape[1] == tokens  # NAG's negative is windowed on its own

@@ -22,7 +22,7 @@ from ..validation import checked_call
 ABSENT: Dict[str, Any] = {
     "timesteps": None, "sigmas": None, "denoising_start": None, "denoising_end": None, "guidance_rescale": 0.0,
     "masked_image_latents": None, "negative_original_size": None, "negative_crops_coords_top_left": (0, 0),
-    "negative_target_size": None, "latents": None, "height": None, "width": None, "truncate_long_prompts": True,
+    "negative_target_size": None, "latents": None, "height": None, "width": None
 }  # fmt: skip
 
 
@@ -38,9 +38,8 @@ def with_absent(args: Dict[str, Any]) -> Dict[str, Any]:
     return {**{name: value for name, value in ABSENT.items() if name not in args}, **args}
 
 
-def guidance_parameters(family: ModelFamily, long_prompts: bool = True) -> List[inspect.Parameter]:
-    """The guidance, interval and sampler parameters, with ``family``'s default layers; ``long_prompts``
-    adds ``truncate_long_prompts`` (for families whose prompts are windowed)."""
+def guidance_parameters(family: ModelFamily) -> List[inspect.Parameter]:
+    """The guidance, interval, sampler and long-prompt parameters, with ``family``'s default layers."""
     specs = [
         ("tpg_scale", float, 3.0),
         ("tpg_applied_layers_index", LayerSpec, family.default_tpg_layers),
@@ -63,9 +62,8 @@ def guidance_parameters(family: ModelFamily, long_prompts: bool = True) -> List[
         ("sigma_min", Optional[float], None),
         ("sigma_max", Optional[float], None),
         ("max_batch_rows", Optional[int], None),
+        ("truncate_long_prompts", bool, False),
     ]
-    if long_prompts:
-        specs.append(("truncate_long_prompts", bool, False))
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     return [inspect.Parameter(name, kind, default=default, annotation=annotation) for name, annotation, default in specs]
 
@@ -78,15 +76,12 @@ GUIDANCE_DOC = """
         fractions of the schedule. Without ``sampler`` the loop follows ``pipe.scheduler`` as diffusers
         does; a k-diffusion sampler name or a callable runs that sampler instead, over ``sigma_schedule``
         ("model", "karras", "exponential"), ``sigmas`` or ``timesteps``. ``max_batch_rows`` splits a step's rows
-        over several UNet calls to save memory.{long_prompts}
+        over several UNet calls to save memory. Prompts longer than the tokenizer's window are encoded window
+        by window unless ``truncate_long_prompts``.
 """
-LONG_PROMPTS_DOC = """ Prompts longer than the tokenizer's window are encoded window by window unless
-        ``truncate_long_prompts``."""
 
 
-def guided_signature(
-    parent_call: Callable, family: ModelFamily, long_prompts: bool = True, defaults: Optional[Dict[str, Any]] = None
-) -> inspect.Signature:
+def guided_signature(parent_call: Callable, family: ModelFamily, defaults: Optional[Dict[str, Any]] = None) -> inspect.Signature:
     """``parent_call``'s parameters (without its deprecated ``**kwargs``; ``defaults`` replacing some defaults; the
     callback as the guided runs call it, its tensor names an immutable ``("latents",)``) followed by the guidance
     parameters."""
@@ -96,12 +91,12 @@ def guided_signature(
         for p in inspect.signature(parent_call).parameters.values()
         if p.kind is not inspect.Parameter.VAR_KEYWORD
     ]
-    return inspect.Signature(own + guidance_parameters(family, long_prompts))
+    return inspect.Signature(own + guidance_parameters(family))
 
 
 def guided_call(
     parent: type, family: ModelFamily, check: Callable[[Any, Dict[str, Any]], Dict[str, Any]], run: str, summary: str,
-    long_prompts: bool = True, defaults: Optional[Dict[str, Any]] = None,
+    defaults: Optional[Dict[str, Any]] = None,
 ) -> Callable:
     """A pipeline ``__call__``: ``parent.__call__``'s arguments (``defaults`` overriding some of its defaults) plus
     the guidance ones, all checked by ``check`` (arguments the pipeline lacks filled from ``ABSENT``), then handed
@@ -110,11 +105,9 @@ def guided_call(
     def __call__(self, **arguments):
         return getattr(self, run)(with_absent(arguments))
 
-    __call__.__signature__ = guided_signature(parent.__call__, family, long_prompts, defaults)
+    __call__.__signature__ = guided_signature(parent.__call__, family, defaults)
     __call__.__doc__ = (
         f"{summary}\n\n        The arguments of ``{parent.__name__}`` mean what they mean there.\n"
-        + GUIDANCE_DOC.format(
-            tpg=repr(family.default_tpg_layers), pag=repr(family.default_pag_layers), long_prompts=LONG_PROMPTS_DOC if long_prompts else ""
-        )
+        + GUIDANCE_DOC.format(tpg=repr(family.default_tpg_layers), pag=repr(family.default_pag_layers))
     )
     return checked_call(lambda pipe, args: check(pipe, with_absent(args)))(torch.no_grad()(__call__))

@@ -35,6 +35,7 @@ class SDFamilyMixin:
             self, args["prompt"], args["negative_prompt"], num_images_per_prompt=args["num_images_per_prompt"],
             with_negative=cfg.enabled, device=device, lora_scale=lora_scale, clip_skip=args["clip_skip"],
             prompt_embeds=args["prompt_embeds"], negative_prompt_embeds=args["negative_prompt_embeds"],
+            truncate_long_prompts=args["truncate_long_prompts"],
         )  # fmt: skip
 
     def task_inputs(self, args: Dict[str, Any], terms, batch: int, height: int, width: int, device):

@@ -29,7 +29,7 @@ class StableDiffusionControlNetTPGPipeline(SDFamilyMixin, ControlNetMixin, TextT
     __call__ = guided_call(
         StableDiffusionControlNetPipeline, SD,
         partial(check_controlnet_call, image_name="image", size_name="image", task_check=check_pipeline_call),
-        "text_to_image", "Generate images that follow the control ``image`` (one per ControlNet).", long_prompts=False,
+        "text_to_image", "Generate images that follow the control ``image`` (one per ControlNet).",
     )  # fmt: skip
 
 
@@ -42,7 +42,6 @@ class StableDiffusionControlNetTPGImg2ImgPipeline(
         StableDiffusionControlNetImg2ImgPipeline, SD,
         partial(check_controlnet_call, image_name="control_image", size_name="control_image", task_check=check_image_task),
         "image_to_image", "Transform ``image`` guided by the prompt and by ``control_image`` (one per ControlNet).",
-        long_prompts=False,
     )  # fmt: skip
 
 
@@ -55,5 +54,4 @@ class StableDiffusionControlNetTPGInpaintPipeline(
         StableDiffusionControlNetInpaintPipeline, SD,
         partial(check_controlnet_call, image_name="control_image", size_name="image", task_check=check_inpaint_call),
         "inpaint", "Repaint the white region of ``mask_image`` in ``image``, guided by the prompt and ``control_image``.",
-        long_prompts=False,
     )  # fmt: skip

@@ -17,5 +17,4 @@ class StableDiffusionTPGImg2ImgPipeline(SDFamilyMixin, ImageToImageMixin, Guided
 
     __call__ = guided_call(
         StableDiffusionImg2ImgPipeline, SD, check_img2img_call, "image_to_image", "Transform ``image`` guided by the prompt.",
-        long_prompts=False,
     )  # fmt: skip

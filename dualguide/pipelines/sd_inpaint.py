@@ -17,5 +17,5 @@ class StableDiffusionTPGInpaintPipeline(SDFamilyMixin, InpaintMixin, GuidedSampl
 
     __call__ = guided_call(
         StableDiffusionInpaintPipeline, SD, check_inpaint_call, "inpaint",
-        "Repaint the white region of ``mask_image`` in ``image``, guided by the prompt.", long_prompts=False,
+        "Repaint the white region of ``mask_image`` in ``image``, guided by the prompt.",
     )  # fmt: skip

@@ -16,6 +16,4 @@ from .text2img import TextToImageMixin
 class StableDiffusionTPGPipeline(SDFamilyMixin, TextToImageMixin, GuidedSamplingMixin, StableDiffusionPipeline):
     """Stable Diffusion 1.x / 2.x text-to-image with dual guidance (CFG + TPG + NAG, PAG/SoftPAG) in one UNet call per step."""
 
-    __call__ = guided_call(
-        StableDiffusionPipeline, SD, check_pipeline_call, "text_to_image", "Generate images from the prompt.", long_prompts=False
-    )
+    __call__ = guided_call(StableDiffusionPipeline, SD, check_pipeline_call, "text_to_image", "Generate images from the prompt.")
