@@ -1,6 +1,6 @@
 """Load the guided pipeline of a model's family (SDXL, Stable Diffusion 1.x / 2.x) from a hub id, a local
-folder or a single .safetensors file, and the ``recommended.json`` sampling settings a model folder may
-hold beside its weights. ``detect_family`` tells the family without loading anything."""
+folder or a single-file checkpoint (.safetensors; pickle-based files only when allowed), and the
+``recommended.json`` sampling settings a model folder may hold beside its weights. ``detect_family`` tells the family without loading anything."""
 
 from __future__ import annotations
 
@@ -30,6 +30,22 @@ FAMILY_KEYS = (
     ("cond_stage_model.transformer.", "sd"),  # SD 1.x: CLIP ViT-L
 )
 FAMILY_PIPELINES = {"sdxl": "StableDiffusionXLTPGPipeline", "sd": "StableDiffusionTPGPipeline"}
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # single-file checkpoints whose loading unpickles
+
+
+def is_pickle_checkpoint(model: Union[str, os.PathLike]) -> bool:
+    """True for a single-file checkpoint in a pickle-based format (``.ckpt``, ``.pt``, ``.pth``, ``.bin``)."""
+    return os.path.isfile(model) and os.fspath(model).lower().endswith(PICKLE_SUFFIXES)
+
+
+def check_checkpoint(model: Union[str, os.PathLike], allow_pickle: bool) -> None:
+    """ValueError naming ``allow_pickle`` for a pickle-based checkpoint that was not allowed: unpickling a file
+    from elsewhere can run its code. Allowed, it loads with ``torch.load(weights_only=True)``."""
+    if is_pickle_checkpoint(model) and not allow_pickle:
+        raise ValueError(
+            f"{os.fspath(model)} is a pickle-based checkpoint, which can run code when loaded; convert it to .safetensors, "
+            "or pass allow_pickle=True for a file you trust (it then loads with torch.load(weights_only=True))"
+        )
 
 
 def default_dtype(device: Union[str, "torch.device"]) -> "torch.dtype":
@@ -68,6 +84,20 @@ def _family_of_class(class_name: str, source: str) -> str:
     raise _unsupported(f"{source} ({class_name or 'no _class_name'})")
 
 
+def _pickle_keys(path: str):
+    """Tensor names of a pickle-based checkpoint, read with ``torch.load(weights_only=True)`` (no code runs;
+    memory-mapped where the file's format allows); a ``state_dict`` entry is looked into."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        return []
+    return state.get("state_dict", state).keys()
+
+
 def _safetensors_keys(path: str):
     """Tensor names in a .safetensors file's header (8-byte little-endian length, then JSON), read without the weights."""
     with open(path, "rb") as f:
@@ -91,36 +121,40 @@ def _model_index(model: str) -> Optional[str]:
         return None
 
 
-def detect_family(model: Union[str, os.PathLike]) -> str:
+def detect_family(model: Union[str, os.PathLike], allow_pickle: bool = False) -> str:
     """The family (``"sdxl"`` or ``"sd"``) of a diffusers folder (its ``model_index.json``'s ``_class_name``),
     a single ``.safetensors`` checkpoint (its text-encoder keys: SDXL ``conditioner.embedders.1``, SD 1.x
     ``cond_stage_model.transformer``, SD 2.x ``cond_stage_model.model``) or a hub id (cached, or downloaded).
 
-    Reads no weights. ``ValueError`` (one line, naming the supported families) for anything else.
+    Reads no weights, but for a pickle-based checkpoint (only with ``allow_pickle``; read with
+    ``torch.load(weights_only=True)``). ``ValueError`` (one line, naming the supported families) for anything else.
     """
     model = os.fspath(model)
     if os.path.isfile(model):
-        if not model.endswith(".safetensors"):
-            raise ValueError(f"{model}: the family is read from .safetensors checkpoints only; pass family= to load it")
-        keys = _safetensors_keys(model)
+        check_checkpoint(model, allow_pickle)
+        keys = _pickle_keys(model) if is_pickle_checkpoint(model) else _safetensors_keys(model)
         for prefix, family in FAMILY_KEYS:
             if any(key.startswith(prefix) for key in keys):
                 return family
         raise _unsupported(f"{model} (no SDXL or SD 1.x/2.x text-encoder keys)")
     index = _model_index(model)
+    if index is None and not os.path.isabs(model) and not os.path.exists(model):  # a hub id: OSError, as a failed download
+        raise OSError(f"{model}: no model_index.json in the local Hugging Face cache, and it could not be downloaded")
     if index is None:
-        raise ValueError(f"{model}: no model_index.json found (not a diffusers folder, or a hub id neither cached nor reachable)")
+        raise ValueError(f"{model}: no model_index.json found (not a diffusers folder)")
     with open(index, encoding="utf-8") as f:
         class_name = json.load(f).get("_class_name", "")
     return _family_of_class(class_name, model)
 
 
-def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: Optional["torch.dtype"] = None, family: Optional[str] = None):
+def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: Optional["torch.dtype"] = None, family: Optional[str] = None,
+                  allow_pickle: bool = False):  # fmt: skip
     """The guided pipeline of ``model``'s family; ``None`` gives a random-weight tiny SDXL-layout model (no download).
 
     ``model`` may be a diffusers folder, a single-file checkpoint (``.safetensors``/``.ckpt``)
     or a hub id already in the local cache (or downloadable where a network exists). ``family``
-    (``"sdxl"``, ``"sd"``) skips ``detect_family`` (needed for ``.ckpt`` files).
+    (``"sdxl"``, ``"sd"``) skips ``detect_family``. A pickle-based file (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) is
+    refused unless ``allow_pickle``; then it loads with ``torch.load(weights_only=True)``, as diffusers loads it.
     """
     import torch
 
@@ -134,7 +168,8 @@ def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: Optio
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
-        family = family or detect_family(model)
+        check_checkpoint(model, allow_pickle)
+        family = family or detect_family(model, allow_pickle)
         if family not in FAMILY_PIPELINES:
             raise ValueError(f"family must be one of {', '.join(FAMILY_PIPELINES)}, got {family!r}")
         cls = getattr(pipelines, FAMILY_PIPELINES[family])

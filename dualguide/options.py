@@ -14,6 +14,7 @@ import re
 from typing import Callable, List, Mapping, Optional, Tuple
 
 from .generation.errors import one_line
+from .generation.limits import Limits
 from .generation.settings import SEED_MAX, TERMS
 
 LINE_SETTINGS = ("steps", "size", "sampler", "schedule")  # with every guidance option: what a .jsonl line may set
@@ -94,14 +95,27 @@ def size(text: str) -> Tuple[int, int]:
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--device``, ``--dtype``: which model and where it runs."""
+    """``--model``, ``--device``, ``--dtype``, ``--allow-pickle``: which model, how it loads and where it runs."""
     parser.add_argument("--model", default=None, help="hub id, diffusers folder or .safetensors file (default: the embedded model)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load a pickle-based --model file (.ckpt, .pt, .pth, .bin), which can run code: only a file you trust")  # fmt: skip
+
+
+def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
+    """The upper bounds a run is held to (checked before any model loads)."""
+    bounds = Limits()
+    limits = parser.add_argument_group("bounds (checked before the model loads)")
+    limits.add_argument("--max-side", type=whole(1), default=None, metavar="PX", help=f"largest image side (default {bounds.max_side})")
+    limits.add_argument("--max-steps", type=whole(1), default=None, metavar="N", help=f"most sampling steps (default {bounds.max_steps})")
+    limits.add_argument("--max-batch", type=whole(1), default=None, metavar="N",
+                        help=f"most images in one pipeline call (default {bounds.max_batch})")  # fmt: skip
+    limits.add_argument("--max-images", type=whole(1), default=None, metavar="N", help=f"most images in one run (default {bounds.max_images})")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model, sampling, seed and output options of every generating subcommand."""
+    """The model, sampling, seed, output and bound options of every generating subcommand."""
     add_device_arguments(parser)
     parser.add_argument("--sampler", default=None, help="k-diffusion sampler name (see `dualguide samplers`)")
     parser.add_argument("--schedule", default=None, help="sigma schedule: model, karras, exponential")
@@ -113,6 +127,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="outputs", help="output folder (made if missing)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet, guidance hooks included: each new setting compiles first (minutes); for long GPU jobs")
+    add_limit_arguments(parser)
 
 
 def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
@@ -189,7 +204,7 @@ def with_settings(options: Mapping[str, object], settings: Mapping[str, str], pa
 
 
 __all__ = [
-    "ArgumentParser", "LINE_SETTINGS", "RaisingParser", "add_device_arguments", "add_generate_arguments",
+    "ArgumentParser", "LINE_SETTINGS", "RaisingParser", "add_device_arguments", "add_generate_arguments", "add_limit_arguments",
     "add_guidance_arguments", "add_model_arguments", "add_task_arguments", "interval", "line_option_parser", "number",
     "parse_setting", "require_out", "size", "whole", "with_settings",
 ]  # fmt: skip

@@ -77,8 +77,8 @@ def loads(monkeypatch):
 
     calls = []
 
-    def refuse(path, device="auto", dtype="auto", compile=False):
-        calls.append(SimpleNamespace(path=path, device=device, dtype=dtype, compile=compile))
+    def refuse(path, device="auto", dtype="auto", compile=False, allow_pickle=False):
+        calls.append(SimpleNamespace(path=path, device=device, dtype=dtype, compile=compile, allow_pickle=allow_pickle))
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(models, "load_model", refuse)

@@ -67,6 +67,8 @@ def test_each_mode_is_one_generate_command_with_its_pipeline_arguments():
         ({"seed": None}, "seed: enter a whole number"),
         ({"cfg_interval": (0.8, 0.2)}, "START <= END"),
         ({"modes": []}, "choose at least one mode"),
+        ({"size": "100000x64"}, "width 100000 px is over the bound --max-side 4096"),
+        ({"steps": 501}, "--steps 501: over the bound --max-steps 500"),
     ],
 )
 def test_controls_the_command_refuses_raise_its_message(change, message):
@@ -326,12 +328,14 @@ def test_bad_settings_show_a_message_and_the_page_keeps_working(server, browser)
         ({"size": "63x64"}, "width must be a positive integer multiple of the VAE factor 4, got 63"),
         ({"size": "64", "tpg_layers": "d99"}, "unknown layer id(s) d99; valid ranges for this UNet"),
         ({"tpg_layers": "d0-d23", "sampler": "foo"}, "unknown sampler 'foo'"),
+        ({"sampler": "euler", "size": "100000x100000"}, "width 100000 px is over the bound --max-side 4096"),
+        ({"size": "64", "steps": 100000}, "--steps 100000: over the bound --max-steps 500"),
     ):
         set_controls(page, **change)
         status = generate(page)
         assert status.startswith("Error:") and message in status, status
         assert "Traceback" not in page.content()
-    set_controls(page, sampler="euler")
+    set_controls(page, sampler="euler", steps=2)
     assert generate(page).startswith("Done: 1 image(s)")
 
 

@@ -7,7 +7,7 @@ import os
 
 from ..generation import images
 from ..generation.run import generate_images, prepare
-from ..generation.settings import compare_modes
+from ..generation.settings import compare_modes, panel_count
 from ..generation.tasks import task_metadata
 from ..options import add_guidance_arguments, add_model_arguments, add_task_arguments
 
@@ -22,7 +22,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prepared = prepare(vars(args))
+    prepared = prepare(vars(args), images=len(args.prompt) * panel_count(args.with_pag), seeds=1)
     modes = compare_modes(prepared.kwargs, args.with_pag)
     rows = [[generate_images(prepared.pipe, prompt, [args.seed], arguments, prepared.task)[0] for _, arguments in modes]
             for prompt in args.prompt]  # fmt: skip

@@ -17,7 +17,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prepared = prepare(vars(args), images=len(args.prompt) * args.n)
+    prepared = prepare(vars(args), images=len(args.prompt) * args.n, per_call=args.n, call_option="--n")
     os.makedirs(args.out, exist_ok=True)
     written, replaced = [], 0
     for index, prompt in enumerate(args.prompt):

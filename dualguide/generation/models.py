@@ -56,9 +56,15 @@ def resolve_model(model: Optional[str]) -> Tuple[str, Optional[str]]:
     return model, None
 
 
-def model_and_settings(model: Optional[str]) -> Tuple[str, Dict[str, object]]:
-    """``(what to load, its recommended settings)`` for ``--model``; UsageError when its recommended.json is not JSON."""
+def model_and_settings(model: Optional[str], allow_pickle: bool = False) -> Tuple[str, Dict[str, object]]:
+    """``(what to load, its recommended settings)`` for ``--model``; UsageError when its recommended.json is not JSON
+    or it is a pickle-based checkpoint not allowed by ``--allow-pickle``."""
+    from ..loading import is_pickle_checkpoint
+
     path, folder = resolve_model(model)
+    if is_pickle_checkpoint(path) and not allow_pickle:
+        raise UsageError(f"--model {model}: a pickle-based checkpoint can run code when loaded; convert it to .safetensors, "
+                         "or pass --allow-pickle for a file you trust (it then loads with torch.load(weights_only=True))")  # fmt: skip
     try:
         return path, recommended_settings(folder)
     except ValueError as error:  # json.JSONDecodeError
@@ -72,9 +78,12 @@ def model_identity(model: Optional[str], path: str) -> str:
     return os.path.realpath(path) if os.path.exists(path) else path
 
 
-def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bool = False):
+def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bool = False, allow_pickle: bool = False):
     """The pipeline at ``path`` (from ``resolve_model``) on ``device`` (auto, cpu, cuda) in ``dtype`` (auto or a
-    torch dtype name), its UNet compiled with the guidance hooks when ``compile``; UsageError when it cannot load."""
+    torch dtype name), its UNet compiled with the guidance hooks when ``compile``; a pickle-based file only with
+    ``allow_pickle``. UsageError when it cannot load."""
+    import pickle
+
     import torch
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -90,7 +99,7 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bo
     torch_dtype = default_dtype(device) if dtype == "auto" else getattr(torch, dtype)
     local = os.path.exists(path)
     try:
-        pipe = load_pipeline(path, device=device, dtype=torch_dtype)
+        pipe = load_pipeline(path, device=device, dtype=torch_dtype, allow_pickle=allow_pickle)
     except OSError as error:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(error).lower() or "cache" in str(error).lower()
         if offline and not local:
@@ -99,7 +108,10 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bo
                 f"on a machine with a network run `huggingface-cli download {path}` (or copy the folder here)"
             ) from None
         raise UsageError(f"--model {path}: {describe_error(error)}") from None
-    except (ValueError, TypeError, KeyError) as error:  # a folder or file that is not a loadable SDXL model
+    except pickle.UnpicklingError:
+        raise UsageError(f"--model {path}: torch.load(weights_only=True) refused it: the file holds objects or code, not only "
+                         "tensors; nothing of it was run. Convert it to .safetensors where you trust it") from None  # fmt: skip
+    except (ValueError, TypeError, KeyError) as error:  # a folder or file that is not a loadable model
         raise UsageError(f"--model {path}: cannot load it: {describe_error(error)}") from None
     if compile:
         from ..compiled import compile_unet

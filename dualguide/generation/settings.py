@@ -71,6 +71,11 @@ def generators(seeds: Sequence[int]) -> List[object]:
     return [torch.Generator().manual_seed(seed) for seed in seeds]
 
 
+def panel_count(with_pag: bool) -> int:
+    """How many panels ``compare_modes`` gives: none, CFG, CFG+TPG, CFG+NAG, CFG+TPG+NAG, and CFG+PAG ``with_pag``."""
+    return 6 if with_pag else 5
+
+
 def compare_modes(kwargs: Mapping[str, object], with_pag: bool) -> List[Tuple[str, Dict[str, object]]]:
     """The panels of a comparison: (label, pipeline arguments), all from the same settings and seed."""
     cfg, tpg = kwargs["guidance_scale"], kwargs["tpg_scale"]
@@ -86,4 +91,5 @@ def compare_modes(kwargs: Mapping[str, object], with_pag: bool) -> List[Tuple[st
     ]
     if with_pag:
         modes.append((f"CFG+PAG {pag:g}", dict(off, guidance_scale=cfg, pag_scale=pag)))
+    assert len(modes) == panel_count(with_pag)
     return modes

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Optional
+
+from ..generation.limits import Limits
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 CONCURRENCY = 2  # runs at once on the shared model; more wait in gradio's queue
 
 
-def serve(model=None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "auto", dtype: str = "auto") -> int:
+def serve(model=None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device: str = "auto", dtype: str = "auto",
+          limits: Optional[Limits] = None, allow_pickle: bool = False) -> int:  # fmt: skip
     """Start the explorer and serve until interrupted; the page is up before the model finishes loading.
 
     ``UsageError`` when gradio is missing, the port is taken or the model cannot be loaded.
@@ -25,7 +29,8 @@ def serve(model=None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, device
     from .engine import Engine
 
     began = time.perf_counter()
-    engine = Engine(model, device=device, dtype=dtype, concurrency=CONCURRENCY)  # checks the --model path before anything slow
+    engine = Engine(model, device=device, dtype=dtype, concurrency=CONCURRENCY, limits=limits or Limits(),
+                    allow_pickle=allow_pickle)  # checks the --model path before anything slow
     try:
         from .app import build_app, launch
     except ImportError as error:

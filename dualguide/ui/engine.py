@@ -10,12 +10,13 @@ import shutil
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Dict, Iterator, List, Optional, Sequence
 
 from ..generation import models
 from ..generation.errors import UsageError, describe_error, one_line
 from ..generation.images import save_png
+from ..generation.limits import Limits, flag
 from ..generation.settings import generators
 from . import settings as ui_settings
 from .strips import Strip, preview_steps, rows_for
@@ -52,11 +53,13 @@ class Engine:
     """Loads the model once (``start``), then serves any number of concurrent ``run`` calls."""
 
     def __init__(self, model: Optional[str] = None, device: str = "auto", dtype: str = "auto", output_dir: Optional[str] = None,
-                 concurrency: int = 2) -> None:  # fmt: skip
+                 concurrency: int = 2, limits: Limits = Limits(), allow_pickle: bool = False) -> None:  # fmt: skip
         self.model_option = model
+        self.limits = limits
+        self.allow_pickle = allow_pickle
         self.concurrency = concurrency
         # UsageError for a path that holds no model or an unreadable recommended.json, worded as the command words it
-        self.model, self.settings = models.model_and_settings(model)
+        self.model, self.settings = models.model_and_settings(model, allow_pickle)
         self.device_option, self.dtype_option = device, dtype
         self.device, self.dtype = device, dtype
         if output_dir is None:  # the PNGs offered for download; gone when the server stops
@@ -88,7 +91,8 @@ class Engine:
     def _load(self) -> None:
         began = time.perf_counter()
         try:
-            pipe = models.load_model(self.model, self.device_option, self.dtype_option)  # as ``dualguide generate`` loads
+            # as ``dualguide generate`` loads
+            pipe = models.load_model(self.model, self.device_option, self.dtype_option, allow_pickle=self.allow_pickle)
             pipe.set_progress_bar_config(disable=True)
             if pipe.device.type == "cpu":
                 # Runs at once share the cores: oversubscribed OpenMP threads spin and slow every run many times over.
@@ -120,6 +124,12 @@ class Engine:
             flags += ["--device", self.device_option]
         if self.dtype_option != "auto":
             flags += ["--dtype", self.dtype_option]
+        if self.allow_pickle:
+            flags.append("--allow-pickle")
+        for bound in fields(Limits):
+            value = getattr(self.limits, bound.name)
+            if value != bound.default:
+                flags += [flag(bound.name), str(value)]
         return flags
 
     def plan(self, controls: ui_settings.Controls) -> List[ui_settings.ModeRun]:
@@ -128,7 +138,7 @@ class Engine:
     def python_text(self, runs: Sequence[ui_settings.ModeRun]) -> str:
         dtype = None if self.dtype_option == "auto" else self.dtype_option
         device = self.device if self.ready else ("cpu" if self.device_option == "auto" else self.device_option)
-        return ui_settings.python_text(runs, self.model, device, dtype)
+        return ui_settings.python_text(runs, self.model, device, dtype, self.allow_pickle)
 
     # -- cancellation ------------------------------------------------------------------------------
     def cancel(self, session: str) -> bool:

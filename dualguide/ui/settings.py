@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .. import options
 from ..generation.errors import UsageError, one_line
 from ..generation.images import slug
+from ..generation.limits import Limits, check_settings
 from ..generation.settings import PANEL_SCALE, call_arguments, check_names, image_seed
 
 DEFAULT_PROMPT = "a red circle on a blue background"
@@ -251,6 +252,7 @@ def _mode_run(parser: GenerateParser, label: str, terms: Tuple[str, ...], contro
     kwargs = call_arguments(vars(args), settings)
     try:
         check_names(kwargs)
+        check_settings(Limits.from_options(vars(args)), kwargs)
     except UsageError as error:
         raise SettingsError(str(error)) from None
     kwargs.update(extra)
@@ -275,14 +277,15 @@ def commands_text(runs: Sequence[ModeRun]) -> str:
     return "\n".join(lines)
 
 
-def python_text(runs: Sequence[ModeRun], model: str, device: str, dtype: Optional[str]) -> str:
+def python_text(runs: Sequence[ModeRun], model: str, device: str, dtype: Optional[str], allow_pickle: bool = False) -> str:
     """Python that computes the same images: load as the command does, one call per mode."""
     softpag = any(run.softpag_beta is not None for run in runs)
     lines = ["import torch", "from dualguide.loading import load_pipeline"]
     if softpag:
         lines.append("from dualguide import apply_softpag")
     dtype_argument = f", dtype=torch.{dtype}" if dtype else ""
-    lines += ["", f"pipe = load_pipeline({model!r}, device={device!r}{dtype_argument})"]
+    pickle_argument = ", allow_pickle=True" if allow_pickle else ""
+    lines += ["", f"pipe = load_pipeline({model!r}, device={device!r}{dtype_argument}{pickle_argument})"]
     for run in runs:
         lines += ["", f"# {run.label}"]
         kwargs = dict(run.kwargs)
