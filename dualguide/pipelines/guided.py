@@ -19,6 +19,7 @@ from ..conditioning import Conditioning, encode_nag_negative, encode_sdxl
 from ..config import CFG, NAG, PAG, TPG
 from ..control import ControlNetInput
 from ..denoiser import GuidedDenoiser
+from ..families import SDXL
 from ..validation import check_number, check_prompt
 from .sampling import CALLBACK_TENSOR_INPUTS, GuidanceInputs, StepEvents, kdiffusion_loop, scheduler_levels, scheduler_loop
 from .schedules import timesteps_until
@@ -83,8 +84,11 @@ def seeds_from(generator) -> Union[int, List[int]]:
 
 
 class GuidedSamplingMixin:
-    """Guidance arguments, conditioning, seeds, both sampling loops and decoding, for every task pipeline."""
+    """Guidance arguments, conditioning, seeds, both sampling loops and decoding, for every task pipeline.
 
+    ``family`` is the pipeline's model family adapter (SDXL here; other families' mixins set theirs)."""
+
+    family = SDXL
     _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
     _softpag: Optional[SoftPAGSettings] = None
     _nag_defaults: Dict[str, Any] = {}
@@ -169,7 +173,7 @@ class GuidedSamplingMixin:
         return GuidedDenoiser(
             self.unet, self.scheduler, cfg=cfg, tpg=tpg, pag=pag, nag=nag, sigmas=sigmas, seed=seeds,
             max_batch_rows=args["max_batch_rows"], cross_attention_kwargs=args["cross_attention_kwargs"],
-            timestep_cond=timestep_cond,
+            timestep_cond=timestep_cond, family=self.family,
         )  # fmt: skip
 
     def step_events(self, args: Dict[str, Any], denoiser: GuidedDenoiser, inputs: GuidanceInputs, progress_bar) -> StepEvents:
