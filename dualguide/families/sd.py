@@ -15,7 +15,7 @@ class SDFamily(UNetFamily):
     title = "Stable Diffusion 1.x / 2.x"
     # TPG: the paper reports SD 2.1 but neither it nor the official (SDXL-only) code lists its layers.
     # SDXL's d6-d23 lie in its deepest down level (1/4 of the latent side: 32x32 of a 1024 px image);
-    # SD's deepest down level at that scale is down_blocks.2 (16x16 of a 512 / 768 px image's 1/4): d4-d5.
+    # SD's down level at that scale is down_blocks.2 (16x16 for 512 px, 24x24 for 768 px): d4-d5.
     # PAG: diffusers' default "mid".
     default_tpg_layers = "d4-d5"
     default_pag_layers = "m0"
