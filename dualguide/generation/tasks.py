@@ -89,26 +89,40 @@ def _size(size: Tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
 
 
+# The guided pipeline of each task, per model family (``pipe.family.name``); text-to-image is the loaded pipeline.
+TASK_PIPELINES: Dict[str, Dict[str, str]] = {
+    "sdxl": {
+        "img2img": "StableDiffusionXLTPGImg2ImgPipeline", "inpaint": "StableDiffusionXLTPGInpaintPipeline",
+        "controlnet-text2img": "StableDiffusionXLControlNetTPGPipeline",
+        "controlnet-img2img": "StableDiffusionXLControlNetTPGImg2ImgPipeline",
+        "controlnet-inpaint": "StableDiffusionXLControlNetTPGInpaintPipeline",
+    },
+    "sd": {
+        "img2img": "StableDiffusionTPGImg2ImgPipeline", "inpaint": "StableDiffusionTPGInpaintPipeline",
+        "controlnet-text2img": "StableDiffusionControlNetTPGPipeline",
+        "controlnet-img2img": "StableDiffusionControlNetTPGImg2ImgPipeline",
+        "controlnet-inpaint": "StableDiffusionControlNetTPGInpaintPipeline",
+    },
+}  # fmt: skip
+
+
 def task_pipeline(pipe, task: Task):
-    """``pipe`` (text-to-image) as the task's pipeline; the same modules, the ControlNet loaded beside them."""
+    """``pipe`` (text-to-image) as the task's pipeline of its family; the same modules, the ControlNet loaded beside them."""
     from .. import pipelines
 
+    if task.name == "text2img":
+        return pipe
+    task_class = getattr(pipelines, TASK_PIPELINES[pipe.family.name][task.name])
     if task.controlnet is None:
-        classes = {"text2img": None, "img2img": pipelines.StableDiffusionXLTPGImg2ImgPipeline,
-                   "inpaint": pipelines.StableDiffusionXLTPGInpaintPipeline}  # fmt: skip
-        task_class = classes[task.name]
-        return pipe if task_class is None else task_class.from_pipe(pipe)
+        return task_class.from_pipe(pipe)
     from diffusers import ControlNetModel
 
-    classes = {"controlnet-text2img": pipelines.StableDiffusionXLControlNetTPGPipeline,
-               "controlnet-img2img": pipelines.StableDiffusionXLControlNetTPGImg2ImgPipeline,
-               "controlnet-inpaint": pipelines.StableDiffusionXLControlNetTPGInpaintPipeline}  # fmt: skip
     try:
         controlnet = ControlNetModel.from_pretrained(task.controlnet, torch_dtype=pipe.unet.dtype).to(pipe.device)
     except (OSError, ValueError, TypeError, KeyError) as error:  # not a ControlNet, not in the cache offline
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise TaskError(f"--controlnet {task.controlnet}: cannot load it: {first_line}") from None
-    return classes[task.name].from_pipe(pipe, controlnet=controlnet)
+    return task_class.from_pipe(pipe, controlnet=controlnet)
 
 
 def task_arguments(task: Task, kwargs: Dict[str, object], pipe) -> Dict[str, object]:

@@ -11,10 +11,9 @@ from typing import Dict, List, Tuple
 
 from ..generation import images, models
 from ..generation.errors import UsageError, describe_error
-from ..generation.limits import Limits, check_counts, check_settings
 from ..generation.settings import SEED_MAX, call_arguments, check_names
 from ..options import line_option_parser, with_settings
-from .manifest import Manifest, differences
+from .manifest import FAILURES, MANIFEST, Manifest, cut_torn_line, differences
 from .plan import ImageJob, plan_images
 from .prompts import PromptFileError, PromptLine, option_text, read_prompt_file
 
@@ -36,11 +35,9 @@ def plan_batch(args: argparse.Namespace) -> Tuple[List[ImageJob], str]:
         lines = read_prompt_file(args.prompts, names)
     except PromptFileError as error:
         raise UsageError(str(error)) from None
-    model, recommended = models.model_and_settings(args.model, args.allow_pickle)
-    limits = Limits.from_options(vars(args))
+    model, recommended = models.model_and_settings(args.model)
     base = call_arguments(vars(args), recommended)
     check_names(base)
-    check_settings(limits, base)
     negative = base.pop("negative_prompt", None)
 
     def settings_for(line: PromptLine) -> Dict[str, object]:
@@ -50,13 +47,11 @@ def plan_batch(args: argparse.Namespace) -> Tuple[List[ImageJob], str]:
         kwargs.pop("negative_prompt", None)
         try:
             check_names(kwargs)
-            check_settings(limits, kwargs)
         except UsageError as error:
             raise UsageError(f"{args.prompts}:{line.line}: {str(error).lstrip('-')}") from None
         return kwargs
 
     jobs = plan_images(lines, args.seed, args.n, settings_for, negative, models.model_identity(args.model, model))
-    check_counts(limits, args.batch_size, len(jobs), "--batch-size")
     for job in jobs:
         if job.seed > SEED_MAX:
             given = next(line.seed is not None for line in lines if line.line == job.line)
@@ -66,15 +61,32 @@ def plan_batch(args: argparse.Namespace) -> Tuple[List[ImageJob], str]:
 
 
 def run_batch(args: argparse.Namespace) -> int:
-    """Every image of the prompt file that ``--out`` lacks; this process's share when several run. Exit status."""
+    """Every image of the prompt file that ``--out`` lacks; this process's share when several run. Exit status.
+
+    One job at a time per ``--out`` (``lock``): a second one stops with a UsageError before it reads anything there.
+    """
     import torch
 
-    from .processes import device_of, finish, process_state, shard
+    from .lock import job_lock
+    from .processes import process_state
+
+    jobs, model = plan_batch(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
+    os.makedirs(args.out, exist_ok=True)
+    state = process_state(args.device)
+    with job_lock(args.out, state):
+        return _run_job(args, jobs, model, state)
+
+
+def _run_job(args: argparse.Namespace, jobs: List[ImageJob], model: str, state) -> int:
+    from .processes import device_of, finish, shard
     from .progress import JobProgress
     from .run import make_images, remove_stale_partials
 
-    jobs, model = plan_batch(args)
-    os.makedirs(args.out, exist_ok=True)
+    if state.is_main_process:  # a line torn by a killed job or a full disk: the next lines start on their own
+        for name in (MANIFEST, FAILURES):
+            cut_torn_line(os.path.join(args.out, name))
     manifest = Manifest(args.out)
     conflicts = manifest.conflicts(jobs)
     if conflicts and not args.overwrite:
@@ -84,9 +96,6 @@ def run_batch(args: argparse.Namespace) -> int:
             f"(first: {job.id}, {entry.get('file')}: {', '.join(differences(entry, job))} differ); "
             "rerun with --overwrite to remake them, or use another --out"
         )
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-    state = process_state(args.device)
     mine = shard(state, jobs)
     todo = [job for job in mine if not manifest.is_done(job)]
     already = sum(manifest.is_done(job) for job in jobs)
@@ -96,7 +105,7 @@ def run_batch(args: argparse.Namespace) -> int:
     if state.num_processes > 1:
         state.wait_for_everyone()  # every process has read the manifest before any writes to it
     failed: List[ImageJob] = []
-    pipe = models.load_model(model, device_of(state), args.dtype, args.compile, args.allow_pickle) if todo else None
+    pipe = models.load_model(model, device_of(state), args.dtype, args.compile) if todo else None
     with progress:  # from here, so that images/s and the ETA do not count the loading
         if pipe is not None:
             pipe.set_progress_bar_config(disable=True)

@@ -2,8 +2,9 @@
 
 Lines are appended with one ``os.write`` of the whole line to a file opened ``O_APPEND``, then fsynced:
 concurrent writers (one per process, several machines on a shared folder) never interleave, and a
-killed writer leaves at most one incomplete last line, which readers skip. An entry counts only when
-its PNG exists (the PNG is written, atomically, before its line).
+killed writer (or a full disk) leaves at most one incomplete last line, which readers skip and the next job
+cuts (``cut_torn_line``) before it appends. An entry counts only when its PNG exists (the PNG is written,
+atomically, before its line), so the image of a torn line is made again.
 """
 
 from __future__ import annotations
@@ -51,6 +52,21 @@ def read_lines(path: str, offset: int = 0) -> Tuple[List[Dict[str, object]], int
         if entry is not None:
             entries.append(entry)
     return entries, offset + complete
+
+
+def cut_torn_line(path: str) -> None:
+    """Cut a last line that lacks its newline, so that the next line starts on a line of its own.
+
+    Only while no process appends to ``path`` (the job's main process, holding the job lock, before any writes).
+    """
+    try:
+        with open(path, "r+b") as f:
+            data = f.read()
+            complete = data.rfind(b"\n") + 1
+            if complete < len(data):
+                f.truncate(complete)
+    except FileNotFoundError:
+        pass
 
 
 def _parse(raw: bytes) -> Optional[Dict[str, object]]:

@@ -1,12 +1,16 @@
 """Make this process's images: one pipeline call per group, then for each image its PNG and manifest line.
 
 A failed call of several images is retried image by image, so that one bad image does not take its
-neighbours down; an image that still fails gets a line in ``failures.jsonl`` and the job goes on.
+neighbours down; an image that still fails gets a line in ``failures.jsonl`` and the job goes on. A full disk
+stops the job at once (``OutOfSpace``), as every later image would fail too: what was written stays, a rerun
+after space is freed makes the rest.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import time
 from typing import Callable, Dict, List, Sequence
 
@@ -15,6 +19,22 @@ from .plan import ImageJob, image_calls
 
 SaveImage = Callable[[object, str, Dict[str, object]], None]  # (image, path, PNG metadata)
 Describe = Callable[[BaseException], str]  # an error as one line
+
+
+class OutOfSpace(OSError):
+    """The disk (or quota) of the output folder is full; its message names the folder and the free space."""
+
+    def __init__(self, out: str):
+        free = shutil.disk_usage(out).free / 2**20
+        super().__init__(
+            errno.ENOSPC,
+            f"--out {os.path.abspath(out)}: no space left on the device ({free:.1f} MiB free); "
+            "free some space and rerun the same command to make the remaining images",
+        )
+
+
+def out_of_space(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def remove_stale_partials(out: str, jobs: Sequence[ImageJob], manifest: Manifest) -> None:
@@ -34,7 +54,21 @@ def remove_stale_partials(out: str, jobs: Sequence[ImageJob], manifest: Manifest
 def make_images(
     pipe, jobs: Sequence[ImageJob], batch_size: int, manifest: Manifest, save: SaveImage, describe: Describe
 ) -> List[ImageJob]:
-    """Make ``jobs`` (this process's images not yet done), ``batch_size`` per call; the images that failed."""
+    """Make ``jobs`` (this process's images not yet done), ``batch_size`` per call; the images that failed.
+
+    OutOfSpace when the disk is full: the job stops; a rerun remakes the images without a whole manifest line.
+    """
+    try:
+        return _make(pipe, jobs, batch_size, manifest, save, describe)
+    except OSError as error:
+        if out_of_space(error):
+            raise OutOfSpace(manifest.out) from error
+        raise
+
+
+def _make(
+    pipe, jobs: Sequence[ImageJob], batch_size: int, manifest: Manifest, save: SaveImage, describe: Describe
+) -> List[ImageJob]:
     import torch
 
     failed: List[ImageJob] = []
@@ -47,7 +81,7 @@ def make_images(
                 manifest.record_failure(call[0], describe(error))
                 failed.append(call[0])
                 continue
-            failed += make_images(pipe, call, 1, manifest, save, describe)  # find the image(s) at fault
+            failed += _make(pipe, call, 1, manifest, save, describe)  # find the image(s) at fault
             continue
         seconds = (time.perf_counter() - started) / len(call)
         for job, image in zip(call, images):
@@ -55,6 +89,8 @@ def make_images(
             try:
                 _write(job, image, manifest, save)
             except Exception as error:  # noqa: BLE001
+                if out_of_space(error):
+                    raise
                 manifest.record_failure(job, describe(error))
                 failed.append(job)
                 continue
