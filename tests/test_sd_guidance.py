@@ -89,6 +89,18 @@ def test_cfg_and_tpg_is_one_unet_call_of_three_rows_per_step(pipe):
     assert calls.rows == [4, 4]  # uncond, cond, TPG, PAG; NAG adds no rows
 
 
+@torch.no_grad()
+def test_controlnet_runs_on_the_uncond_and_cond_rows_only(pipe):
+    from dualguide import StableDiffusionControlNetTPGPipeline
+    from dualguide.tiny import build_tiny_controlnet
+
+    control = StableDiffusionControlNetTPGPipeline.from_pipe(pipe, controlnet=build_tiny_controlnet(pipe.unet))
+    image = torch.rand(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    with UNetRows(pipe.unet) as unet_calls, UNetRows(control.controlnet) as control_calls:
+        control("a red circle", image=image, num_inference_steps=2, guidance_scale=5.0, output_type="latent")
+    assert unet_calls.rows == [3, 3] and control_calls.rows == [2, 2]  # the TPG rows reuse the cond rows' residuals
+
+
 def test_nag_scale_one_is_exactly_nag_off(pipe):
     kwargs = dict(height=SIZE, width=SIZE, num_inference_steps=2, guidance_scale=5.0, output_type="latent")
     off = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
