@@ -11,6 +11,7 @@ from typing import Dict, List, Tuple
 
 from ..generation import images, models
 from ..generation.errors import UsageError, describe_error
+from ..generation.limits import Limits, check_counts, check_settings
 from ..generation.settings import SEED_MAX, call_arguments, check_names
 from ..options import line_option_parser, with_settings
 from .manifest import FAILURES, MANIFEST, Manifest, cut_torn_line, differences
@@ -35,9 +36,11 @@ def plan_batch(args: argparse.Namespace) -> Tuple[List[ImageJob], str]:
         lines = read_prompt_file(args.prompts, names)
     except PromptFileError as error:
         raise UsageError(str(error)) from None
-    model, recommended = models.model_and_settings(args.model)
+    model, recommended = models.model_and_settings(args.model, args.allow_pickle)
+    limits = Limits.from_options(vars(args))
     base = call_arguments(vars(args), recommended)
     check_names(base)
+    check_settings(limits, base)
     negative = base.pop("negative_prompt", None)
 
     def settings_for(line: PromptLine) -> Dict[str, object]:
@@ -47,11 +50,13 @@ def plan_batch(args: argparse.Namespace) -> Tuple[List[ImageJob], str]:
         kwargs.pop("negative_prompt", None)
         try:
             check_names(kwargs)
+            check_settings(limits, kwargs)
         except UsageError as error:
             raise UsageError(f"{args.prompts}:{line.line}: {str(error).lstrip('-')}") from None
         return kwargs
 
     jobs = plan_images(lines, args.seed, args.n, settings_for, negative, models.model_identity(args.model, model))
+    check_counts(limits, args.batch_size, len(jobs), "--batch-size")
     for job in jobs:
         if job.seed > SEED_MAX:
             given = next(line.seed is not None for line in lines if line.line == job.line)
@@ -105,7 +110,7 @@ def _run_job(args: argparse.Namespace, jobs: List[ImageJob], model: str, state) 
     if state.num_processes > 1:
         state.wait_for_everyone()  # every process has read the manifest before any writes to it
     failed: List[ImageJob] = []
-    pipe = models.load_model(model, device_of(state), args.dtype, args.compile) if todo else None
+    pipe = models.load_model(model, device_of(state), args.dtype, args.compile, args.allow_pickle) if todo else None
     with progress:  # from here, so that images/s and the ETA do not count the loading
         if pipe is not None:
             pipe.set_progress_bar_config(disable=True)
