@@ -6,11 +6,34 @@ row that no guidance touches gets exactly the standard attention output.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor
+
+
+class ProcessorCall:
+    """Calls a diffusers attention processor with only the keywords its ``__call__`` accepts.
+
+    Processors differ: ``SlicedAttnProcessor`` takes no ``temb``, IP-Adapter processors take ``scale`` and
+    ``ip_adapter_masks``, ``AttnProcessor2_0`` and xFormers' take ``*args, **kwargs``. The signature is read once,
+    here (not per call: a compiled UNet traces the call without a graph break).
+    """
+
+    def __init__(self, processor: Callable[..., Any]) -> None:
+        self.processor = processor
+        parameters = inspect.signature(processor.__call__).parameters.values()
+        self.takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+        self.names = frozenset(p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL)
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, **extra: Any) -> Tensor:
+        """``processor(attn, hidden_states, encoder_hidden_states=..., attention_mask=..., **accepted extras)``;
+        an extra left at ``None`` (``temb``, ``ip_adapter_masks``) is its default and is not passed."""
+        given: Dict[str, Any] = {name: value for name, value in extra.items()
+                                 if value is not None and (self.takes_any or name in self.names)}  # fmt: skip
+        return self.processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **given)
 
 
 @dataclass

@@ -29,26 +29,28 @@ class NAGCrossAttnProcessor:
 
     def __init__(self, previous) -> None:
         self.previous = previous
+        self.call_previous = attention.ProcessorCall(previous)
 
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, ip_adapter_masks=None):
-        kwargs = {} if ip_adapter_masks is None else {"ip_adapter_masks": ip_adapter_masks}
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, ip_adapter_masks=None,
+                 **kwargs):  # fmt: skip
+        extra = dict(kwargs, temb=temb, ip_adapter_masks=ip_adapter_masks)
         call = current_call()
         nag = None if call is None else call.nag
         guided = None if nag is None or attn not in nag.attns else call.rows.guided
         if guided is None or encoder_hidden_states is None:
-            return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        standard = type(self.previous) is AttnProcessor2_0 and not kwargs and isinstance(encoder_hidden_states, Tensor)
-        if standard and attention_mask is None:
+            return self.call_previous(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
+        standard = type(self.previous) is AttnProcessor2_0 and ip_adapter_masks is None and not kwargs
+        if standard and attention_mask is None and isinstance(encoder_hidden_states, Tensor):
             return _standard_nag(attn, hidden_states, encoder_hidden_states, temb, guided, nag)
-        return self._wrapped_nag(attn, hidden_states, encoder_hidden_states, attention_mask, temb, guided, nag, kwargs)
+        return self._wrapped_nag(attn, hidden_states, encoder_hidden_states, attention_mask, temb, guided, nag, extra)
 
-    def _wrapped_nag(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, guided: slice, nag: NAGCall, kwargs):
+    def _wrapped_nag(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, guided: slice, nag: NAGCall, extra):
         """NAG around any processor: ``Z`` of both contexts from the processor itself, then ``to_out``."""
         view = _PreOutputView(attn)
         prepared = attention.prepare(attn, hidden_states, temb)
-        merged = _as_tokens(self.previous(view, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs))
+        merged = _as_tokens(self.call_previous(view, hidden_states, encoder_hidden_states, attention_mask, **extra))
         negative_context = _negative_context(encoder_hidden_states, nag.negative, guided)
-        z_negative = _as_tokens(self.previous(view, hidden_states[guided], negative_context, None, temb, **kwargs))
+        z_negative = _as_tokens(self.call_previous(view, hidden_states[guided], negative_context, None, **extra))
         positive = merged[guided]
         nag_extrapolate(positive, z_negative, nag.scale, nag.tau, nag.alpha, nag.use_l1, out=positive)
         return attention.finish(attn, merged, prepared)

@@ -50,19 +50,21 @@ class PerturbedSelfAttnProcessor:
 
     def __init__(self, previous) -> None:
         self.previous = previous
+        self.call_previous = attention.ProcessorCall(previous)
 
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, ip_adapter_masks=None):
-        kwargs = {} if ip_adapter_masks is None else {"ip_adapter_masks": ip_adapter_masks}
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, temb=None, ip_adapter_masks=None,
+                 **kwargs):  # fmt: skip
+        extra = dict(kwargs, temb=temb, ip_adapter_masks=ip_adapter_masks)
         call = current_call()
         pag = None if call is None else call.pag
         rows = None if pag is None or attn not in pag.attns else call.rows.rows("pag")
         if rows is None or encoder_hidden_states is not None or attention_mask is not None:
-            return self.previous(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+            return self.call_previous(attn, hidden_states, encoder_hidden_states, attention_mask, **extra)
         # PAG rows are the trailing rows of a call (BRANCH_ORDER); the rows before them attend normally.
         perturbed = _perturbed_attention(attn, hidden_states[rows], temb, pag)
         if rows.start == 0:
             return perturbed
-        plain = self.previous(attn, hidden_states[: rows.start], None, None, temb, **kwargs)
+        plain = self.call_previous(attn, hidden_states[: rows.start], None, None, **extra)
         return torch.cat([plain, perturbed])
 
 
