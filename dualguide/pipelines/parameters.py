@@ -17,6 +17,7 @@ from ..config import IntervalLike
 from ..families import ModelFamily
 from ..layers import LayerSpec
 from ..validation import checked_call
+from .exclusive import one_call_per_scheduler
 
 # Arguments of the task pipelines that some diffusers pipeline lacks, at the value that means "not used".
 ABSENT: Dict[str, Any] = {
@@ -100,7 +101,7 @@ def guided_call(
 ) -> Callable:
     """A pipeline ``__call__``: ``parent.__call__``'s arguments (``defaults`` overriding some of its defaults) plus
     the guidance ones, all checked by ``check`` (arguments the pipeline lacks filled from ``ABSENT``), then handed
-    to the shared run ``self.<run>(args)``."""
+    to the shared run ``self.<run>(args)``; one call at a time per scheduler."""
 
     def __call__(self, **arguments):
         return getattr(self, run)(with_absent(arguments))
@@ -110,4 +111,4 @@ def guided_call(
         f"{summary}\n\n        The arguments of ``{parent.__name__}`` mean what they mean there.\n"
         + GUIDANCE_DOC.format(tpg=repr(family.default_tpg_layers), pag=repr(family.default_pag_layers))
     )
-    return checked_call(lambda pipe, args: check(pipe, with_absent(args)))(torch.no_grad()(__call__))
+    return one_call_per_scheduler(checked_call(lambda pipe, args: check(pipe, with_absent(args)))(torch.no_grad()(__call__)))
