@@ -50,6 +50,8 @@ _EXPORTS = {
     "StableDiffusionControlNetTPGInpaintPipeline": "pipelines",
     "ModelFamily": "families",
     "family_of": "families",
+    "family_named": "families",
+    "detect_family": "loading",
     "apply_softpag": "pipelines",
     "apply_nag": "pipelines",
     "build_tiny_sdxl": "tiny",
