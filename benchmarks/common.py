@@ -26,6 +26,17 @@ OUR_MODES: Dict[str, dict] = {
 
 BASELINE = "diffusers SDXL (CFG)"
 
+# SDXL base's UNet configuration (public), for the full-size benchmarks: built with random weights or on the meta device.
+SDXL_BASE_UNET = dict(
+    act_fn="silu", addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    attention_head_dim=(5, 10, 20), block_out_channels=(320, 640, 1280), center_input_sample=False,
+    cross_attention_dim=2048, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2, mid_block_scale_factor=1,
+    norm_eps=1e-5, norm_num_groups=32, out_channels=4, projection_class_embeddings_input_dim=2816, sample_size=128,
+    transformer_layers_per_block=(1, 2, 10), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    use_linear_projection=True,
+)  # fmt: skip
+
 
 def comparison_pipelines(components: dict, names: Sequence[str] = ("sdxl", "pag", "ours")) -> Dict[str, object]:
     """Of diffusers' SDXL pipeline (``sdxl``), its PAG pipeline on the mid block (``pag``) and ours (``ours``),

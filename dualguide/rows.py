@@ -85,6 +85,8 @@ class TokenPermutations:
         self._step.clear()
 
     def _draw(self, stream: int, block: int, tokens: int, device: torch.device) -> Tensor:
+        if torch.device(device).type == "meta":  # shapes only (FLOP counting on the meta device): no values to draw
+            return torch.empty(tokens, dtype=torch.long, device=device)
         key = (block, tokens, str(device), stream)
         if key not in self._step:
             generator = self._generators.get((stream, key[2]))
