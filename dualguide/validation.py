@@ -72,13 +72,16 @@ PIPELINE_SEQUENCES: Dict[str, NumberRule] = {  # lists of numbers: a custom sche
     "sigmas": NumberRule(0.0),
 }
 PIPELINE_SIZES = ("height", "width")
-# Upper bounds far past any real use (sides: past every image format's limit, JPEG's and WebP's 65535 px). Beyond
-# them a call failed deep in numpy or torch (allocating the schedule or the latents, a scale overflowing float32
-# inside the UNet) naming no argument, or returned infinite latents.
+# Upper bounds far past any real use (sides: past every image format's limit, JPEG's and WebP's 65535 px; sigmas:
+# past the 4096 of zero-terminal-SNR schedules). Beyond them a call failed deep in numpy or torch (allocating the
+# schedule or the latents, a scale overflowing float32 inside the UNet) naming no argument, or returned infinite or
+# NaN latents. For a list (``sigmas``) its largest value counts.
 MAX_SCALE = 1000
+MAX_SIGMA = 10_000
 PIPELINE_MAXIMA = {
     "num_inference_steps": 10_000, "num_images_per_prompt": 10_000, "height": 2**16, "width": 2**16,
     "guidance_scale": MAX_SCALE, "tpg_scale": MAX_SCALE, "pag_scale": MAX_SCALE, "nag_scale": MAX_SCALE,
+    "sigma_max": MAX_SIGMA, "sigmas": MAX_SIGMA,
 }  # fmt: skip
 PIPELINE_PAIRS = {  # name -> (lowest value, optional)
     "original_size": (1, True),
@@ -164,8 +167,10 @@ def _check_scalars(pipe, args: Dict[str, Any]) -> None:
     for name in PIPELINE_SIZES:
         args[name] = check_size(args[name], name, factor, pipe.default_sample_size * factor)
     for name, top in PIPELINE_MAXIMA.items():
-        if args.get(name) is not None and args[name] > top:
-            raise ValueError(f"{name} must be at most {top}, got {args[name]}")
+        value = args.get(name)
+        largest = max(value) if isinstance(value, list) else value
+        if largest is not None and largest > top:
+            raise ValueError(f"{name} must be at most {top}, got {largest}")
     if args.get("clip_skip") is not None:
         top = _max_clip_skip(pipe)
         if top is not None and args["clip_skip"] > top:
