@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Iterator, Optional
 
 from ..generation.errors import UsageError
@@ -26,12 +26,15 @@ def job_lock(out: str, state) -> Iterator[None]:
     path = os.path.join(out, LOCK)
     descriptor = _acquire(path) if state.is_main_process else None
     if not _main_says(descriptor is not None, state):
-        raise UsageError(f"--out {out}: another dualguide job is writing there; wait for it to end or give another --out")
+        raise UsageError(
+            f"--out {out}: another dualguide job is writing there; wait for it to end or give another --out"
+        )
     try:
         yield
     finally:
         if descriptor is not None:
-            os.remove(path)  # before the lock goes: a job that opened this file finds it removed and takes a new one
+            with suppress(FileNotFoundError):  # removed before unlocked: a job that opened it then takes a new one
+                os.remove(path)
             os.close(descriptor)
 
 
