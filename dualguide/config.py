@@ -14,9 +14,10 @@ from torch import Tensor
 
 from .layers import LayerSpec, parse_layer_ids
 from .checks import check_bool, check_layer_spec, check_number
+from .defaults import DEFAULT_LAYERS
 
-DEFAULT_TPG_LAYERS = "d6-d23"
-DEFAULT_PAG_LAYERS = "m0-m9"
+DEFAULT_TPG_LAYERS = DEFAULT_LAYERS["sdxl"]["tpg"]  # "d6-d23"
+DEFAULT_PAG_LAYERS = DEFAULT_LAYERS["sdxl"]["pag"]  # "m0-m9"
 
 
 @dataclass(frozen=True)
@@ -80,8 +81,19 @@ def as_interval(value: IntervalLike, name: str) -> Interval:
     raise TypeError(f"{name} must be an Interval or a (start, end) pair of fractions in [0, 1], got {value!r}")
 
 
-def _layer_ids(spec: LayerSpec, name: str) -> Tuple[str, ...]:
-    return tuple(parse_layer_ids(check_layer_spec(spec, name), name))
+class FamilyDefault:
+    """The default of ``TPG.layers`` / ``PAG.layers``: the model family's default layers, chosen by the denoiser."""
+
+    def __repr__(self) -> str:
+        return "FAMILY_DEFAULT"
+
+
+FAMILY_DEFAULT = FamilyDefault()
+
+
+def layer_ids(spec: object, name: str) -> Optional[Tuple[str, ...]]:
+    """The ids of ``spec``; None for ``FAMILY_DEFAULT`` (the denoiser then takes the family's default layers)."""
+    return None if spec is FAMILY_DEFAULT else tuple(parse_layer_ids(check_layer_spec(spec, name), name))
 
 
 @dataclass(frozen=True)
@@ -104,16 +116,17 @@ class CFG:
 
 @dataclass(frozen=True)
 class TPG:
-    """Token Perturbation Guidance: a branch whose tokens are shuffled in ``layers``."""
+    """Token Perturbation Guidance: a branch whose tokens are shuffled in ``layers`` (by default the model
+    family's default layers, ``d6-d23`` on SDXL; ``layers`` is then None after construction)."""
 
     scale: float = 3.0
-    layers: LayerSpec = DEFAULT_TPG_LAYERS
+    layers: Union[LayerSpec, FamilyDefault, None] = FAMILY_DEFAULT
     interval: IntervalLike = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", check_number(self.scale, "tpg_scale", 0.0))
-        object.__setattr__(self, "layers", _layer_ids(self.layers, "tpg_applied_layers_index"))
-        if self.scale > 0 and not self.layers:
+        object.__setattr__(self, "layers", layer_ids(self.layers, "tpg_applied_layers_index"))
+        if self.scale > 0 and self.layers == ():
             raise ValueError("tpg_applied_layers_index is empty while tpg_scale > 0; give ids such as 'd6-d23'")
         object.__setattr__(self, "interval", as_interval(self.interval, "tpg_interval"))
 
@@ -124,18 +137,19 @@ class TPG:
 
 @dataclass(frozen=True)
 class PAG:
-    """Perturbed-Attention Guidance; ``beta < 1`` or ``heads`` make it SoftPAG."""
+    """Perturbed-Attention Guidance on ``layers`` (by default the model family's default layers, the mid block
+    ``m0-m9`` on SDXL; ``layers`` is then None after construction); ``beta < 1`` or ``heads`` make it SoftPAG."""
 
     scale: float = 3.0
-    layers: LayerSpec = DEFAULT_PAG_LAYERS
+    layers: Union[LayerSpec, FamilyDefault, None] = FAMILY_DEFAULT
     beta: float = 1.0
     heads: Optional[Sequence[int]] = None
     interval: IntervalLike = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", check_number(self.scale, "pag_scale", 0.0))
-        object.__setattr__(self, "layers", _layer_ids(self.layers, "pag_applied_layers_index"))
-        if self.scale > 0 and not self.layers:
+        object.__setattr__(self, "layers", layer_ids(self.layers, "pag_applied_layers_index"))
+        if self.scale > 0 and self.layers == ():
             raise ValueError("pag_applied_layers_index is empty while pag_scale > 0; give ids such as 'm0-m9'")
         object.__setattr__(self, "beta", check_number(self.beta, "beta", 0.0, 1.0))
         if self.heads is not None:

@@ -112,8 +112,10 @@ class GuidedDenoiser:
         self.max_batch_rows = max_batch_rows
         self.cross_attention_kwargs = cross_attention_kwargs
         self.timestep_cond = timestep_cond
-        tpg_blocks = family.resolve(unet, self.tpg.layers, "tpg_applied_layers_index") if self.tpg else []
-        pag_blocks = family.resolve(unet, self.pag.layers, "pag_applied_layers_index") if self.pag else []
+        tpg_layers = family.default_tpg_layers if self.tpg is None or self.tpg.layers is None else self.tpg.layers
+        pag_layers = family.default_pag_layers if self.pag is None or self.pag.layers is None else self.pag.layers
+        tpg_blocks = family.resolve(unet, tpg_layers, "tpg_applied_layers_index") if self.tpg else []
+        pag_blocks = family.resolve(unet, pag_layers, "pag_applied_layers_index") if self.pag else []
         self._tpg_blocks = {family.tpg_module(block): index for index, (_, block) in enumerate(tpg_blocks)}
         self._pag_attns = frozenset(family.pag_attention(block) for _, block in pag_blocks)
         if self.pag:

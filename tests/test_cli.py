@@ -51,7 +51,7 @@ class FakePipe:
 def fake(monkeypatch, tmp_path_factory):
     """``(pipe, model folder)``: ``load_model`` returns a FakePipe; the folder passes the --model checks."""
     folder = tmp_path_factory.mktemp("fake_model")
-    (folder / "model_index.json").write_text("{}")
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')  # an SDXL folder to the checks
     pipe = FakePipe()
     monkeypatch.setattr(models, "load_model", lambda *args, **kwargs: pipe)
     return pipe, str(folder)

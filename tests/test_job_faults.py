@@ -27,7 +27,7 @@ def job(tmp_path, monkeypatch):
 
     model = tmp_path / "model"
     model.mkdir()
-    (model / "model_index.json").write_text("{}")
+    (model / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')  # an SDXL folder to the checks
     prompts, out = tmp_path / "p.txt", tmp_path / "out"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     pipe = FakePipe()

@@ -107,7 +107,7 @@ def finished(process, timeout=400):
 @pytest.fixture
 def fake_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fake_model")
-    (folder / "model_index.json").write_text("{}")
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')  # an SDXL folder to the checks
     return str(folder)
 
 

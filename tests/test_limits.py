@@ -65,7 +65,7 @@ def test_batch_bounds_name_the_line_or_the_flag(tmp_path, loads, capsys):
 def test_a_recommended_size_over_the_bound_is_refused_and_a_raised_bound_lets_it_load(tmp_path, loads, capsys):
     model = tmp_path / "model"
     model.mkdir()
-    (model / "model_index.json").write_text("{}")
+    (model / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline"}')  # an SDXL folder to the checks
     (model / "recommended.json").write_text(json.dumps({"width": 8192, "height": 8192}))
     assert run_cli("generate", "p", "--model", model, "--out", tmp_path / "o") == 2
     assert "width 8192 px is over the bound --max-side 4096" in error_line(capsys) and loads == []

@@ -185,3 +185,12 @@ def test_long_prompts_are_windowed_unless_truncated(pipe):
     assert torch.allclose(both[1:], alone, rtol=1e-4, atol=1e-4)  # the short prompt's padding windows are masked
     nag_negative = encode_nag_negative(pipe, 1, 1, LONG)
     assert nag_negative.shape[1] == tokens  # NAG's negative is windowed on its own
+
+
+def test_terms_without_layers_take_the_family_defaults_in_a_raw_denoiser(pipe):
+    from dualguide import PAG
+
+    denoiser = GuidedDenoiser(pipe.unet, pipe.scheduler, cfg=CFG(5.0), tpg=TPG(3.0), pag=PAG(3.0))
+    blocks = SD.blocks(pipe.unet)
+    assert set(denoiser._tpg_blocks) == {SD.tpg_module(blocks[i][1]) for i in ("d4", "d5")}
+    assert denoiser._pag_attns == {SD.pag_attention(blocks["m0"][1])}

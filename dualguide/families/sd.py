@@ -7,6 +7,7 @@ from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
 from ..conditioning import Conditioning
+from ..defaults import DEFAULT_LAYERS
 from .unet import UNetFamily
 
 
@@ -17,8 +18,8 @@ class SDFamily(UNetFamily):
     # SDXL's d6-d23 lie in its deepest down level (1/4 of the latent side: 32x32 of a 1024 px image);
     # SD's down level at that scale is down_blocks.2 (16x16 for 512 px, 24x24 for 768 px): d4-d5.
     # PAG: diffusers' default "mid".
-    default_tpg_layers = "d4-d5"
-    default_pag_layers = "m0"
+    default_tpg_layers = DEFAULT_LAYERS["sd"]["tpg"]  # "d4-d5"
+    default_pag_layers = DEFAULT_LAYERS["sd"]["pag"]  # "m0"
 
     def matches(self, model: nn.Module) -> bool:
         return self.is_unet(model) and unwrap_module(model).config.get("addition_embed_type") != "text_time"

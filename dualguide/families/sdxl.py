@@ -7,7 +7,7 @@ from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
 from ..conditioning import Conditioning
-from ..config import DEFAULT_PAG_LAYERS, DEFAULT_TPG_LAYERS
+from ..defaults import DEFAULT_LAYERS
 from .unet import UNetFamily
 
 
@@ -15,8 +15,8 @@ class SDXLFamily(UNetFamily):
     name = "sdxl"
     title = "Stable Diffusion XL"
     # TPG paper / official code: the down blocks' 18 deepest transformer blocks; diffusers' PAG default "mid".
-    default_tpg_layers = DEFAULT_TPG_LAYERS  # "d6-d23"
-    default_pag_layers = DEFAULT_PAG_LAYERS  # "m0-m9"
+    default_tpg_layers = DEFAULT_LAYERS["sdxl"]["tpg"]  # "d6-d23"
+    default_pag_layers = DEFAULT_LAYERS["sdxl"]["pag"]  # "m0-m9"
 
     def matches(self, model: nn.Module) -> bool:
         return self.is_unet(model) and unwrap_module(model).config.get("addition_embed_type") == "text_time"

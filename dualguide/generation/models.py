@@ -7,21 +7,41 @@ import os
 import re
 from typing import Dict, Optional, Tuple
 
+from ..defaults import DEFAULT_LAYERS
 from .errors import UsageError, describe_error, one_line
 
 EMBEDDED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "embedded")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # single-file checkpoints
 DEFAULTS: Dict[str, object] = {
-    "num_inference_steps": 25, "guidance_scale": 5.0, "tpg_scale": 3.0, "tpg_applied_layers_index": "d6-d23",
+    "num_inference_steps": 25, "guidance_scale": 5.0, "tpg_scale": 3.0, "tpg_applied_layers_index": DEFAULT_LAYERS["sdxl"]["tpg"],
     "sampler": "euler", "sigma_schedule": "model",
 }  # fmt: skip
 
 
-def recommended_settings(model_folder: Optional[str]) -> Dict[str, object]:
-    """Pipeline arguments recommended for the model (``recommended.json`` beside its weights) over SDXL's defaults."""
+def family_defaults(family: Optional[str]) -> Dict[str, object]:
+    """``DEFAULTS`` with ``family``'s default TPG layers (SDXL's when the family is not known before loading)."""
+    return {**DEFAULTS, "tpg_applied_layers_index": DEFAULT_LAYERS[family or "sdxl"]["tpg"]}
+
+
+def recommended_settings(model_folder: Optional[str], family: Optional[str] = None) -> Dict[str, object]:
+    """Pipeline arguments recommended for the model (``recommended.json`` beside its weights) over the defaults of
+    its family."""
     from ..loading import read_recommended
 
-    return {**DEFAULTS, **(read_recommended(model_folder) if model_folder else {})}
+    return {**family_defaults(family), **(read_recommended(model_folder) if model_folder else {})}
+
+
+def model_family(path: str, allow_pickle: bool = False) -> Optional[str]:
+    """The family of the model at ``path`` (``sdxl``, ``sd``) read from its files without loading it; None for a
+    hub id that is not in the local cache. UsageError naming the supported families for any other model."""
+    from ..loading import detect_family
+
+    try:
+        return detect_family(path, allow_pickle)
+    except OSError:  # a hub id neither cached nor reachable: loading it will say so
+        return None
+    except ValueError as error:
+        raise UsageError(f"--model {path}: {one_line(str(error))}") from None
 
 
 def looks_like_hub_id(model: str) -> bool:
@@ -57,16 +77,17 @@ def resolve_model(model: Optional[str]) -> Tuple[str, Optional[str]]:
 
 
 def model_and_settings(model: Optional[str], allow_pickle: bool = False) -> Tuple[str, Dict[str, object]]:
-    """``(what to load, its recommended settings)`` for ``--model``; UsageError when its recommended.json is not JSON
-    or it is a pickle-based checkpoint not allowed by ``--allow-pickle``."""
+    """``(what to load, its recommended settings)`` for ``--model``; UsageError when its recommended.json is not JSON,
+    its family is not supported, or it is a pickle-based checkpoint not allowed by ``--allow-pickle``."""
     from ..loading import is_pickle_checkpoint
 
     path, folder = resolve_model(model)
     if is_pickle_checkpoint(path) and not allow_pickle:
         raise UsageError(f"--model {model}: a pickle-based checkpoint can run code when loaded; convert it to .safetensors, "
                          "or pass --allow-pickle for a file you trust (it then loads with torch.load(weights_only=True))")  # fmt: skip
+    family = model_family(path, allow_pickle)
     try:
-        return path, recommended_settings(folder)
+        return path, recommended_settings(folder, family)
     except ValueError as error:  # json.JSONDecodeError
         raise UsageError(f"--model {path}: recommended.json is not valid JSON: {one_line(str(error))}") from None
 

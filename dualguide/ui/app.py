@@ -49,7 +49,7 @@ def build_app(engine: Engine) -> gr.Blocks:
     """The page for ``engine`` (whose model may still be loading)."""
     import samplers
 
-    defaults = ui_settings.controls_from_settings(engine.settings)
+    defaults = ui_settings.controls_from_settings(engine.settings, engine.pag_layers)
     with gr.Blocks(title=TITLE, delete_cache=(3600, 86400)) as demo:  # served files live a day
         gr.Markdown(
             f"## {TITLE}\nThe same seed under each guidance mode, side by side; during sampling, the decoded x0 "

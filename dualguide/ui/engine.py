@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, fields
 from typing import Dict, Iterator, List, Optional, Sequence
 
+from ..defaults import DEFAULT_LAYERS
 from ..generation import models
 from ..generation.errors import UsageError, describe_error, one_line
 from ..generation.images import save_png
@@ -60,6 +61,7 @@ class Engine:
         self.concurrency = concurrency
         # UsageError for a path that holds no model or an unreadable recommended.json, worded as the command words it
         self.model, self.settings = models.model_and_settings(model, allow_pickle)
+        self.pag_layers = DEFAULT_LAYERS[models.model_family(self.model, allow_pickle) or "sdxl"]["pag"]  # the family's default
         self.device_option, self.dtype_option = device, dtype
         self.device, self.dtype = device, dtype
         if output_dir is None:  # the PNGs offered for download; gone when the server stops
@@ -133,7 +135,7 @@ class Engine:
         return flags
 
     def plan(self, controls: ui_settings.Controls) -> List[ui_settings.ModeRun]:
-        return ui_settings.plan(controls, self.settings, self.server_flags())
+        return ui_settings.plan(controls, self.settings, self.server_flags(), self.pag_layers)
 
     def python_text(self, runs: Sequence[ui_settings.ModeRun]) -> str:
         dtype = None if self.dtype_option == "auto" else self.dtype_option

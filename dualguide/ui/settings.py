@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import options
+from ..defaults import DEFAULT_LAYERS
 from ..generation.errors import UsageError, one_line
 from ..generation.images import slug
 from ..generation.limits import Limits, check_settings
@@ -24,7 +25,7 @@ DEFAULT_PROMPT = "a red circle on a blue background"
 TERMS = ("cfg", "tpg", "pag", "nag")
 TERM_NAMES = {"cfg": "CFG", "tpg": "TPG", "pag": "PAG", "nag": "NAG"}
 OFF = {"cfg": 1.0, "tpg": 0.0, "pag": 0.0, "nag": 1.0}  # the scale that turns each term off
-DEFAULT_PAG_LAYERS = "m0-m9"  # as dualguide.config.DEFAULT_PAG_LAYERS (not imported: that module needs torch)
+DEFAULT_PAG_LAYERS = DEFAULT_LAYERS["sdxl"]["pag"]  # the pipeline's own default, unless the model's family has another
 
 # Modes compared side by side from the same seed: name -> the terms on.
 MODES: Dict[str, Tuple[str, ...]] = {
@@ -92,7 +93,7 @@ class ModeRun:
         return int(self.kwargs.get("num_inference_steps", 25))
 
 
-def controls_from_settings(settings: Dict[str, object]) -> Controls:
+def controls_from_settings(settings: Dict[str, object], pag_layers: str = DEFAULT_PAG_LAYERS) -> Controls:
     """The page's initial controls: the model's recommended settings (as ``dualguide generate`` uses them)."""
     width, height = settings.get("width"), settings.get("height")
     controls = Controls(
@@ -104,7 +105,7 @@ def controls_from_settings(settings: Dict[str, object]) -> Controls:
         tpg=float(settings.get("tpg_scale", 3.0)),
         tpg_layers=str(settings.get("tpg_applied_layers_index", "d6-d23")),
         pag=float(settings.get("pag_scale") or PANEL_SCALE),
-        pag_layers=str(settings.get("pag_applied_layers_index", DEFAULT_PAG_LAYERS)),
+        pag_layers=str(settings.get("pag_applied_layers_index", pag_layers)),
         nag=float(settings["nag_scale"]) if float(settings.get("nag_scale", 1.0) or 1.0) > 1.0 else PANEL_SCALE,
         nag_tau=float(settings.get("nag_tau", 2.5)),
         nag_alpha=float(settings.get("nag_alpha", 0.5)),
@@ -170,11 +171,12 @@ def _size_tuple(text: str) -> Optional[Tuple[int, int]]:
         return None  # the parser reports it
 
 
-def plan(controls: Controls, settings: Dict[str, object], server_flags: Sequence[str] = ()) -> List[ModeRun]:
+def plan(controls: Controls, settings: Dict[str, object], server_flags: Sequence[str] = (),
+         pag_layers: str = DEFAULT_PAG_LAYERS) -> List[ModeRun]:  # fmt: skip
     """One ``ModeRun`` per selected mode (in ``MODES`` order); ``SettingsError`` for anything the command refuses.
 
     ``server_flags`` are the model options the server was started with (``--model``, ``--device``, ...),
-    repeated in every command.
+    repeated in every command; ``pag_layers`` is the PAG default of the model's family.
     """
     selected = [name for name in MODES if name in set(controls.modes or ())]
     unknown = [name for name in (controls.modes or ()) if name not in MODES]
@@ -201,12 +203,12 @@ def plan(controls: Controls, settings: Dict[str, object], server_flags: Sequence
         common += ["--negative", controls.negative]
     runs = []
     for name in selected:
-        runs.append(_mode_run(parser, name, MODES[name], controls, settings, common, int(seed)))
+        runs.append(_mode_run(parser, name, MODES[name], controls, settings, common, int(seed), pag_layers))
     return runs
 
 
 def _mode_run(parser: GenerateParser, label: str, terms: Tuple[str, ...], controls: Controls, settings: Dict[str, object],
-              common: List[str], seed: int) -> ModeRun:  # fmt: skip
+              common: List[str], seed: int, pag_default: str) -> ModeRun:  # fmt: skip
     flags: List[str] = list(common)
     notes: List[str] = []
     softpag_beta = None
@@ -230,7 +232,7 @@ def _mode_run(parser: GenerateParser, label: str, terms: Tuple[str, ...], contro
         flags += ["--tpg-layers", controls.tpg_layers.strip()]
     if "pag" in terms:
         layers = controls.pag_layers.strip()
-        if layers != settings.get("pag_applied_layers_index", DEFAULT_PAG_LAYERS):
+        if layers != settings.get("pag_applied_layers_index", pag_default):
             if parser.has_option("--pag-layers"):
                 flags += ["--pag-layers", layers]
             else:

@@ -1,0 +1,15 @@
+"""Each model family's default layers, in a module that imports nothing: the family adapters, the term settings
+and the front ends (before any model or torch loads) read them from here.
+
+SDXL: TPG on ``d6-d23`` (the official TPG code), PAG on the mid block ``m0-m9`` (diffusers). SD 1.x / 2.x: TPG on
+``d4-d5``, the down level at a quarter of the latent side as SDXL's ``d6-d23`` (the TPG paper names no SD 2.1
+layers), PAG on the mid block ``m0`` (diffusers)."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+DEFAULT_LAYERS: Dict[str, Dict[str, str]] = {
+    "sdxl": {"tpg": "d6-d23", "pag": "m0-m9"},
+    "sd": {"tpg": "d4-d5", "pag": "m0"},
+}
