@@ -166,11 +166,16 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     add_task_arguments(parser)
 
 
-def require_out(parser: argparse.ArgumentParser, help_text: str) -> None:
-    """Make ``--out`` required (a job's folder holds its records, so it has no default)."""
+def add_job_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """The options of a bulk job (``batch``, ``eval``): ``--batch-size``, ``--overwrite``, the model and guidance
+    options, and a required ``--out`` (a job's folder holds its records, so it has no default)."""
+    parser.add_argument("--batch-size", type=whole(1), default=1, help="images with the same settings per pipeline call (>= 1)")
+    parser.add_argument("--overwrite", action="store_true", help="remake images made before in --out with other settings")
+    add_model_arguments(parser)
+    add_guidance_arguments(parser)
     for action in parser._actions:
         if action.dest == "out":
-            action.required, action.default, action.help = True, None, help_text
+            action.required, action.default, action.help = True, None, out_help
 
 
 def line_option_parser() -> Tuple[argparse.ArgumentParser, List[str]]:
@@ -205,6 +210,6 @@ def with_settings(options: Mapping[str, object], settings: Mapping[str, str], pa
 
 __all__ = [
     "ArgumentParser", "LINE_SETTINGS", "RaisingParser", "add_device_arguments", "add_generate_arguments", "add_limit_arguments",
-    "add_guidance_arguments", "add_model_arguments", "add_task_arguments", "interval", "line_option_parser", "number",
-    "parse_setting", "require_out", "size", "whole", "with_settings",
+    "add_guidance_arguments", "add_job_arguments", "add_model_arguments", "add_task_arguments", "interval",
+    "line_option_parser", "number", "parse_setting", "size", "whole", "with_settings",
 ]  # fmt: skip

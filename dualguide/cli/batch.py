@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import add_guidance_arguments, add_model_arguments, require_out, whole
+from ..options import add_job_arguments, whole
 
 
 def add_parser(commands) -> None:
@@ -13,11 +13,7 @@ def add_parser(commands) -> None:
     )
     batch.add_argument("prompts", metavar="PROMPTS", help=".txt (one prompt per line) or .jsonl (one JSON object per line)")
     batch.add_argument("--n", type=whole(1), default=1, help='images per prompt, unless its line gives "n" (>= 1)')
-    batch.add_argument("--batch-size", type=whole(1), default=1, help="images with the same settings per pipeline call (>= 1)")
-    batch.add_argument("--overwrite", action="store_true", help="remake images made before in --out with other settings")
-    add_model_arguments(batch)
-    add_guidance_arguments(batch)
-    require_out(batch, "output folder: PNGs, manifest.jsonl, failures.jsonl")
+    add_job_arguments(batch, "output folder: PNGs, manifest.jsonl, failures.jsonl")
 
 
 def run(args: argparse.Namespace) -> int:

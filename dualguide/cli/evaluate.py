@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..options import add_guidance_arguments, add_model_arguments, require_out, whole
+from ..options import add_job_arguments, whole
 
 
 def add_parser(commands) -> None:
@@ -18,11 +18,7 @@ def add_parser(commands) -> None:
     evaluate.add_argument("--unconditional", type=whole(0), default=0, metavar="N", help="empty-prompt images per mode, for the unconditional KID")
     evaluate.add_argument("--clip", default=None, metavar="PATH", help="local CLIP model folder: CLIP score (and the features, with --model)")
     evaluate.add_argument("--reference", default=None, metavar="DIR", help="reference images for the KID (embedded model: ground-truth renders)")
-    evaluate.add_argument("--batch-size", type=whole(1), default=1, help="images with the same settings per pipeline call (>= 1)")
-    evaluate.add_argument("--overwrite", action="store_true", help="remake images made before in --out with other settings")
-    add_model_arguments(evaluate)
-    add_guidance_arguments(evaluate)
-    require_out(evaluate, "output folder: plan.jsonl, images/, results.*, metrics.png, examples.png")
+    add_job_arguments(evaluate, "output folder: plan.jsonl, images/, results.*, metrics.png, examples.png")
 
 
 def run(args: argparse.Namespace) -> int:
