@@ -138,13 +138,15 @@ class TPG:
 @dataclass(frozen=True)
 class PAG:
     """Perturbed-Attention Guidance on ``layers`` (by default the model family's default layers, the mid block
-    ``m0-m9`` on SDXL; ``layers`` is then None after construction); ``beta < 1`` or ``heads`` make it SoftPAG."""
+    ``m0-m9`` on SDXL; ``layers`` is then None after construction); ``beta < 1`` or ``heads`` make it SoftPAG.
+    ``adaptive_scale`` (diffusers' ``pag_adaptive_scale``) lowers the scale as the timestep falls: ``scale_at(t)``."""
 
     scale: float = 3.0
     layers: Union[LayerSpec, FamilyDefault, None] = FAMILY_DEFAULT
     beta: float = 1.0
     heads: Optional[Sequence[int]] = None
     interval: IntervalLike = None
+    adaptive_scale: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", check_number(self.scale, "pag_scale", 0.0))
@@ -160,10 +162,18 @@ class PAG:
                 raise ValueError("selected_heads must be a non-empty list of head indices >= 0 or None, got []")
             object.__setattr__(self, "heads", tuple(sorted(set(heads))))
         object.__setattr__(self, "interval", as_interval(self.interval, "pag_interval"))
+        object.__setattr__(self, "adaptive_scale", check_number(self.adaptive_scale, "pag_adaptive_scale", 0.0))
 
     @property
     def enabled(self) -> bool:
         return self.scale > 0.0
+
+    def scale_at(self, timestep: float) -> float:
+        """The scale at the model timestep ``timestep`` (0..1000): ``max(scale - adaptive_scale * (1000 - t), 0)``
+        with an adaptive scale (as diffusers' PAG pipelines), else ``scale``."""
+        if self.adaptive_scale <= 0.0:
+            return self.scale
+        return max(self.scale - self.adaptive_scale * (1000.0 - timestep), 0.0)
 
 
 @dataclass(frozen=True)

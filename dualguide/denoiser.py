@@ -262,11 +262,12 @@ class GuidedDenoiser:
                 model_input = torch.cat([model_input, concat.to(device=model_input.device, dtype=model_input.dtype)], dim=1)
             outputs = self._run_unet(model_input, timesteps, branches, cond, uncond, nag_negative if nag_on else None, residuals)
             predictions = dict(zip(branches, outputs.float().chunk(len(branches))))
+            scales = {"tpg": self.tpg.scale if self.tpg else 0.0, "pag": self._pag_scale(timesteps)}
             guided = guided_prediction(
                 predictions["cond"],
                 predictions.get("uncond"),
                 self.cfg.scale,
-                [(term.scale, predictions[name]) for name, term in (("tpg", self.tpg), ("pag", self.pag)) if name in predictions],
+                [(scales[name], predictions[name]) for name in ("tpg", "pag") if name in predictions],
             )
             if "uncond" in predictions:
                 guided = rescale_guidance(guided, predictions["cond"], self.cfg.rescale)
@@ -276,6 +277,12 @@ class GuidedDenoiser:
             return guided
         finally:
             self._running.release()
+
+    def _pag_scale(self, timesteps: Tensor) -> float:
+        """PAG's scale at this call's timestep (read on the host only with an adaptive scale)."""
+        if self.pag is None:
+            return 0.0
+        return self.pag.scale_at(float(timesteps.reshape(-1)[0])) if self.pag.adaptive_scale > 0 else self.pag.scale
 
     def _check_call(self, x: Tensor, cond, uncond, nag_negative) -> None:
         if not isinstance(cond, Conditioning):

@@ -58,6 +58,7 @@ PIPELINE_NUMBERS: Dict[str, NumberRule] = {
     "denoising_end": NumberRule(0.0, 1.0, low_open=True, optional=True),
     "tpg_scale": NumberRule(0.0),
     "pag_scale": NumberRule(0.0, optional=True),
+    "pag_adaptive_scale": NumberRule(0.0),
     "nag_scale": NumberRule(1.0, optional=True),
     "nag_tau": NumberRule(0.0, low_open=True, optional=True),
     "nag_alpha": NumberRule(0.0, 1.0, optional=True),
@@ -80,7 +81,7 @@ MAX_SCALE = 1000
 MAX_SIGMA = 10_000
 PIPELINE_MAXIMA = {
     "num_inference_steps": 10_000, "num_images_per_prompt": 10_000, "height": 2**16, "width": 2**16,
-    "guidance_scale": MAX_SCALE, "tpg_scale": MAX_SCALE, "pag_scale": MAX_SCALE, "nag_scale": MAX_SCALE,
+    "guidance_scale": MAX_SCALE, "tpg_scale": MAX_SCALE, "pag_scale": MAX_SCALE, "pag_adaptive_scale": MAX_SCALE, "nag_scale": MAX_SCALE,
     "sigma_max": MAX_SIGMA, "sigmas": MAX_SIGMA,
 }  # fmt: skip
 PIPELINE_PAIRS = {  # name -> (lowest value, optional)

@@ -64,6 +64,7 @@ NUMERIC = {
     "guidance_rescale": dict(guidance_scale=5.0),
     "tpg_scale": {},
     "pag_scale": {},
+    "pag_adaptive_scale": {},
     "nag_scale": dict(do_nag=True),
     "nag_tau": dict(do_nag=True),
     "nag_alpha": dict(do_nag=True),

@@ -109,7 +109,7 @@ class GuidedSamplingMixin:
             TPG(scale=args["tpg_scale"], layers=args["tpg_applied_layers_index"], interval=args["tpg_interval"]),
             PAG(
                 scale=pag_scale, layers=args["pag_applied_layers_index"], beta=softpag.beta if softpag else 1.0,
-                heads=softpag.heads if softpag else None, interval=args["pag_interval"],
+                heads=softpag.heads if softpag else None, interval=args["pag_interval"], adaptive_scale=args["pag_adaptive_scale"],
             ),  # fmt: skip
             NAG(
                 scale=nag_settings["nag_scale"] if nag_settings["do_nag"] else 1.0, tau=nag_settings["nag_tau"],

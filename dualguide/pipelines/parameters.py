@@ -45,6 +45,7 @@ def guidance_parameters(family: ModelFamily) -> List[inspect.Parameter]:
         ("tpg_scale", float, 3.0),
         ("tpg_applied_layers_index", LayerSpec, family.default_tpg_layers),
         ("pag_scale", Optional[float], None),
+        ("pag_adaptive_scale", float, 0.0),
         ("pag_applied_layers_index", LayerSpec, family.default_pag_layers),
         ("do_nag", Optional[bool], None),
         ("nag_scale", Optional[float], None),
@@ -71,7 +72,8 @@ def guidance_parameters(family: ModelFamily) -> List[inspect.Parameter]:
 
 GUIDANCE_DOC = """
         Dual guidance: ``tpg_scale`` (3.0; 0 turns TPG off) on ``tpg_applied_layers_index`` ({tpg}),
-        ``pag_scale`` (0, or 3.0 after ``apply_softpag``) on ``pag_applied_layers_index`` ({pag}), and NAG
+        ``pag_scale`` (0, or 3.0 after ``apply_softpag``; ``pag_adaptive_scale`` lowers it by that much per
+        timestep below 1000, as diffusers' PAG pipelines) on ``pag_applied_layers_index`` ({pag}), and NAG
         with ``do_nag`` and ``nag_scale`` (3.0), ``nag_tau`` (2.5), ``nag_alpha`` (0.5), ``nag_use_l1``
         (True), ``nag_negative_prompt``, ``nag_end`` (1.0). ``*_interval`` limit a term to ``(start, end)``
         fractions of the schedule. Without ``sampler`` the loop follows ``pipe.scheduler`` as diffusers
