@@ -152,7 +152,8 @@ def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: Optio
     """The guided pipeline of ``model``'s family; ``None`` gives a random-weight tiny SDXL-layout model (no download).
 
     ``model`` may be a diffusers folder, a single-file checkpoint (``.safetensors``/``.ckpt``)
-    or a hub id already in the local cache (or downloadable where a network exists). ``family``
+    or a hub id already in the local cache (or downloadable where a network exists); a single file takes its
+    component configs from its model type's hub repo (``single_file_config_repo``) in the local cache. ``family``
     (``"sdxl"``, ``"sd"``) skips ``detect_family``. A pickle-based file (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) is
     refused unless ``allow_pickle``; then it loads with ``torch.load(weights_only=True)``, as diffusers loads it.
     """
@@ -175,6 +176,29 @@ def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: Optio
         cls = getattr(pipelines, FAMILY_PIPELINES[family])
         # float32 is what the loaders give by default; naming it only adds a deprecation warning.
         options = {} if dtype == torch.float32 else {"torch_dtype": dtype}
-        load = cls.from_single_file if os.path.isfile(model) else cls.from_pretrained
-        pipe = load(model, **options)
+        pipe = _from_single_file(cls, model, options) if os.path.isfile(model) else cls.from_pretrained(model, **options)
     return pipe.to(device)
+
+
+def single_file_config_repo(path: str) -> str:
+    """The hub repo whose component configs (``model_index.json``, ``unet/config.json``, ..., tokenizer files)
+    diffusers' ``from_single_file`` takes for the checkpoint at ``path``, by its keys (SD 1.x:
+    ``stable-diffusion-v1-5/stable-diffusion-v1-5``). Reads the whole file."""
+    from diffusers.loaders.single_file_utils import fetch_diffusers_config, load_single_file_checkpoint
+
+    return fetch_diffusers_config(load_single_file_checkpoint(path))["pretrained_model_name_or_path"]
+
+
+def _from_single_file(cls, path: str, options: dict):
+    """``cls.from_single_file``; OSError naming the repo to download when its configs are neither cached nor reachable."""
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    try:
+        return cls.from_single_file(path, **options)
+    except LocalEntryNotFoundError:
+        pass  # read the file again after the handler: its traceback, holding the first copy, is gone then
+    repo = single_file_config_repo(path)
+    raise OSError(
+        f"the configs of this checkpoint's model type (hub repo {repo}) are not in the local Hugging Face cache and cannot "
+        f"be downloaded here; where a network exists run `hf download {repo} --include '*.json' '*.txt'` and copy the cache here"
+    )
