@@ -34,14 +34,24 @@ def recommended_settings(model_folder: Optional[str], family: Optional[str] = No
 def model_family(path: str, allow_pickle: bool = False) -> Optional[str]:
     """The family of the model at ``path`` (``sdxl``, ``sd``) read from its files without loading it; None for a
     hub id that is not in the local cache. UsageError naming the supported families for any other model."""
+    import pickle
+
     from ..loading import detect_family
 
     try:
         return detect_family(path, allow_pickle)
     except OSError:  # a hub id neither cached nor reachable: loading it will say so
         return None
+    except pickle.UnpicklingError:
+        raise refused_pickle(path) from None
     except ValueError as error:
         raise UsageError(f"--model {path}: {one_line(str(error))}") from None
+
+
+def refused_pickle(path: str) -> UsageError:
+    """The error for a pickle that ``torch.load(weights_only=True)`` refuses: it holds objects or code."""
+    return UsageError(f"--model {path}: torch.load(weights_only=True) refused it: the file holds objects or code, not only "
+                      "tensors; nothing of it was run. Convert it to .safetensors where you trust it")  # fmt: skip
 
 
 def looks_like_hub_id(model: str) -> bool:
@@ -126,12 +136,11 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bo
         if offline and not local:
             raise UsageError(
                 f"--model {path}: not in the local Hugging Face cache and this machine is offline; "
-                f"on a machine with a network run `huggingface-cli download {path}` (or copy the folder here)"
+                f"on a machine with a network run `hf download {path}` (or copy the folder here)"
             ) from None
         raise UsageError(f"--model {path}: {describe_error(error)}") from None
     except pickle.UnpicklingError:
-        raise UsageError(f"--model {path}: torch.load(weights_only=True) refused it: the file holds objects or code, not only "
-                         "tensors; nothing of it was run. Convert it to .safetensors where you trust it") from None  # fmt: skip
+        raise refused_pickle(path) from None
     except (ValueError, TypeError, KeyError) as error:  # a folder or file that is not a loadable model
         raise UsageError(f"--model {path}: cannot load it: {describe_error(error)}") from None
     if compile:
