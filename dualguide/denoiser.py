@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import threading
 from contextlib import contextmanager
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from diffusers.utils.torch_utils import is_compiled_module
@@ -24,9 +24,8 @@ from .config import CFG, NAG, PAG, TPG
 from .control import ControlNetInput, control_residuals
 from .families import ModelFamily, family_of
 from .guidance import guided_prediction, rescale_guidance
-from .hooks import ensure_processor_wrappers, guidance_hooks
-from .nag import NAGCrossAttnProcessor, negative_key_value
-from .perturb import PerturbedSelfAttnProcessor
+from .hooks import Installation, guidance_hooks
+from .nag import negative_key_value
 from .rows import BRANCH_ORDER, CallRows, Seeds, TokenPermutations, plan_calls
 from .schedule import DiscreteModelSchedule
 
@@ -124,6 +123,7 @@ class GuidedDenoiser:
         self._compiled = is_compiled_module(unet)
         self.permutations = TokenPermutations(seed)
         self._running = threading.Lock()
+        self._held: List[Installation] = []  # the installations of the ``hooks()`` blocks now open
         self._batch_cache: Dict[tuple, object] = {}
         self._cached_inputs: Optional[tuple] = None
         self._tpg_tokens: Dict[tuple, list] = {}  # latent size -> (block, index, tokens) in the order the blocks run
@@ -188,15 +188,24 @@ class GuidedDenoiser:
         """
         if self._compiled:
             keep_hooks_installed(self.unet, self.family)
-        with guidance_hooks(self._tpg_blocks, self._pag_attns, self._nag_attns):
-            yield self
+        with guidance_hooks(self._tpg_blocks, self._pag_attns, self._nag_attns) as installation:
+            self._held.append(installation)
+            try:
+                yield self
+            finally:
+                self._held.remove(installation)
 
-    def _ensure_wrappers(self) -> None:
-        """Processors replaced while installed (``set_attn_processor``, ``load_ip_adapter``) get wrapped again."""
-        if self._pag_attns:
-            ensure_processor_wrappers(self._pag_attns, PerturbedSelfAttnProcessor)
-        if self._nag_attns:
-            ensure_processor_wrappers(self._nag_attns, NAGCrossAttnProcessor)
+    @contextmanager
+    def _call_hooks(self) -> Iterator[Installation]:
+        """The hooks for one call: those of an enclosing ``hooks()`` block (nothing to install per call), else
+        installed for the call; processors replaced meanwhile (``set_attn_processor``) get wrapped again."""
+        if self._held:
+            installation = self._held[-1]
+            installation.ensure_wrappers()
+            yield installation
+            return
+        with self.hooks():
+            yield self._held[-1]
 
     # -- the calls ----------------------------------------------------------------------------
     def __call__(
@@ -361,8 +370,7 @@ class GuidedDenoiser:
         self.permutations.new_step()
         permutations = self._step_permutations(model_input[:batch]) if "tpg" in branches else {}
         outputs = []
-        with self.hooks():
-            self._ensure_wrappers()
+        with self._call_hooks():
             for rows, call_rows in plan_calls(branches, batch, self.max_batch_rows):
                 call = self._guided_call(call_rows, permutations, self._call_nag(negative, rows, call_rows.guided))
                 with guided_call(call):

@@ -5,7 +5,8 @@ hook or wrapper on the same module: the first installs it, the last to leave rem
 any order of exit. A wrapper wraps the processor it finds (IP-Adapter, xformers, custom) and,
 on removal, puts exactly that processor back. The hooks themselves are stateless: they act
 only on calls that carry a state for them (see ``callstate``). ``guidance_hooks`` installs the
-set guided calls use (TPG's pre-hooks, PAG's and NAG's processor wrappers) for a block;
+set guided calls use (TPG's pre-hooks, PAG's and NAG's processor wrappers) for a block and gives
+its ``Installation``, whose ``ensure_wrappers`` a caller runs before each UNet call;
 ``hold_guidance_hooks`` takes a share that is never given back (a compiled UNet's resident hooks).
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from torch import nn
 
@@ -99,8 +100,30 @@ def _guidance_parts(tpg_blocks: Iterable[nn.Module], pag_attns: Iterable[nn.Modu
     )
 
 
+class Installation:
+    """The processor wrappers one ``guidance_hooks`` block holds, as last seen in place."""
+
+    def __init__(self, wrapped: Sequence[Tuple[nn.Module, Callable]]) -> None:
+        self._wrapped = list(wrapped)  # (attention, wrapper type)
+        self._seen = self._installed_wrappers()
+
+    def _installed_wrappers(self) -> List[Tuple[nn.Module, object]]:
+        return [(attn, _entries(attn)[wrapper_type][1]) for attn, wrapper_type in self._wrapped]
+
+    def ensure_wrappers(self) -> None:
+        """Re-wrap, around whatever is there now, any processor replaced since the block began
+        (``set_attn_processor``, ``load_ip_adapter``). When none was, this is one pass, without the lock."""
+        if not [attn for attn, wrapper in self._seen if attn.processor is not wrapper]:
+            return
+        with _lock:
+            for attn, wrapper_type in self._wrapped:
+                entry = _entries(attn)[wrapper_type]
+                entry[1] = _ensure_wrapped(attn, wrapper_type, entry[1])
+            self._seen = self._installed_wrappers()
+
+
 @contextmanager
-def guidance_hooks(tpg_blocks: Iterable[nn.Module], pag_attns: Iterable[nn.Module], nag_attns: Iterable[nn.Module]) -> Iterator[None]:
+def guidance_hooks(tpg_blocks: Iterable[nn.Module], pag_attns: Iterable[nn.Module], nag_attns: Iterable[nn.Module]) -> Iterator[Installation]:
     """TPG's pre-hook (``with_kwargs=True``) on ``tpg_blocks``, PAG's processor wrapper on ``pag_attns`` and
     NAG's on ``nag_attns`` for the ``with`` block, shared and counted; released in reverse order on exit."""
     acquired: List[Part] = []
@@ -110,7 +133,8 @@ def guidance_hooks(tpg_blocks: Iterable[nn.Module], pag_attns: Iterable[nn.Modul
                 module, key, acquire, _ = part
                 acquire(module, key)
                 acquired.append(part)
-        yield
+            installation = Installation([(module, key) for module, key, acquire, _ in acquired if acquire is _acquire_wrapper])
+        yield installation
     finally:
         with _lock:
             for module, key, _, release in reversed(acquired):
@@ -122,16 +146,6 @@ def hold_guidance_hooks(tpg_blocks: Iterable[nn.Module], pag_attns: Iterable[nn.
     with _lock:
         for module, key, acquire, _ in _guidance_parts(tpg_blocks, pag_attns, nag_attns):
             acquire(module, key)
-
-
-def ensure_processor_wrappers(attns: Iterable[nn.Module], wrapper_type: Callable) -> None:
-    """Re-wrap, around whatever is there now, any processor replaced since ``guidance_hooks`` began."""
-    with _lock:
-        for attn in attns:
-            entry = _entries(attn).get(wrapper_type)
-            if entry is None:
-                raise RuntimeError("ensure_processor_wrappers called outside guidance_hooks")
-            entry[1] = _ensure_wrapped(attn, wrapper_type, entry[1])
 
 
 def installed_count(module: nn.Module) -> int:
