@@ -23,6 +23,12 @@ class CallRows:
 
     slices: Dict[str, slice]
     images: Dict[str, slice] = field(default_factory=dict)
+    # Rows that use the positive prompt (every branch but uncond), contiguous by layout; None when none.
+    # Computed once here: NAG reads it in every cross-attention of the call.
+    guided: Optional[slice] = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "guided", _guided_rows(self.slices))
 
     def rows(self, branch: str) -> Optional[slice]:
         return self.slices.get(branch)
@@ -32,13 +38,12 @@ class CallRows:
         rows = self.slices[branch]
         return self.images.get(branch, slice(0, rows.stop - rows.start))
 
-    @property
-    def guided(self) -> Optional[slice]:
-        """Rows that use the positive prompt (every branch but uncond): contiguous by layout."""
-        spans = [s for name, s in self.slices.items() if name != "uncond"]
-        if not spans:
-            return None
-        return slice(min(s.start for s in spans), max(s.stop for s in spans))
+
+def _guided_rows(slices: Dict[str, slice]) -> Optional[slice]:
+    spans = [s for name, s in slices.items() if name != "uncond"]
+    if not spans:
+        return None
+    return slice(min(s.start for s in spans), max(s.stop for s in spans))
 
 
 def plan_calls(branches: Sequence[str], rows_per_branch: int, max_rows: Optional[int]) -> List[Tuple[slice, CallRows]]:
