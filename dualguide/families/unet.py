@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 from diffusers.models.attention import BasicTransformerBlock
@@ -18,12 +20,55 @@ def _transformer_blocks_in(module: nn.Module) -> List[nn.Module]:
     return [m for m in module.modules() if isinstance(m, BasicTransformerBlock)]
 
 
+@dataclass
+class _Structure:
+    """What a guided run reads of one UNet's module tree: walked once per model, not per run (a walk
+    of SDXL's tree is tens of thousands of Python calls). Nothing in diffusers replaces a UNet's blocks."""
+
+    blocks: Blocks
+    transformer_blocks: List[nn.Module]
+    token_counts: Dict[Tuple[int, int], Dict[nn.Module, int]] = field(default_factory=dict)
+
+
+_structures: "weakref.WeakKeyDictionary[nn.Module, _Structure]" = weakref.WeakKeyDictionary()
+
+
+def _structure(model: nn.Module) -> _Structure:
+    unet = unwrap_module(model)
+    structure = _structures.get(unet)
+    if structure is None:
+        structure = _structures[unet] = _Structure(transformer_blocks(unet), _transformer_blocks_in(unet))
+    return structure
+
+
+def _token_counts(unet: nn.Module, height: int, width: int) -> Dict[nn.Module, int]:
+    """``UNetFamily.token_counts``, walking the tree."""
+    counts: Dict[nn.Module, int] = {}
+    size, skips = (height, width), []
+
+    def record(block: nn.Module, size: Tuple[int, int]) -> None:
+        counts.update((m, size[0] * size[1]) for m in _transformer_blocks_in(block))
+
+    for block in unet.down_blocks:
+        record(block, size)
+        if getattr(block, "downsamplers", None):
+            skips.append(size)
+            size = ((size[0] + 1) // 2, (size[1] + 1) // 2)
+    if unet.mid_block is not None:
+        record(unet.mid_block, size)
+    for block in unet.up_blocks:
+        record(block, size)
+        if getattr(block, "upsamplers", None):
+            size = skips.pop()
+    return counts
+
+
 class UNetFamily(ModelFamily):
     """A ``UNet2DConditionModel`` family: TPG shuffles each block's input tokens, PAG perturbs ``attn1``,
     NAG extrapolates every ``attn2``; the subclass says which UNets it takes and what a row carries."""
 
     def blocks(self, model: nn.Module) -> Blocks:
-        return transformer_blocks(model)
+        return dict(_structure(model).blocks)
 
     def tpg_module(self, block: nn.Module) -> nn.Module:
         return block
@@ -32,34 +77,19 @@ class UNetFamily(ModelFamily):
         return block.attn1
 
     def nag_attentions(self, model: nn.Module) -> FrozenSet[nn.Module]:
-        return frozenset(b.attn2 for b in _transformer_blocks_in(unwrap_module(model)) if b.attn2 is not None)
+        return frozenset(b.attn2 for b in _structure(model).transformer_blocks if b.attn2 is not None)
 
     def hook_sites(self, model: nn.Module) -> Tuple[List[nn.Module], List[nn.Module], List[nn.Module]]:
-        blocks = _transformer_blocks_in(unwrap_module(model))
+        blocks = list(_structure(model).transformer_blocks)
         return blocks, [b.attn1 for b in blocks], [b.attn2 for b in blocks if b.attn2 is not None]
 
     def token_counts(self, model: nn.Module, height: int, width: int) -> Dict[nn.Module, int]:
         """Down blocks halve the size after their attentions (rounding up, as their stride-2 convolutions
         do); the mid block works at the smallest size; each up block upsamples to its skip's size."""
-        unet = unwrap_module(model)
-        counts: Dict[nn.Module, int] = {}
-        size, skips = (height, width), []
-
-        def record(block: nn.Module, size: Tuple[int, int]) -> None:
-            counts.update((m, size[0] * size[1]) for m in _transformer_blocks_in(block))
-
-        for block in unet.down_blocks:
-            record(block, size)
-            if getattr(block, "downsamplers", None):
-                skips.append(size)
-                size = ((size[0] + 1) // 2, (size[1] + 1) // 2)
-        if unet.mid_block is not None:
-            record(unet.mid_block, size)
-        for block in unet.up_blocks:
-            record(block, size)
-            if getattr(block, "upsamplers", None):
-                size = skips.pop()
-        return counts
+        known = _structure(model).token_counts
+        if (height, width) not in known:
+            known[(height, width)] = _token_counts(unwrap_module(model), height, width)
+        return dict(known[(height, width)])
 
     def added_conditioning(self, cond: Conditioning) -> Optional[Dict[str, object]]:
         """The UNet's ``added_cond_kwargs`` for the rows of ``cond``: its extra conditioning and IP-Adapter image embeds."""
