@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Optional, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -18,15 +18,13 @@ class ProcessorCall:
     """Calls a diffusers attention processor with only the keywords its ``__call__`` accepts.
 
     Processors differ: ``SlicedAttnProcessor`` takes no ``temb``, IP-Adapter processors take ``scale`` and
-    ``ip_adapter_masks``, ``AttnProcessor2_0`` and xFormers' take ``*args, **kwargs``. The signature is read once,
-    here (not per call: a compiled UNet traces the call without a graph break).
+    ``ip_adapter_masks``, ``AttnProcessor2_0`` and xFormers' take ``*args, **kwargs``. The signature is read here,
+    not per call (a compiled UNet traces the call without a graph break), and once per processor class.
     """
 
     def __init__(self, processor: Callable[..., Any]) -> None:
         self.processor = processor
-        parameters = inspect.signature(processor.__call__).parameters.values()
-        self.takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-        self.names = frozenset(p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL)
+        self.takes_any, self.names = _accepted_keywords(processor.__call__)
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states=None, attention_mask=None, **extra: Any) -> Tensor:
         """``processor(attn, hidden_states, encoder_hidden_states=..., attention_mask=..., **accepted extras)``;
@@ -34,6 +32,23 @@ class ProcessorCall:
         given: Dict[str, Any] = {name: value for name, value in extra.items()
                                  if value is not None and (self.takes_any or name in self.names)}  # fmt: skip
         return self.processor(attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **given)
+
+
+# The function behind a processor class's ``__call__`` -> what ``_accepted_keywords`` found for it.
+_ACCEPTED: Dict[Callable[..., Any], Tuple[bool, FrozenSet[str]]] = {}
+
+
+def _accepted_keywords(call: Callable[..., Any]) -> Tuple[bool, FrozenSet[str]]:
+    """Whether ``call`` takes ``**kwargs``, and the names it takes; cached per class for bound methods."""
+    function = getattr(call, "__func__", None)
+    if function is not None and function in _ACCEPTED:
+        return _ACCEPTED[function]
+    parameters = inspect.signature(call).parameters.values()
+    accepted = (any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters),
+                frozenset(p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL))  # fmt: skip
+    if function is not None:
+        _ACCEPTED[function] = accepted
+    return accepted
 
 
 @dataclass
