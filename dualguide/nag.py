@@ -59,12 +59,13 @@ class NAGCrossAttnProcessor:
 def _standard_nag(attn, hidden_states: Tensor, context: Tensor, temb, guided: slice, nag: NAGCall) -> Tensor:
     """NAG with diffusers' standard attention arithmetic, the queries shared by ``Z+`` and ``Z-``."""
     prepared = attention.prepare(attn, hidden_states, temb)
-    query = attn.to_q(prepared.hidden_states)
+    query = attention.query_heads(attn, attn.to_q(prepared.hidden_states))
     positive_context = attention.context(attn, prepared.hidden_states, context)
-    merged = attention.attend(attn, query, attn.to_k(positive_context), attn.to_v(positive_context))
+    merged = attention.attend_heads(query, attention.key_heads(attn, attn.to_k(positive_context)),
+                                    attention.split_heads(attn, attn.to_v(positive_context)))  # fmt: skip
     cached = nag.cache.get(attn)
     negative_key, negative_value = cached if cached is not None else negative_key_value(attn, nag.negative.to(query.dtype))
-    z_negative = attention.attend_heads(attention.query_heads(attn, query[guided]), negative_key, negative_value)
+    z_negative = attention.attend_heads(query[guided], negative_key, negative_value)  # the guided rows' query heads
     positive = merged[guided]  # a view: the result is written into ``merged`` in place
     nag_extrapolate(positive, z_negative, nag.scale, nag.tau, nag.alpha, nag.use_l1, out=positive)
     return attention.finish(attn, merged, prepared)

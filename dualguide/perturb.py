@@ -25,8 +25,8 @@ def shuffle_tokens(module: nn.Module, args: tuple, kwargs: dict):
     permutation = None if tpg is None else tpg.permutations.get(module)
     if permutation is None:
         return None
-    rows = call.rows.rows("tpg")
-    positional = len(args) > 0
+    rows = call.rows.slices["tpg"]
+    positional = bool(args)
     hidden_states = args[0] if positional else kwargs["hidden_states"]
     if permutation.shape[-1] != hidden_states.shape[1]:
         raise RuntimeError(f"TPG: a block got {hidden_states.shape[1]} tokens, its permutation has {permutation.shape[-1]}")
