@@ -77,7 +77,7 @@ def loads(monkeypatch):
 
     calls = []
 
-    def refuse(path, device="auto", dtype="auto", compile=False, allow_pickle=False):
+    def refuse(path, device="auto", dtype="auto", compile=False, allow_pickle=False, family=None):
         calls.append(SimpleNamespace(path=path, device=device, dtype=dtype, compile=compile, allow_pickle=allow_pickle))
         raise AssertionError("the model was loaded")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 from ..defaults import DEFAULT_LAYERS
 from .errors import UsageError, describe_error, one_line
@@ -13,9 +13,16 @@ from .errors import UsageError, describe_error, one_line
 EMBEDDED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "embedded")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # single-file checkpoints
 DEFAULTS: Dict[str, object] = {
-    "num_inference_steps": 25, "guidance_scale": 5.0, "tpg_scale": 3.0, "tpg_applied_layers_index": DEFAULT_LAYERS["sdxl"]["tpg"],
-    "sampler": "euler", "sigma_schedule": "model",
+    "num_inference_steps": 25, "guidance_scale": 5.0, "tpg_scale": 3.0, "sampler": "euler", "sigma_schedule": "model",
 }  # fmt: skip
+
+
+class ChosenModel(NamedTuple):
+    """``--model`` resolved: what to load, its recommended settings, and its family (None: a hub id not cached)."""
+
+    path: str
+    settings: Dict[str, object]
+    family: Optional[str]
 
 
 def family_defaults(family: Optional[str]) -> Dict[str, object]:
@@ -86,9 +93,10 @@ def resolve_model(model: Optional[str]) -> Tuple[str, Optional[str]]:
     return model, None
 
 
-def model_and_settings(model: Optional[str], allow_pickle: bool = False) -> Tuple[str, Dict[str, object]]:
-    """``(what to load, its recommended settings)`` for ``--model``; UsageError when its recommended.json is not JSON,
-    its family is not supported, or it is a pickle-based checkpoint not allowed by ``--allow-pickle``."""
+def model_and_settings(model: Optional[str], allow_pickle: bool = False) -> ChosenModel:
+    """``--model`` resolved, with its recommended settings and family, read without loading the model; UsageError
+    when its recommended.json is not JSON, its family is not supported, or it is a pickle-based checkpoint not
+    allowed by ``--allow-pickle``."""
     from ..loading import is_pickle_checkpoint
 
     path, folder = resolve_model(model)
@@ -97,7 +105,7 @@ def model_and_settings(model: Optional[str], allow_pickle: bool = False) -> Tupl
                          "or pass --allow-pickle for a file you trust (it then loads with torch.load(weights_only=True))")  # fmt: skip
     family = model_family(path, allow_pickle)
     try:
-        return path, recommended_settings(folder, family)
+        return ChosenModel(path, recommended_settings(folder, family), family)
     except ValueError as error:  # json.JSONDecodeError
         raise UsageError(f"--model {path}: recommended.json is not valid JSON: {one_line(str(error))}") from None
 
@@ -109,10 +117,12 @@ def model_identity(model: Optional[str], path: str) -> str:
     return os.path.realpath(path) if os.path.exists(path) else path
 
 
-def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bool = False, allow_pickle: bool = False):
+def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bool = False, allow_pickle: bool = False,
+               family: Optional[str] = None):  # fmt: skip
     """The pipeline at ``path`` (from ``resolve_model``) on ``device`` (auto, cpu, cuda) in ``dtype`` (auto or a
     torch dtype name), its UNet compiled with the guidance hooks when ``compile``; a pickle-based file only with
-    ``allow_pickle``. UsageError when it cannot load."""
+    ``allow_pickle``. ``family`` (from ``model_and_settings``) spares reading it from the files again. UsageError
+    when it cannot load."""
     import pickle
 
     import torch
@@ -130,7 +140,7 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bo
     torch_dtype = default_dtype(device) if dtype == "auto" else getattr(torch, dtype)
     local = os.path.exists(path)
     try:
-        pipe = load_pipeline(path, device=device, dtype=torch_dtype, allow_pickle=allow_pickle)
+        pipe = load_pipeline(path, device=device, dtype=torch_dtype, family=family, allow_pickle=allow_pickle)
     except OSError as error:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in str(error).lower() or "cache" in str(error).lower()
         if offline and not local:

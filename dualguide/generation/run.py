@@ -46,12 +46,12 @@ def prepare(options: Mapping[str, object], images: int = 1, per_call: int = 1, c
     except TaskError as error:
         raise UsageError(str(error)) from None
     allow_pickle = bool(options.get("allow_pickle"))
-    model, settings = models.model_and_settings(options.get("model"), allow_pickle)
+    model, settings, family = models.model_and_settings(options.get("model"), allow_pickle)
     kwargs = call_arguments(options, settings)
     check_names(kwargs)
     check_settings(limits, kwargs)
     pipe = models.load_model(model, options.get("device", "auto"), options.get("dtype", "auto"), bool(options.get("compile")),
-                             allow_pickle)  # fmt: skip
+                             allow_pickle, family)  # fmt: skip
     try:
         return Prepared(model, kwargs, task_pipeline(pipe, task), task)
     except TaskError as error:

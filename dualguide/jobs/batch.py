@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..generation import images, models
 from ..generation.errors import UsageError, describe_error
@@ -28,15 +28,16 @@ def line_options(args: argparse.Namespace, line: PromptLine, parser: argparse.Ar
         raise UsageError(f"{args.prompts}:{line.line}: {error}") from None
 
 
-def plan_batch(args: argparse.Namespace) -> Tuple[List[ImageJob], str]:
-    """Check the command and its prompt file and plan every image: ``(jobs, model to load)``. Loads no model."""
+def plan_batch(args: argparse.Namespace) -> Tuple[List[ImageJob], str, Optional[str]]:
+    """Check the command and its prompt file and plan every image: ``(jobs, model to load, its family)``. Loads no
+    model."""
     images.check_output_folder(args.out)
     parser, names = line_option_parser()
     try:
         lines = read_prompt_file(args.prompts, names)
     except PromptFileError as error:
         raise UsageError(str(error)) from None
-    model, recommended = models.model_and_settings(args.model, args.allow_pickle)
+    model, recommended, family = models.model_and_settings(args.model, args.allow_pickle)
     limits = Limits.from_options(vars(args))
     base = call_arguments(vars(args), recommended)
     check_names(base)
@@ -62,7 +63,7 @@ def plan_batch(args: argparse.Namespace) -> Tuple[List[ImageJob], str]:
             given = next(line.seed is not None for line in lines if line.line == job.line)
             source = 'its line\'s "seed"' if given else f"--seed {args.seed}"
             raise UsageError(f"{args.prompts}:{job.line}: image {job.index} of this line would get seed {job.seed} from {source}, past 2**64-1")
-    return jobs, model
+    return jobs, model, family
 
 
 def run_batch(args: argparse.Namespace) -> int:
@@ -75,16 +76,16 @@ def run_batch(args: argparse.Namespace) -> int:
     from .lock import job_lock
     from .processes import process_state
 
-    jobs, model = plan_batch(args)
+    jobs, model, family = plan_batch(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
     os.makedirs(args.out, exist_ok=True)
     state = process_state(args.device)
     with job_lock(args.out, state):
-        return _run_job(args, jobs, model, state)
+        return _run_job(args, jobs, model, family, state)
 
 
-def _run_job(args: argparse.Namespace, jobs: List[ImageJob], model: str, state) -> int:
+def _run_job(args: argparse.Namespace, jobs: List[ImageJob], model: str, family: Optional[str], state) -> int:
     from .processes import device_of, finish, shard
     from .progress import JobProgress
     from .run import make_images, remove_stale_partials
@@ -110,7 +111,7 @@ def _run_job(args: argparse.Namespace, jobs: List[ImageJob], model: str, state) 
     if state.num_processes > 1:
         state.wait_for_everyone()  # every process has read the manifest before any writes to it
     failed: List[ImageJob] = []
-    pipe = models.load_model(model, device_of(state), args.dtype, args.compile, args.allow_pickle) if todo else None
+    pipe = models.load_model(model, device_of(state), args.dtype, args.compile, args.allow_pickle, family) if todo else None
     with progress:  # from here, so that images/s and the ETA do not count the loading
         if pipe is not None:
             pipe.set_progress_bar_config(disable=True)

@@ -60,8 +60,8 @@ class Engine:
         self.allow_pickle = allow_pickle
         self.concurrency = concurrency
         # UsageError for a path that holds no model or an unreadable recommended.json, worded as the command words it
-        self.model, self.settings = models.model_and_settings(model, allow_pickle)
-        self.pag_layers = DEFAULT_LAYERS[models.model_family(self.model, allow_pickle) or "sdxl"]["pag"]  # the family's default
+        self.model, self.settings, self.family = models.model_and_settings(model, allow_pickle)
+        self.pag_layers = DEFAULT_LAYERS[self.family or "sdxl"]["pag"]  # the family's default
         self.device_option, self.dtype_option = device, dtype
         self.device, self.dtype = device, dtype
         if output_dir is None:  # the PNGs offered for download; gone when the server stops
@@ -94,7 +94,7 @@ class Engine:
         began = time.perf_counter()
         try:
             # as ``dualguide generate`` loads
-            pipe = models.load_model(self.model, self.device_option, self.dtype_option, allow_pickle=self.allow_pickle)
+            pipe = models.load_model(self.model, self.device_option, self.dtype_option, allow_pickle=self.allow_pickle, family=self.family)
             pipe.set_progress_bar_config(disable=True)
             if pipe.device.type == "cpu":
                 # Runs at once share the cores: oversubscribed OpenMP threads spin and slow every run many times over.
