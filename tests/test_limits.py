@@ -99,3 +99,11 @@ def test_file_names_from_hostile_prompts_stay_inside_out_within_255_bytes(prompt
         path = os.path.join(tmp_path, name)
         assert os.path.dirname(os.path.abspath(path)) == str(tmp_path)
         open(path, "wb").close()  # the file system takes the name
+
+
+@pytest.mark.parametrize("flag", ["--max-side", "--max-steps", "--max-batch", "--max-images"])
+@pytest.mark.parametrize("value", ["0", "-5", "abc", "1.5"])
+def test_a_bad_bound_names_its_flag_before_loading(flag, value, tmp_path, loads, capsys):
+    assert run_cli("generate", "p", flag, value, "--out", tmp_path / "out") == 2
+    err = error_line(capsys)
+    assert f"argument {flag}" in err and "expected a whole number >= 1" in err and loads == []

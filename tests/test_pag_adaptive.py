@@ -36,3 +36,12 @@ def test_the_scale_falls_with_the_timestep_and_stops_at_zero(pipe):
 def test_a_bad_adaptive_scale_names_the_parameter(pipe, value, error):
     with pytest.raises(error, match="pag_adaptive_scale"):
         generate(pipe, pag_scale=3.0, pag_adaptive_scale=value)
+
+
+def test_a_refused_adaptive_scale_leaves_the_unet_as_it_was(pipe):
+    from conftest import unet_snapshot
+
+    before = unet_snapshot(pipe.unet)
+    with pytest.raises(ValueError, match="pag_adaptive_scale"):
+        generate(pipe, pag_scale=3.0, pag_adaptive_scale=-1.0)
+    assert unet_snapshot(pipe.unet) == before
