@@ -11,6 +11,8 @@ restores diffusers' cutting; prompts that fit one window always go through diffu
 
 from __future__ import annotations
 
+import functools
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -96,6 +98,23 @@ class Conditioning:
             return None if any(t is None for t in tensors) else torch.cat(tensors)
 
         return Conditioning(torch.cat([p.prompt_embeds for p in parts]), stacked("pooled_embeds"), stacked("time_ids"), masks, images)
+
+
+# Text encoding touches state the pipelines of several threads share: a fast tokenizer keeps its padding and
+# truncation settings from call to call, and a LoRA scale is set on the text encoders for the call. One encoding
+# at a time keeps each thread's prompts its own (encoding is a small part of a run).
+_text_encoding = threading.RLock()
+
+
+def one_encoding_at_a_time(encode: Callable) -> Callable:
+    """Decorate a prompt encoder so that calls from several threads encode one after the other."""
+
+    @functools.wraps(encode)
+    def serialized(*args, **kwargs):
+        with _text_encoding:
+            return encode(*args, **kwargs)
+
+    return serialized
 
 
 def prompt_batch_size(prompt: PromptLike, parameter: str = "prompt") -> int:
@@ -375,6 +394,7 @@ def _encode_windowed(
 # ---------------------------------------------------------------------------------------------------
 
 
+@one_encoding_at_a_time
 def encode_sdxl(
     pipe,
     prompt: PromptLike,
@@ -451,6 +471,7 @@ def encode_sdxl(
     return positive, negative
 
 
+@one_encoding_at_a_time
 def encode_nag_negative(
     pipe,
     batch: int,
@@ -505,6 +526,7 @@ def encode_nag_negative(
     )[0]
 
 
+@one_encoding_at_a_time
 def encode_sd(
     pipe,
     prompt: PromptLike,
