@@ -1,9 +1,10 @@
-"""Layer ids ("d6", "m0", "u3", ranges "d6-d23") <-> the UNet's transformer blocks.
+"""Layer ids ("d6", "m0", "u3", "j4", ranges "d6-d23") <-> a backbone's transformer blocks.
 
-Blocks are the diffusers ``BasicTransformerBlock`` modules in ``unet.named_modules()``
+UNets: the diffusers ``BasicTransformerBlock`` modules in ``unet.named_modules()``
 order, grouped by the first component of their name (``down_blocks`` -> d,
 ``mid_block`` -> m, ``up_blocks`` -> u) and numbered within each group, as the
-official TPG code does.
+official TPG code does. MMDiT transformers (SD3): j0-jN, the joint blocks in order
+(the family adapter lists them).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from torch import nn
 
 GROUP_PREFIX = {"down_blocks": "d", "mid_block": "m", "up_blocks": "u"}
 LayerSpec = Union[str, Sequence[str]]
-_ID = re.compile(r"^([dmu])(\d+)(?:-(?:\1)?(\d+))?$")
+_ID = re.compile(r"^([dmuj])(\d+)(?:-(?:\1)?(\d+))?$")
+PREFIX_ORDER = "dmuj"
 
 
 def transformer_blocks(unet: nn.Module) -> Dict[str, Tuple[str, nn.Module]]:
@@ -42,7 +44,7 @@ def valid_ranges(blocks: Iterable[str]) -> str:
     counts: Dict[str, int] = {}
     for layer_id in blocks:
         counts[layer_id[0]] = counts.get(layer_id[0], 0) + 1
-    return ", ".join(f"{p}0-{p}{counts[p] - 1}" if counts[p] > 1 else f"{p}0" for p in "dmu" if p in counts)
+    return ", ".join(f"{p}0-{p}{counts[p] - 1}" if counts[p] > 1 else f"{p}0" for p in PREFIX_ORDER if p in counts)
 
 
 def parse_layer_ids(spec: LayerSpec, parameter: str = "layers") -> List[str]:
@@ -56,7 +58,7 @@ def parse_layer_ids(spec: LayerSpec, parameter: str = "layers") -> List[str]:
             match = _ID.match(part)
             if match is None:
                 raise ValueError(
-                    f"{parameter}: malformed layer id {part!r}; use 'd<i>', 'm<i>', 'u<i>' or a range such as 'd6-d23'"
+                    f"{parameter}: malformed layer id {part!r}; use 'd<i>', 'm<i>', 'u<i>', 'j<i>' or a range such as 'd6-d23'"
                 )
             prefix, first, last = match.group(1), int(match.group(2)), match.group(3)
             last = first if last is None else int(last)
@@ -74,11 +76,11 @@ def resolve_ids(blocks: Dict[str, Tuple[str, nn.Module]], spec: LayerSpec, param
     """
     ids = parse_layer_ids(spec, parameter)
     if not ids:
-        raise ValueError(f"{parameter} selects no layer; valid ranges for this UNet: {valid_ranges(blocks)}")
+        raise ValueError(f"{parameter} selects no layer; valid ranges for this model: {valid_ranges(blocks)}")
     unknown = [i for i in ids if i not in blocks]
     if unknown:
         raise ValueError(
-            f"{parameter}: unknown layer id(s) {', '.join(unknown)}; valid ranges for this UNet: {valid_ranges(blocks)}"
+            f"{parameter}: unknown layer id(s) {', '.join(unknown)}; valid ranges for this model: {valid_ranges(blocks)}"
         )
     return [blocks[i] for i in ids]
 

@@ -326,7 +326,7 @@ def test_bad_settings_show_a_message_and_the_page_keeps_working(server, browser)
     for change, message in (
         ({"size": "abc"}, "expected a size in pixels such as 64 or 64x96"),
         ({"size": "63x64"}, "width must be a positive integer multiple of the VAE factor 4, got 63"),
-        ({"size": "64", "tpg_layers": "d99"}, "unknown layer id(s) d99; valid ranges for this UNet"),
+        ({"size": "64", "tpg_layers": "d99"}, "unknown layer id(s) d99; valid ranges for this model"),
         ({"tpg_layers": "d0-d23", "sampler": "foo"}, "unknown sampler 'foo'"),
         ({"sampler": "euler", "size": "100000x100000"}, "width 100000 px is over the bound --max-side 4096"),
         ({"size": "64", "steps": 100000}, "--steps 100000: over the bound --max-steps 500"),
