@@ -12,7 +12,7 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 
 from torch import Tensor
 
-from .layers import LayerSpec, parse_layer_ids
+from .layers import LayerSpec, parse_layer_spec
 from .checks import check_bool, check_layer_spec, check_number
 from .defaults import DEFAULT_LAYERS
 
@@ -93,7 +93,7 @@ FAMILY_DEFAULT = FamilyDefault()
 
 def layer_ids(spec: object, name: str) -> Optional[Tuple[str, ...]]:
     """The ids of ``spec``; None for ``FAMILY_DEFAULT`` (the denoiser then takes the family's default layers)."""
-    return None if spec is FAMILY_DEFAULT else tuple(parse_layer_ids(check_layer_spec(spec, name), name))
+    return None if spec is FAMILY_DEFAULT else tuple(parse_layer_spec(check_layer_spec(spec, name), name))
 
 
 @dataclass(frozen=True)

@@ -72,8 +72,10 @@ def resolve_ids(blocks: Dict[str, Tuple[str, nn.Module]], spec: LayerSpec, param
     """Resolve a layer spec against ``blocks`` (layer id -> ``(module name, block)``) of one model.
 
     Raises ``ValueError`` naming ``parameter`` and the valid ranges for an id the model lacks
-    or for an empty selection.
+    or for an empty selection. ``pag_applied_layers_index`` also takes diffusers' PAG layer names (``ids_of_names``).
     """
+    if parameter == NAMED_LAYERS_PARAMETER:
+        spec = ids_of_names(blocks, spec, parameter)
     ids = parse_layer_ids(spec, parameter)
     if not ids:
         raise ValueError(f"{parameter} selects no layer; valid ranges for this model: {valid_ranges(blocks)}")
@@ -88,3 +90,82 @@ def resolve_ids(blocks: Dict[str, Tuple[str, nn.Module]], spec: LayerSpec, param
 def resolve_layers(unet: nn.Module, spec: LayerSpec, parameter: str = "layers") -> List[Tuple[str, nn.Module]]:
     """Resolve a layer spec to ``(module name, BasicTransformerBlock)`` pairs of ``unet`` (see ``resolve_ids``)."""
     return resolve_ids(transformer_blocks(unet), spec, parameter)
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers' PAG layer names ("mid", "down_blocks.1", "mid_block.attentions.0", ...) for pag_applied_layers_index
+# --------------------------------------------------------------------------------------------
+
+NAMED_LAYERS_PARAMETER = "pag_applied_layers_index"  # the one parameter that also takes diffusers' PAG layer names
+NAME_FORMS = (
+    "diffusers' PAG layer names, patterns searched in the self-attentions' module names "
+    "('mid', 'down', 'up', 'down_blocks.1', 'mid_block.attentions.0', ...)"
+)
+
+
+def is_layer_id(item: str) -> bool:
+    """Whether ``item`` is one or more comma-separated layer ids / ranges (an empty item counts as ids)."""
+    return all(_ID.match(part) for part in filter(None, (p.strip() for p in item.split(","))))
+
+
+def check_layer_name(name: str, parameter: str) -> str:
+    """``name`` when it is a regular expression, as diffusers reads a PAG layer name; ``ValueError`` otherwise."""
+    try:
+        re.compile(name)
+    except re.error as error:
+        raise ValueError(f"{parameter}: {name!r} is neither a layer id nor a valid PAG layer name ({error}); give {NAME_FORMS}") from None
+    return name
+
+
+def parse_layer_spec(spec: LayerSpec, parameter: str = "layers") -> List[str]:
+    """``parse_layer_ids``; for ``pag_applied_layers_index`` an item that is not ids is a diffusers PAG layer name,
+    kept as it is (ids first, as ``"m0"`` is no module name). Order kept, repeats dropped."""
+    if parameter != NAMED_LAYERS_PARAMETER:
+        return parse_layer_ids(spec, parameter)
+    parsed: List[str] = []
+    for item in [spec] if isinstance(spec, str) else list(spec):
+        is_ids = not isinstance(item, str) or is_layer_id(item)  # parse_layer_ids refuses what is no string
+        parsed.extend(parse_layer_ids([item], parameter) if is_ids else [check_layer_name(item, parameter)])
+    return list(dict.fromkeys(parsed))
+
+
+def name_selects(name: str, module_name: str) -> bool:
+    """diffusers' PAGMixin rule: the pattern ``name`` is found in ``module_name``, unless both end in the same
+    number (diffusers' "fake integral match")."""
+    name_end, module_end = name.rsplit(".", 1)[-1], module_name.rsplit(".", 1)[-1]
+    if name_end.isnumeric() and name_end == module_end:
+        return False
+    return re.search(name, module_name) is not None
+
+
+def self_attention_names(block_name: str, block: nn.Module) -> List[str]:
+    """Module names of ``block``'s self-attentions (diffusers ``Attention`` modules that are not cross-attention):
+    what a PAG layer name is matched against (``<block>.attn1`` in a UNet's transformer blocks)."""
+    return [
+        f"{block_name}.{name}" for name, module in block.named_modules()
+        if name and getattr(module, "is_cross_attention", None) is False
+    ]  # fmt: skip
+
+
+def ids_named(attention_names: Dict[str, List[str]], name: str, parameter: str) -> List[str]:
+    """The ids whose self-attention names ``name`` selects; ``ValueError`` naming ``parameter`` and the valid forms when none."""
+    ids = [i for i, names in attention_names.items() if any(name_selects(name, n) for n in names)]
+    if not ids:
+        raise ValueError(
+            f"{parameter}: no transformer block of this model has a self-attention matching {name!r}; give layer ids "
+            f"({valid_ranges(attention_names)}) or {NAME_FORMS}"
+        )
+    return ids
+
+
+def ids_of_names(blocks: Dict[str, Tuple[str, nn.Module]], spec: LayerSpec, parameter: str) -> List[str]:
+    """``spec``'s ids, each diffusers PAG layer name replaced by the ids of the blocks whose self-attention it
+    selects (as diffusers' ``PAGMixin`` would select that attention)."""
+    items = parse_layer_spec(spec, parameter)
+    if all(map(is_layer_id, items)):
+        return items
+    attention_names = {i: self_attention_names(name, block) for i, (name, block) in blocks.items()}
+    ids: List[str] = []
+    for item in items:
+        ids.extend([item] if is_layer_id(item) else ids_named(attention_names, item, parameter))
+    return list(dict.fromkeys(ids))

@@ -328,7 +328,7 @@ def _check_ip_adapter(pipe, args: Dict[str, Any]) -> None:
 def _check_guidance(pipe, args: Dict[str, Any], batch: int) -> None:
     """Layer ids (against this UNet when the term is on), intervals, NAG's end and negative."""
     from .config import as_interval
-    from .layers import parse_layer_ids, resolve_layers
+    from .layers import parse_layer_spec, resolve_layers
 
     if args["nag_end"] is not None and args["nag_interval"] is not None:
         raise ValueError("give either nag_end or nag_interval, not both")
@@ -349,7 +349,7 @@ def _check_guidance(pipe, args: Dict[str, Any], batch: int) -> None:
             else:
                 resolve_layers(pipe.unet, spec, name)
         else:
-            parse_layer_ids(spec, name)
+            parse_layer_spec(spec, name)
     for name in ("cfg_interval", "tpg_interval", "pag_interval", "nag_interval"):
         as_interval(args[name], name)
 
