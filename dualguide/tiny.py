@@ -3,12 +3,15 @@
 SDXL: ``transformer_layers_per_block=(1, 2, 10)`` gives SDXL's 24 / 10 / 36 transformer blocks
 (ids d0-d23, m0-m9, u0-u35), so SDXL's default layer selections apply unchanged. Stable Diffusion
 1.x / 2.x: SD's four levels (three with attention), d0-d5, m0, u0-u8; SD 2.x with linear projections
-and v-prediction.
+and v-prediction. Stable Diffusion 3 / 3.5: an MMDiT of 10 joint blocks (j0-j9) with SD3 medium's
+(plain attention) or SD3.5 medium's (RMS qk-norm, dual attention in the first half) layout, two CLIP
+encoders with projection, an optional T5 encoder whose Unigram tokenizer is built here, SD3's
+16-channel VAE scaling and its shifted flow-matching scheduler.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, List, Sequence, Tuple
 
 import torch
 
@@ -68,7 +71,8 @@ def sdxl_scheduler_config(prediction_type: str = "epsilon") -> dict:
     )
 
 
-def _tiny_vae(sample_size: int):
+def _tiny_vae(sample_size: int, latent_channels: int = 4, **options):
+    """A two-level ``AutoencoderKL`` (factor 2) for latents of side ``sample_size``; ``options`` are more config."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -77,9 +81,10 @@ def _tiny_vae(sample_size: int):
         out_channels=3,
         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
+        latent_channels=latent_channels,
         norm_num_groups=16,
         sample_size=sample_size * 2,
+        **options,
     ).eval()
 
 
@@ -179,3 +184,113 @@ def build_tiny_controlnet(unet, seed: int = 1):
     for conv in [*model.controlnet_down_blocks, model.controlnet_mid_block]:
         torch.nn.init.normal_(conv.weight, std=0.02)
     return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stable Diffusion 3 / 3.5
+
+SD3_LAYOUTS = ("sd3", "sd3.5")
+SD3_TEXT_DIM = 96  # T5's width = the transformer's joint_attention_dim (the two CLIPs' 32 + 32 are zero-padded to it)
+SD3_VAE_SCALING = dict(scaling_factor=1.5305, shift_factor=0.0609)  # SD3's VAE: latents = (z - shift) * scaling
+T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as T5 numbers them
+
+
+def tiny_sd3_transformer_config(layout: str = "sd3", sample_size: int = 16, num_layers: int = 10) -> dict:
+    """SD3Transformer2DModel config: patch 2, 2 heads of 8, 16 latent channels; ``"sd3"`` = SD3 medium's layout
+    (no qk-norm, no dual attention), ``"sd3.5"`` = SD3.5 medium's (RMS qk-norm, dual attention in the first
+    half of the blocks). Position embeddings cover 3x (SD3) / 6x (SD3.5) the default side, as the real models' do."""
+    if layout not in SD3_LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(SD3_LAYOUTS)}, got {layout!r}")
+    heads, head_dim, patch = 2, 8, 2
+    is_35 = layout == "sd3.5"
+    return dict(
+        sample_size=sample_size, patch_size=patch, in_channels=16, out_channels=16, num_layers=num_layers,
+        attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=SD3_TEXT_DIM,
+        caption_projection_dim=heads * head_dim, pooled_projection_dim=2 * 32,  # the two CLIP projections, concatenated
+        pos_embed_max_size=(6 if is_35 else 3) * max(1, sample_size // patch),
+        dual_attention_layers=tuple(range(num_layers // 2)) if is_35 else (), qk_norm="rms_norm" if is_35 else None,
+    )  # fmt: skip
+
+
+def t5_vocabulary(words: Iterable[str] = ()) -> List[Tuple[str, float]]:
+    """A Unigram vocabulary ``[(piece, log-probability)]`` in T5's numbering (``<pad>``, ``</s>``, ``<unk>`` first):
+    every printable ASCII character, alone and word-initial (``"▁x"``), so that any ASCII text tokenizes, plus each
+    of ``words`` as one word-initial piece."""
+    characters = [chr(code) for code in range(ord("!"), ord("~") + 1)]
+    pieces = [(token, 0.0) for token in T5_SPECIAL_TOKENS] + [("▁", -3.0)]
+    pieces += [(c, -5.0) for c in characters] + [("▁" + c, -5.0) for c in characters]
+    known = {piece for piece, _ in pieces}
+    pieces += [("▁" + w, -1.0) for w in dict.fromkeys(words) if "▁" + w not in known]
+    return pieces
+
+
+def tiny_t5_tokenizer(words: Iterable[str] = (), model_max_length: int = 512):
+    """A ``T5TokenizerFast`` over ``t5_vocabulary(words)``: a ``tokenizers`` Unigram model with T5's Metaspace
+    pre-tokenizer and ``</s>`` appended, written as ``tokenizer.json`` and loaded with ``from_pretrained`` (no download)."""
+    import json
+    import os
+    import tempfile
+
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
+
+    pad, eos, unk = T5_SPECIAL_TOKENS
+    backend = Tokenizer(Unigram(t5_vocabulary(words), unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(single=["$A", eos], pair=["$A", eos, "$B", eos], special_tokens=[(eos, 1)])
+    config = {"tokenizer_class": "T5Tokenizer", "model_max_length": model_max_length, "eos_token": eos, "unk_token": unk,
+              "pad_token": pad, "extra_ids": 0, "additional_special_tokens": []}  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        backend.save(os.path.join(folder, "tokenizer.json"))
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f)
+        return T5TokenizerFast.from_pretrained(folder)
+
+
+def _tiny_t5_encoder(vocab_size: int):
+    """A two-layer T5 v1.1-style (gated GELU) encoder, as wide as the SD3 transformer's ``joint_attention_dim``."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size, d_model=SD3_TEXT_DIM, d_kv=8, d_ff=37, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32, feed_forward_proj="gated-gelu",
+        dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    return T5EncoderModel(config).eval()
+
+
+def build_tiny_sd3(layout: str = "sd3", seed: int = 0, sample_size: int = 16, num_layers: int = 10, with_t5: bool = True) -> dict:
+    """Random-weight Stable Diffusion 3 components keyed like ``StableDiffusion3Pipeline``'s arguments.
+
+    ``layout``: ``"sd3"`` (SD3 medium: plain joint attention) or ``"sd3.5"`` (SD3.5 medium: RMS qk-norm, dual
+    attention in the first half of the blocks); ``num_layers`` joint blocks (j0-j9 by default, so the default
+    TPG "j2-j8" and PAG "j1" layers exist). ``sample_size`` is the latent side (the tiny VAE's factor is 2).
+    ``with_t5=False`` leaves ``text_encoder_3``/``tokenizer_3`` None: diffusers then feeds zeros for T5's part.
+    Text: two CLIPs of width 32 (projection 32 each, so pooled embeds are 64 wide) and a T5 of width 96."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    config = tiny_sd3_transformer_config(layout, sample_size, num_layers)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**config)
+    vae = _tiny_vae(sample_size, latent_channels=config["in_channels"], use_quant_conv=False, use_post_quant_conv=False,
+                    **SD3_VAE_SCALING)  # fmt: skip
+    text_encoder = CLIPTextModelWithProjection(_tiny_text_config(77))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(77))
+    tokenizer_3 = tiny_t5_tokenizer() if with_t5 else None
+    text_encoder_3 = _tiny_t5_encoder(len(tokenizer_3)) if with_t5 else None
+    return dict(
+        transformer=transformer.eval(),
+        vae=vae,
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        text_encoder_3=text_encoder_3,
+        tokenizer=tiny_tokenizer(),
+        tokenizer_2=tiny_tokenizer(),
+        tokenizer_3=tokenizer_3,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    )
