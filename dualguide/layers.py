@@ -138,13 +138,10 @@ def name_selects(name: str, module_name: str) -> bool:
     return re.search(name, module_name) is not None
 
 
-def self_attention_names(block_name: str, block: nn.Module) -> List[str]:
-    """Module names of ``block``'s self-attentions (diffusers ``Attention`` modules that are not cross-attention):
-    what a PAG layer name is matched against (``<block>.attn1`` in a UNet's transformer blocks)."""
-    return [
-        f"{block_name}.{name}" for name, module in block.named_modules()
-        if name and getattr(module, "is_cross_attention", None) is False
-    ]  # fmt: skip
+def self_attentions(block: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """``block``'s self-attentions (diffusers ``Attention`` modules that are not cross-attention) by their name in it:
+    what diffusers' PAG layer names are matched against (``attn1`` in a UNet's transformer blocks)."""
+    return [(name, m) for name, m in block.named_modules() if name and getattr(m, "is_cross_attention", None) is False]
 
 
 def ids_named(attention_names: Dict[str, List[str]], name: str, parameter: str) -> List[str]:
@@ -164,7 +161,7 @@ def ids_of_names(blocks: Dict[str, Tuple[str, nn.Module]], spec: LayerSpec, para
     items = parse_layer_spec(spec, parameter)
     if all(map(is_layer_id, items)):
         return items
-    attention_names = {i: self_attention_names(name, block) for i, (name, block) in blocks.items()}
+    attention_names = {i: [f"{name}.{inner}" for inner, _ in self_attentions(block)] for i, (name, block) in blocks.items()}
     ids: List[str] = []
     for item in items:
         ids.extend([item] if is_layer_id(item) else ids_named(attention_names, item, parameter))

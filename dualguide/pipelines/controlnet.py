@@ -24,6 +24,7 @@ from ..validation import check_control_guidance, check_pipeline_call, control_ba
 from .guided import GuidedSamplingMixin
 from .img2img import ImageTaskMixin, ImageToImageMixin, check_image, check_task_numbers, check_task_steps, processed_size
 from .inpaint import InpaintMixin, check_inpaint_call
+from .pag_layers import PAGLayersMixin
 from .parameters import ABSENT, guided_call, with_absent
 from .sampling import scheduler_levels
 from .text2img import TextToImageMixin
@@ -127,7 +128,7 @@ class ImageTaskTimeIds:
 # --------------------------------------------------------------------------------------------
 
 
-class StableDiffusionXLControlNetTPGPipeline(ControlNetMixin, TextToImageMixin, GuidedSamplingMixin, StableDiffusionXLControlNetPipeline):
+class StableDiffusionXLControlNetTPGPipeline(ControlNetMixin, TextToImageMixin, PAGLayersMixin, GuidedSamplingMixin, StableDiffusionXLControlNetPipeline):
     """SDXL ControlNet text-to-image with dual guidance (CFG + TPG + NAG, PAG/SoftPAG) in one UNet call per step."""
 
     control_image_name = "image"
@@ -142,7 +143,7 @@ class StableDiffusionXLControlNetTPGPipeline(ControlNetMixin, TextToImageMixin, 
 
 
 class StableDiffusionXLControlNetTPGImg2ImgPipeline(
-    ControlNetMixin, ImageToImageMixin, GuidedSamplingMixin, StableDiffusionXLControlNetImg2ImgPipeline
+    ControlNetMixin, ImageToImageMixin, PAGLayersMixin, GuidedSamplingMixin, StableDiffusionXLControlNetImg2ImgPipeline
 ):
     """SDXL ControlNet image-to-image with dual guidance (CFG + TPG + NAG, PAG/SoftPAG) in one UNet call per step."""
 
@@ -156,7 +157,7 @@ class StableDiffusionXLControlNetTPGImg2ImgPipeline(
 
 
 class StableDiffusionXLControlNetTPGInpaintPipeline(
-    ControlNetMixin, InpaintMixin, GuidedSamplingMixin, ImageTaskTimeIds, StableDiffusionXLControlNetInpaintPipeline
+    ControlNetMixin, InpaintMixin, PAGLayersMixin, GuidedSamplingMixin, ImageTaskTimeIds, StableDiffusionXLControlNetInpaintPipeline
 ):
     """SDXL ControlNet inpainting (4- or 9-channel UNets) with dual guidance in one UNet call per step;
     diffusers' PAG has no counterpart."""

@@ -24,6 +24,7 @@ from ..families import SDXL
 from ..validation import check_number, check_pipeline_call, check_tensor
 from ..workflows import sigmas_from, sigmas_until, strength_sigmas
 from .guided import GuidedSamplingMixin, seeds_from
+from .pag_layers import PAGLayersMixin
 from .parameters import guided_call
 from .sampling import Interrupted
 from .schedules import kdiffusion_sigmas
@@ -273,7 +274,7 @@ class ImageToImageMixin(ImageTaskMixin):
         return self.output(self.decode(latents, args["output_type"]), args)
 
 
-class StableDiffusionXLTPGImg2ImgPipeline(ImageToImageMixin, GuidedSamplingMixin, StableDiffusionXLImg2ImgPipeline):
+class StableDiffusionXLTPGImg2ImgPipeline(ImageToImageMixin, PAGLayersMixin, GuidedSamplingMixin, StableDiffusionXLImg2ImgPipeline):
     """SDXL image-to-image / refiner with dual guidance (CFG + TPG + NAG, PAG/SoftPAG) in one UNet call per step."""
 
     __call__ = guided_call(

@@ -20,6 +20,7 @@ from ..validation import check_number, check_pipeline_call, check_tensor
 from ..workflows import InpaintModel, keep_known
 from .guided import GuidedSamplingMixin, seeds_from
 from .img2img import ImageTaskMixin, check_image, check_task_numbers, check_task_steps, is_latents, pixel_size
+from .pag_layers import PAGLayersMixin
 from .parameters import guided_call
 from .sampling import Interrupted
 from .schedules import timesteps_until
@@ -176,7 +177,7 @@ class InpaintMixin(ImageTaskMixin):
         return self.kdiffusion_sample(args, terms, inputs, x, sigmas_k, seeds_from(generator), timestep_cond, wrap_model=wrap)
 
 
-class StableDiffusionXLTPGInpaintPipeline(InpaintMixin, GuidedSamplingMixin, StableDiffusionXLInpaintPipeline):
+class StableDiffusionXLTPGInpaintPipeline(InpaintMixin, PAGLayersMixin, GuidedSamplingMixin, StableDiffusionXLInpaintPipeline):
     """SDXL inpainting (4- or 9-channel UNets) with dual guidance (CFG + TPG + NAG, PAG/SoftPAG) in one UNet call per step."""
 
     __call__ = guided_call(

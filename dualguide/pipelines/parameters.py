@@ -8,6 +8,7 @@ for the shared runs and checks.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -97,13 +98,30 @@ def guided_signature(parent_call: Callable, family: ModelFamily, defaults: Optio
     return inspect.Signature(own + guidance_parameters(family))
 
 
+def with_pipeline_defaults(call: Callable) -> Callable:
+    """``call`` taking each argument its caller leaves out from the pipeline's ``call_defaults()`` where it has one
+    (``set_pag_applied_layers`` sets ``pag_applied_layers_index``'s); the others keep the signature's defaults."""
+    signature = inspect.signature(call)
+
+    @functools.wraps(call)
+    def __call__(self, *args, **kwargs):
+        defaults = getattr(self, "call_defaults", dict)()
+        if defaults:
+            passed = signature.bind_partial(self, *args, **kwargs).arguments
+            kwargs.update((name, value) for name, value in defaults.items() if name not in passed)
+        return call(self, *args, **kwargs)
+
+    return __call__
+
+
 def guided_call(
     parent: type, family: ModelFamily, check: Callable[[Any, Dict[str, Any]], Dict[str, Any]], run: str, summary: str,
     defaults: Optional[Dict[str, Any]] = None,
 ) -> Callable:
     """A pipeline ``__call__``: ``parent.__call__``'s arguments (``defaults`` overriding some of its defaults) plus
     the guidance ones, all checked by ``check`` (arguments the pipeline lacks filled from ``ABSENT``), then handed
-    to the shared run ``self.<run>(args)``; one call at a time per scheduler."""
+    to the shared run ``self.<run>(args)``; one call at a time per scheduler; the pipeline's ``call_defaults()``
+    (``set_pag_applied_layers``) replace the signature's defaults."""
 
     def __call__(self, **arguments):
         return getattr(self, run)(with_absent(arguments))
@@ -113,4 +131,5 @@ def guided_call(
         f"{summary}\n\n        The arguments of ``{parent.__name__}`` mean what they mean there.\n"
         + GUIDANCE_DOC.format(tpg=repr(family.default_tpg_layers), pag=repr(family.default_pag_layers))
     )
-    return one_call_per_scheduler(checked_call(lambda pipe, args: check(pipe, with_absent(args)))(torch.no_grad()(__call__)))
+    checked = checked_call(lambda pipe, args: check(pipe, with_absent(args)))(torch.no_grad()(__call__))
+    return one_call_per_scheduler(with_pipeline_defaults(checked))

@@ -17,12 +17,13 @@ from .controlnet import ControlNetMixin, check_controlnet_call, check_image_task
 from .guided import GuidedSamplingMixin
 from .img2img import ImageToImageMixin
 from .inpaint import InpaintMixin, check_inpaint_call
+from .pag_layers import PAGLayersMixin
 from .parameters import guided_call
 from .sd_base import SDFamilyMixin
 from .text2img import TextToImageMixin
 
 
-class StableDiffusionControlNetTPGPipeline(SDFamilyMixin, ControlNetMixin, TextToImageMixin, GuidedSamplingMixin, StableDiffusionControlNetPipeline):
+class StableDiffusionControlNetTPGPipeline(SDFamilyMixin, ControlNetMixin, TextToImageMixin, PAGLayersMixin, GuidedSamplingMixin, StableDiffusionControlNetPipeline):
     """SD 1.x / 2.x ControlNet text-to-image with dual guidance (CFG + TPG + NAG, PAG/SoftPAG) in one UNet call per step."""
 
     control_image_name = "image"
@@ -34,7 +35,7 @@ class StableDiffusionControlNetTPGPipeline(SDFamilyMixin, ControlNetMixin, TextT
 
 
 class StableDiffusionControlNetTPGImg2ImgPipeline(
-    SDFamilyMixin, ControlNetMixin, ImageToImageMixin, GuidedSamplingMixin, StableDiffusionControlNetImg2ImgPipeline
+    SDFamilyMixin, ControlNetMixin, ImageToImageMixin, PAGLayersMixin, GuidedSamplingMixin, StableDiffusionControlNetImg2ImgPipeline
 ):
     """SD 1.x / 2.x ControlNet image-to-image with dual guidance in one UNet call per step."""
 
@@ -46,7 +47,7 @@ class StableDiffusionControlNetTPGImg2ImgPipeline(
 
 
 class StableDiffusionControlNetTPGInpaintPipeline(
-    SDFamilyMixin, ControlNetMixin, InpaintMixin, GuidedSamplingMixin, StableDiffusionControlNetInpaintPipeline
+    SDFamilyMixin, ControlNetMixin, InpaintMixin, PAGLayersMixin, GuidedSamplingMixin, StableDiffusionControlNetInpaintPipeline
 ):
     """SD 1.x / 2.x ControlNet inpainting (4- or 9-channel UNets) with dual guidance in one UNet call per step."""
 

@@ -8,11 +8,12 @@ from diffusers import StableDiffusionInpaintPipeline
 from ..families import SD
 from .guided import GuidedSamplingMixin
 from .inpaint import InpaintMixin, check_inpaint_call
+from .pag_layers import PAGLayersMixin
 from .parameters import guided_call
 from .sd_base import SDFamilyMixin
 
 
-class StableDiffusionTPGInpaintPipeline(SDFamilyMixin, InpaintMixin, GuidedSamplingMixin, StableDiffusionInpaintPipeline):
+class StableDiffusionTPGInpaintPipeline(SDFamilyMixin, InpaintMixin, PAGLayersMixin, GuidedSamplingMixin, StableDiffusionInpaintPipeline):
     """Stable Diffusion 1.x / 2.x inpainting with dual guidance (CFG + TPG + NAG, PAG/SoftPAG) in one UNet call per step."""
 
     __call__ = guided_call(

@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..families import SDXL
 from ..validation import check_pipeline_call
 from .guided import GuidedSamplingMixin, seeds_from
+from .pag_layers import PAGLayersMixin
 from .parameters import guided_call
 from .sampling import Interrupted
 from .schedules import kdiffusion_sigmas
@@ -58,7 +59,7 @@ class TextToImageMixin:
         return self.scheduler_sample(args, terms, inputs, latents, timesteps, 0, device)
 
 
-class StableDiffusionXLTPGPipeline(TextToImageMixin, GuidedSamplingMixin, StableDiffusionXLPipeline):
+class StableDiffusionXLTPGPipeline(TextToImageMixin, PAGLayersMixin, GuidedSamplingMixin, StableDiffusionXLPipeline):
     """SDXL text-to-image with dual guidance (CFG + TPG + NAG, PAG/SoftPAG) in one UNet call per step."""
 
     __call__ = guided_call(
