@@ -33,7 +33,7 @@ def keep_hooks_installed(unet: nn.Module, family: Optional[ModelFamily] = None) 
     unet = unwrap_module(unet)
     if unet in _resident:
         return
-    hold_guidance_hooks(*(family or family_of(unet)).hook_sites(unet))
+    hold_guidance_hooks((family or family_of(unet)).hook_sites(unet))
     _resident.add(unet)
 
 

@@ -27,9 +27,8 @@ from .guidance import guided_prediction, rescale_guidance
 from .hooks import Installation, guidance_hooks
 from .nag import negative_key_value
 from .rows import BRANCH_ORDER, CallRows, Seeds, TokenPermutations, plan_calls
-from .schedule import DiscreteModelSchedule
+from .schedule import DiscreteModelSchedule, FlowMatchSchedule, model_schedule
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def _check_heads(attns, heads) -> None:
@@ -42,9 +41,10 @@ def _check_heads(attns, heads) -> None:
 
 
 def to_denoised(x: Tensor, sigma: Tensor, output: Tensor, prediction_type: str) -> Tensor:
-    """The x0 prediction of a UNet ``output`` at ``(x, sigma)`` (k-diffusion scaling: ``x = x0 + sigma * eps``)."""
+    """The x0 prediction of a backbone ``output`` at ``(x, sigma)``: k-diffusion's scaling ``x = x0 + sigma * eps``
+    for epsilon / v / sample models; for flow models (``"flow"``, velocity ``v``) ``x = (1 - sigma) x0 + sigma noise``."""
     sigma = sigma.view(-1, *([1] * (x.ndim - 1)))
-    if prediction_type == "epsilon":
+    if prediction_type in ("epsilon", "flow"):
         return x - sigma * output
     if prediction_type == "v_prediction":
         return x / (sigma**2 + 1) - sigma / (sigma**2 + 1).sqrt() * output
@@ -87,12 +87,13 @@ class GuidedDenoiser:
         family: Optional[ModelFamily] = None,
     ) -> None:
         family = family_of(unet) if family is None else family
-        if not isinstance(schedule, DiscreteModelSchedule):
+        if not isinstance(schedule, (DiscreteModelSchedule, FlowMatchSchedule)):
             prediction_type = prediction_type or getattr(getattr(schedule, "config", None), "prediction_type", None)
-            schedule = DiscreteModelSchedule.from_scheduler(schedule)
-        prediction_type = prediction_type or "epsilon"
-        if prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+            schedule = model_schedule(schedule)
+        prediction_type = prediction_type or schedule.default_prediction
+        if prediction_type not in schedule.prediction_types:
+            kind = "a flow-matching" if isinstance(schedule, FlowMatchSchedule) else "a discrete (DDPM-family)"
+            raise ValueError(f"prediction_type for {kind} schedule must be one of {schedule.prediction_types}, got {prediction_type!r}")
         for name, term, kind in (("cfg", cfg, CFG), ("tpg", tpg, TPG), ("pag", pag, PAG), ("nag", nag, NAG)):
             if term is not None and not isinstance(term, kind):
                 raise TypeError(f"{name} must be a dualguide.{kind.__name__} or None, got {type(term).__name__}")
@@ -116,10 +117,11 @@ class GuidedDenoiser:
         tpg_blocks = family.resolve(unet, tpg_layers, "tpg_applied_layers_index") if self.tpg else []
         pag_blocks = family.resolve(unet, pag_layers, "pag_applied_layers_index") if self.pag else []
         self._tpg_blocks = {family.tpg_module(block): index for index, (_, block) in enumerate(tpg_blocks)}
-        self._pag_attns = frozenset(family.pag_attention(block) for _, block in pag_blocks)
+        self._pag_attns = frozenset(attn for _, block in pag_blocks for attn in family.pag_attentions(block))
         if self.pag:
             _check_heads(self._pag_attns, self.pag.heads)
         self._nag_attns = family.nag_attentions(unet) if self.nag else frozenset()
+        self._hook_sites = family.hook_plan(unet, self._tpg_blocks, self._pag_attns, self._nag_attns)
         self._compiled = is_compiled_module(unet)
         self.permutations = TokenPermutations(seed)
         self._running = threading.Lock()
@@ -188,7 +190,7 @@ class GuidedDenoiser:
         """
         if self._compiled:
             keep_hooks_installed(self.unet, self.family)
-        with guidance_hooks(self._tpg_blocks, self._pag_attns, self._nag_attns) as installation:
+        with guidance_hooks(self._hook_sites) as installation:
             self._held.append(installation)
             try:
                 yield self
@@ -224,7 +226,7 @@ class GuidedDenoiser:
         masked-image latents), ``[B, C', H, W]``; ``control``: a ControlNet with its image (``ControlNetInput``),
         run on the uncond and cond rows only, its residuals reused by the perturbed rows."""
         sigma = sigma.float().reshape(-1).expand(x.shape[0])
-        c_in = (sigma**2 + 1).rsqrt().view(-1, *([1] * (x.ndim - 1)))
+        c_in = self.schedule.input_scale(sigma).view(-1, *([1] * (x.ndim - 1)))
         self._predict(x, x * c_in, self.sigma_to_t(sigma), sigma, cond, uncond, nag_negative, concat, control)
         return self.last_predictions["guided"]
 
@@ -245,7 +247,7 @@ class GuidedDenoiser:
         ``concat`` and ``control`` as in ``__call__``."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=model_input.device).reshape(-1).expand(model_input.shape[0])
         timestep = torch.as_tensor(timestep, device=model_input.device).reshape(-1).expand(model_input.shape[0])
-        x = model_input.float() * (sigma**2 + 1).sqrt().view(-1, *([1] * (model_input.ndim - 1)))
+        x = model_input.float() / self.schedule.input_scale(sigma).view(-1, *([1] * (model_input.ndim - 1)))
         return self._predict(x, model_input, timestep, sigma, cond, uncond, nag_negative, concat, control)
 
     def _predict(self, x, model_input, timesteps, sigma, cond, uncond, nag_negative, concat=None, control=None) -> Tensor:
@@ -326,14 +328,15 @@ class GuidedDenoiser:
         return self._batch_cache[branches]
 
     def _call_nag(self, negative: Optional[Tensor], rows: slice, guided: Optional[slice]) -> Optional[NAGCall]:
-        """NAG's state for one UNet call: the guided rows' negative and its K/V in every cross-attention,
-        computed once for the run (they are the same at every step)."""
+        """NAG's state for one backbone call: the guided rows' negative and (a family with a fixed negative) its K/V
+        in every cross-attention, computed once for the run (they are the same at every step)."""
         if negative is None or guided is None:
             return None
         key = (id(negative), rows.start, rows.stop, guided.start, guided.stop)
         if key not in self._batch_cache:
             call_negative = negative[rows][guided]
-            cache = {attn: negative_key_value(attn, call_negative) for attn in self._nag_attns}
+            fixed = not self.family.nag_negative_rows
+            cache = {attn: negative_key_value(attn, call_negative) for attn in self._nag_attns} if fixed else {}
             settings = self.nag
             self._batch_cache[key] = NAGCall(self._nag_attns, settings.scale, settings.tau, settings.alpha, settings.use_l1, call_negative, cache)
         return self._batch_cache[key]

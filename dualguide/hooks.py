@@ -5,7 +5,7 @@ hook or wrapper on the same module: the first installs it, the last to leave rem
 any order of exit. A wrapper wraps the processor it finds (IP-Adapter, xformers, custom) and,
 on removal, puts exactly that processor back. The hooks themselves are stateless: they act
 only on calls that carry a state for them (see ``callstate``). ``guidance_hooks`` installs the
-set guided calls use (TPG's pre-hooks, PAG's and NAG's processor wrappers) for a block and gives
+set guided calls use (``HookSites``: the family's pre-hooks and processor wrappers) for a block and gives
 its ``Installation``, whose ``ensure_wrappers`` a caller runs before each UNet call;
 ``hold_guidance_hooks`` takes a share that is never given back (a compiled UNet's resident hooks).
 """
@@ -15,12 +15,10 @@ from __future__ import annotations
 import threading
 import weakref
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from torch import nn
-
-from .nag import NAGCrossAttnProcessor
-from .perturb import PerturbedSelfAttnProcessor, shuffle_tokens
 
 _lock = threading.RLock()
 # module -> {key: [count, installed object]}; the key is the wrapper class or the hook function.
@@ -88,16 +86,23 @@ def _release_pre_hook(module: nn.Module, hook: Callable) -> None:
         handle.remove()
 
 
+@dataclass(frozen=True)
+class HookSites:
+    """What a family hooks for a set of guidance terms: forward pre-hooks ``(module, hook)`` (with kwargs) and
+    processor wrappers ``(attention, wrapper type)``. A family adapter says which (``ModelFamily.hook_plan``)."""
+
+    pre_hooks: Tuple[Tuple[nn.Module, Callable], ...] = ()
+    wrappers: Tuple[Tuple[nn.Module, Callable], ...] = ()
+
+
 # One installation: (module, hook function or wrapper type, acquire, release).
 Part = Tuple[nn.Module, Callable, Callable, Callable]
 
 
-def _guidance_parts(tpg_blocks: Iterable[nn.Module], pag_attns: Iterable[nn.Module], nag_attns: Iterable[nn.Module]) -> List[Part]:
-    return (
-        [(block, shuffle_tokens, _acquire_pre_hook, _release_pre_hook) for block in tpg_blocks]
-        + [(attn, PerturbedSelfAttnProcessor, _acquire_wrapper, _release_wrapper) for attn in pag_attns]
-        + [(attn, NAGCrossAttnProcessor, _acquire_wrapper, _release_wrapper) for attn in nag_attns]
-    )
+def _guidance_parts(sites: HookSites) -> List[Part]:
+    return [(module, hook, _acquire_pre_hook, _release_pre_hook) for module, hook in sites.pre_hooks] + [
+        (attn, wrapper_type, _acquire_wrapper, _release_wrapper) for attn, wrapper_type in sites.wrappers
+    ]
 
 
 class Installation:
@@ -123,13 +128,13 @@ class Installation:
 
 
 @contextmanager
-def guidance_hooks(tpg_blocks: Iterable[nn.Module], pag_attns: Iterable[nn.Module], nag_attns: Iterable[nn.Module]) -> Iterator[Installation]:
-    """TPG's pre-hook (``with_kwargs=True``) on ``tpg_blocks``, PAG's processor wrapper on ``pag_attns`` and
-    NAG's on ``nag_attns`` for the ``with`` block, shared and counted; released in reverse order on exit."""
+def guidance_hooks(sites: HookSites) -> Iterator[Installation]:
+    """The pre-hooks (``with_kwargs=True``) and processor wrappers of ``sites`` for the ``with`` block, shared and
+    counted; released in reverse order on exit."""
     acquired: List[Part] = []
     try:
         with _lock:
-            for part in _guidance_parts(tpg_blocks, pag_attns, nag_attns):
+            for part in _guidance_parts(sites):
                 module, key, acquire, _ = part
                 acquire(module, key)
                 acquired.append(part)
@@ -141,10 +146,10 @@ def guidance_hooks(tpg_blocks: Iterable[nn.Module], pag_attns: Iterable[nn.Modul
                 release(module, key)
 
 
-def hold_guidance_hooks(tpg_blocks: Iterable[nn.Module], pag_attns: Iterable[nn.Module], nag_attns: Iterable[nn.Module]) -> None:
+def hold_guidance_hooks(sites: HookSites) -> None:
     """Take a share of the same hooks that is never given back: they stay installed (a compiled UNet's)."""
     with _lock:
-        for module, key, acquire, _ in _guidance_parts(tpg_blocks, pag_attns, nag_attns):
+        for module, key, acquire, _ in _guidance_parts(sites):
             acquire(module, key)
 
 

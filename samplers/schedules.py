@@ -16,8 +16,17 @@ def check_schedule_name(name: str) -> None:
     check_choice(name, "sigma_schedule", SCHEDULE_NAMES)
 
 
+def is_flow_matching(scheduler) -> bool:
+    """Whether ``scheduler`` is a flow-matching one (SD3's ``FlowMatchEulerDiscreteScheduler``...): its sigmas are the
+    flow time ``t`` in ``[0, 1]``, ``x_t = (1 - t) x0 + t noise``, and it has no ``alphas_cumprod``."""
+    return getattr(scheduler, "alphas_cumprod", None) is None and "FlowMatch" in type(scheduler).__name__
+
+
 def trained_sigma_range(scheduler) -> Tuple[float, float]:
-    """The smallest and largest sigma of the checkpoint's discrete training schedule."""
+    """The smallest and largest sigma of the checkpoint's training schedule (a flow model's shifted flow times)."""
+    if is_flow_matching(scheduler):
+        fresh = type(scheduler).from_config(scheduler.config)
+        return float(fresh.sigma_min), float(fresh.sigma_max)
     trained = ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod).sqrt()
     return float(trained.min()), float(trained.max())
 
@@ -48,7 +57,9 @@ def check_schedule(
             raise ValueError("sigma_min / sigma_max apply to the karras and exponential schedules, not to 'model'")
         return steps, sigma_min, sigma_max, rho
     low, high = sigma_min, sigma_max
-    if getattr(scheduler, "alphas_cumprod", None) is not None and (low is None or high is None):
+    if scheduler is not None and (getattr(scheduler, "alphas_cumprod", None) is not None or is_flow_matching(scheduler)) and (
+        low is None or high is None
+    ):
         trained_low, trained_high = trained_sigma_range(scheduler)
         low = trained_low if low is None else low
         high = trained_high if high is None else high
@@ -74,7 +85,7 @@ def get_sigmas(
     own sigmas and ``init_noise_sigma`` (which reproduces diffusers' Euler), or for schedulers
     without one sigma per step (DDIM, LCM, TCD, Heun...) the sigmas of its timesteps; the other
     schedules span ``[sigma_min, sigma_max]``, by default the model's trained range, and start
-    from ``sigma_max``.
+    from ``sigma_max`` (a flow model's from unit noise: its ``x`` at flow time 1 is the noise itself).
     """
     steps, sigma_min, sigma_max, rho = check_schedule(name, steps, sigma_min, sigma_max, scheduler, rho)
     if name == "model":
@@ -88,7 +99,7 @@ def get_sigmas(
         sigmas = sampling.get_sigmas_karras(steps, sigma_min, sigma_max, rho=rho)
     else:
         sigmas = sampling.get_sigmas_exponential(steps, sigma_min, sigma_max)
-    return sigmas.float().cpu(), sigma_max
+    return sigmas.float().cpu(), 1.0 if is_flow_matching(scheduler) else sigma_max
 
 
 def _scheduler_sigmas(scheduler, steps: int) -> Tuple[Tensor, float]:
@@ -100,7 +111,7 @@ def _scheduler_sigmas(scheduler, steps: int) -> Tuple[Tensor, float]:
     own.set_timesteps(steps)
     sigmas = getattr(own, "sigmas", None)
     if isinstance(sigmas, torch.Tensor) and len(sigmas) == steps + 1:
-        return sigmas.float().cpu(), float(own.init_noise_sigma)
+        return sigmas.float().cpu(), float(getattr(own, "init_noise_sigma", 1.0))
     alphas_cumprod = own.alphas_cumprod.double()
     trained = ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
     timesteps = torch.unique_consecutive(torch.as_tensor(own.timesteps).cpu().double())

@@ -10,7 +10,7 @@ from PIL import Image
 from dualguide import StableDiffusionTPGPipeline, cli
 from dualguide.tiny import build_tiny_sd
 
-SUPPORTED = "supported: Stable Diffusion XL, Stable Diffusion 1.x / 2.x"
+SUPPORTED = "supported: Stable Diffusion XL, Stable Diffusion 1.x / 2.x, Stable Diffusion 3 / 3.5"
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["sd1", "sd2"])

@@ -193,4 +193,4 @@ def test_terms_without_layers_take_the_family_defaults_in_a_raw_denoiser(pipe):
     denoiser = GuidedDenoiser(pipe.unet, pipe.scheduler, cfg=CFG(5.0), tpg=TPG(3.0), pag=PAG(3.0))
     blocks = SD.blocks(pipe.unet)
     assert set(denoiser._tpg_blocks) == {SD.tpg_module(blocks[i][1]) for i in ("d4", "d5")}
-    assert denoiser._pag_attns == {SD.pag_attention(blocks["m0"][1])}
+    assert denoiser._pag_attns == set(SD.pag_attentions(blocks["m0"][1]))

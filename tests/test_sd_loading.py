@@ -10,7 +10,7 @@ from dualguide import StableDiffusionTPGPipeline, StableDiffusionXLTPGPipeline
 from dualguide.loading import detect_family, load_pipeline
 from dualguide.tiny import build_tiny_sd
 
-SUPPORTED = "supported: Stable Diffusion XL, Stable Diffusion 1.x / 2.x"
+SUPPORTED = "supported: Stable Diffusion XL, Stable Diffusion 1.x / 2.x, Stable Diffusion 3 / 3.5"
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 A ``ModelFamily`` adapter answers, for one backbone: how its blocks are enumerated and named
 (layer ids), which module's input tokens TPG shuffles, which self-attention PAG perturbs, which
-cross-attentions NAG extrapolates, how many tokens enter each TPG module, what a row's conditioning
+attentions NAG extrapolates (and how its hooks are installed), how many tokens enter each TPG module, what a row's conditioning
 must hold, and how one backbone call is made with row-stacked conditioning. The denoiser, hooks,
 call state and guidance math go through it and name no family.
 """
@@ -10,11 +10,12 @@ call state and guidance math go through it and name no family.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
 
 from ..conditioning import Conditioning
+from ..hooks import HookSites
 from ..layers import LayerSpec, resolve_ids
 
 Blocks = Dict[str, Tuple[str, nn.Module]]  # layer id -> (module name, block)
@@ -23,10 +24,13 @@ Blocks = Dict[str, Tuple[str, nn.Module]]  # layer id -> (module name, block)
 class ModelFamily(ABC):
     """Adapter of one backbone family; one stateless instance per family."""
 
-    name: str  # short name ("sdxl", "sd")
+    name: str  # short name ("sdxl", "sd", "sd3")
     title: str  # how messages and the README name it
     default_tpg_layers: str
     default_pag_layers: str
+    # How NAG's negative enters: False, fixed K/V of the negative text in every cross-attention (computed once per
+    # run, UNets); True, extra text-stream rows, one per guided row, appended by ``call`` (MMDiT joint attention).
+    nag_negative_rows: bool = False
 
     @abstractmethod
     def matches(self, model: nn.Module) -> bool:
@@ -41,12 +45,12 @@ class ModelFamily(ABC):
         """The module of ``block`` whose input image tokens TPG permutes (a forward pre-hook on it)."""
 
     @abstractmethod
-    def pag_attention(self, block: nn.Module) -> nn.Module:
-        """The self-attention of ``block`` that PAG / SoftPAG perturbs."""
+    def pag_attentions(self, block: nn.Module) -> List[nn.Module]:
+        """The self-attentions of ``block`` that PAG / SoftPAG perturbs."""
 
     @abstractmethod
     def nag_attentions(self, model: nn.Module) -> FrozenSet[nn.Module]:
-        """The cross-attentions NAG extrapolates (all of the model's text attentions)."""
+        """The attentions NAG extrapolates (all of the model's text attentions)."""
 
     @abstractmethod
     def token_counts(self, model: nn.Module, height: int, width: int) -> Dict[nn.Module, int]:
@@ -71,8 +75,15 @@ class ModelFamily(ABC):
         """One backbone call on row-stacked ``sample`` / ``cond`` (ControlNet ``residuals`` per row): its output."""
 
     @abstractmethod
-    def hook_sites(self, model: nn.Module) -> Tuple[List[nn.Module], List[nn.Module], List[nn.Module]]:
-        """Every TPG module, PAG self-attention and NAG cross-attention: what a compiled model keeps hooked."""
+    def hook_plan(
+        self, model: nn.Module, tpg_modules: Iterable[nn.Module], pag_attns: Iterable[nn.Module], nag_attns: Iterable[nn.Module]
+    ) -> HookSites:
+        """The pre-hooks and processor wrappers of ``model`` that carry out TPG on ``tpg_modules``, PAG on
+        ``pag_attns`` and NAG on ``nag_attns`` (NAG's whole set, or none)."""
+
+    @abstractmethod
+    def hook_sites(self, model: nn.Module) -> HookSites:
+        """Every hook and wrapper any guided call may use: what a compiled model keeps installed."""
 
     def resolve(self, model: nn.Module, spec: LayerSpec, parameter: str) -> List[Tuple[str, nn.Module]]:
         """``(module name, block)`` of each id in ``spec``; ``ValueError`` naming ``parameter`` and the valid ranges."""

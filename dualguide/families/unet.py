@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.utils.torch_utils import unwrap_module
 from torch import Tensor, nn
 
 from ..conditioning import Conditioning
+from ..hooks import HookSites
 from ..layers import transformer_blocks
+from ..nag import NAGCrossAttnProcessor
+from ..perturb import PerturbedSelfAttnProcessor, shuffle_tokens
 from .base import Blocks, ModelFamily
 
 
@@ -73,15 +76,24 @@ class UNetFamily(ModelFamily):
     def tpg_module(self, block: nn.Module) -> nn.Module:
         return block
 
-    def pag_attention(self, block: nn.Module) -> nn.Module:
-        return block.attn1
+    def pag_attentions(self, block: nn.Module) -> List[nn.Module]:
+        return [block.attn1]
 
     def nag_attentions(self, model: nn.Module) -> FrozenSet[nn.Module]:
         return frozenset(b.attn2 for b in _structure(model).transformer_blocks if b.attn2 is not None)
 
-    def hook_sites(self, model: nn.Module) -> Tuple[List[nn.Module], List[nn.Module], List[nn.Module]]:
+    def hook_plan(
+        self, model: nn.Module, tpg_modules: Iterable[nn.Module], pag_attns: Iterable[nn.Module], nag_attns: Iterable[nn.Module]
+    ) -> HookSites:
+        """TPG's pre-hook on each block, PAG's wrapper on ``attn1``, NAG's on ``attn2``."""
+        return HookSites(
+            tuple((block, shuffle_tokens) for block in tpg_modules),
+            tuple((attn, PerturbedSelfAttnProcessor) for attn in pag_attns) + tuple((attn, NAGCrossAttnProcessor) for attn in nag_attns),
+        )
+
+    def hook_sites(self, model: nn.Module) -> HookSites:
         blocks = list(_structure(model).transformer_blocks)
-        return blocks, [b.attn1 for b in blocks], [b.attn2 for b in blocks if b.attn2 is not None]
+        return self.hook_plan(model, blocks, [b.attn1 for b in blocks], [b.attn2 for b in blocks if b.attn2 is not None])
 
     def token_counts(self, model: nn.Module, height: int, width: int) -> Dict[nn.Module, int]:
         """Down blocks halve the size after their attentions (rounding up, as their stride-2 convolutions
