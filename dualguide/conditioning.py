@@ -1,5 +1,6 @@
-"""Prompt encoding per family -> ``Conditioning``: SDXL (prompt embeds, pooled embeds, time ids) and
-Stable Diffusion 1.x / 2.x (prompt embeds only).
+"""Prompt encoding per family -> ``Conditioning``: SDXL (prompt embeds, pooled embeds, time ids),
+Stable Diffusion 1.x / 2.x (prompt embeds only) and Stable Diffusion 3 / 3.5 (the joint CLIP + T5 prompt
+embeds and the two CLIPs' pooled embeds, through diffusers' ``encode_prompt``: no long-prompt windowing).
 
 Long prompts: a prompt longer than the tokenizer's window (``model_max_length``: 77 for SDXL, i.e.
 BOS + 75 tokens + EOS) is encoded window by window and the windows are concatenated along the
@@ -471,6 +472,30 @@ def encode_sdxl(
     return positive, negative
 
 
+def _rows_per_image(embeds: Tensor, batch: int, num_images_per_prompt: int, parameter: str) -> Tensor:
+    """Given embeds as rows per image: ``batch`` rows (one per prompt) are repeated ``num_images_per_prompt`` times;
+    ``batch * num_images_per_prompt`` rows are taken as they are; ValueError naming ``parameter`` otherwise."""
+    if embeds.shape[0] == batch:
+        embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
+    if embeds.shape[0] != batch * num_images_per_prompt:
+        raise ValueError(
+            f"{parameter} has batch {embeds.shape[0]}; expected {batch} (one per prompt) or {batch * num_images_per_prompt}"
+        )
+    return embeds
+
+
+def _nag_negative_texts(batch: int, nag_negative_prompt: PromptLike, negative_prompt: PromptLike) -> List[str]:
+    """NAG's negative text per prompt: ``nag_negative_prompt``, else ``negative_prompt``, else the empty string."""
+    if nag_negative_prompt is not None:
+        source, parameter = nag_negative_prompt, "nag_negative_prompt"
+    elif negative_prompt is not None:
+        source, parameter = negative_prompt, "negative_prompt"
+    else:
+        source, parameter = "", "nag_negative_prompt"
+    prompt_batch_size(source, parameter)
+    return _as_list(source, batch, parameter)
+
+
 @one_encoding_at_a_time
 def encode_nag_negative(
     pipe,
@@ -492,22 +517,8 @@ def encode_nag_negative(
     positive's: NAG attends to it separately); ``truncate_long_prompts=True`` cuts it as diffusers does.
     """
     if nag_negative_prompt_embeds is not None:
-        embeds = nag_negative_prompt_embeds.to(device)
-        if embeds.shape[0] == batch:
-            embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
-        if embeds.shape[0] != batch * num_images_per_prompt:
-            raise ValueError(
-                f"nag_negative_prompt_embeds has batch {embeds.shape[0]}; expected {batch} (one per prompt) "
-                f"or {batch * num_images_per_prompt}"
-            )
-        return embeds
-    if nag_negative_prompt is not None:
-        source, parameter = nag_negative_prompt, "nag_negative_prompt"
-    elif negative_prompt is not None:
-        source, parameter = negative_prompt, "negative_prompt"
-    else:
-        source, parameter = "", "nag_negative_prompt"
-    prompts = _as_list(source, batch, parameter)
+        return _rows_per_image(nag_negative_prompt_embeds.to(device), batch, num_images_per_prompt, "nag_negative_prompt_embeds")
+    prompts = _nag_negative_texts(batch, nag_negative_prompt, negative_prompt)
     if not truncate_long_prompts:
         options = dict(device=device, num_images_per_prompt=num_images_per_prompt, lora_scale=lora_scale, clip_skip=clip_skip)
         if _has_second_encoder(pipe):
@@ -591,3 +602,104 @@ def _encode_sd_windowed(
         return tensor.repeat_interleave(num_images_per_prompt, dim=0)
 
     return rows(encoded[0], True), rows(encoded[1] if negatives is not None else None, True), rows(mask, False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stable Diffusion 3 / 3.5: diffusers' encode_prompt (CLIP-L and CLIP-G hidden states zero-padded to T5's width,
+# then T5's max_sequence_length tokens along the sequence: L = 77 + max_sequence_length).
+
+
+def _check_max_sequence_length(max_sequence_length: int) -> None:
+    if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or not 1 <= max_sequence_length <= 512:
+        raise ValueError(f"max_sequence_length must be an integer from 1 to 512 (T5's window), got {max_sequence_length!r}")
+
+
+def _sd3_sequence(pipe, max_sequence_length: int) -> Tuple[int, int]:
+    """``(L, D)`` of SD3 prompt embeds: CLIP's window plus T5's ``max_sequence_length`` tokens, the transformer's text width."""
+    return pipe.tokenizer_max_length + max_sequence_length, pipe.transformer.config.joint_attention_dim
+
+
+@one_encoding_at_a_time
+def encode_sd3(
+    pipe, prompt: PromptLike, prompt_2: PromptLike = None, prompt_3: PromptLike = None, negative_prompt: PromptLike = None,
+    negative_prompt_2: PromptLike = None, negative_prompt_3: PromptLike = None, *, num_images_per_prompt: int = 1,
+    with_negative: bool = True, device=None, lora_scale: Optional[float] = None, clip_skip: Optional[int] = None,
+    max_sequence_length: int = 256, prompt_embeds: Optional[Tensor] = None, negative_prompt_embeds: Optional[Tensor] = None,
+    pooled_prompt_embeds: Optional[Tensor] = None, negative_pooled_prompt_embeds: Optional[Tensor] = None,
+) -> Tuple[Conditioning, Optional[Conditioning]]:  # fmt: skip
+    """Encode positive (and, with ``with_negative``, negative) Stable Diffusion 3 / 3.5 conditioning.
+
+    Through diffusers' ``encode_prompt``, so prompts give exactly diffusers' embeds: ``prompt_embeds``
+    ``[B, 77 + max_sequence_length, joint_attention_dim]`` (CLIPs cut at 77 tokens, T5 at ``max_sequence_length``;
+    zeros for T5 without ``text_encoder_3``) and ``pooled_embeds`` ``[B, 2 * projection]``; the negative is
+    ``negative_prompt`` or the empty string, really encoded, with ``clip_skip`` ignored as diffusers ignores it.
+    Rows are prompt-major, ``num_images_per_prompt`` per prompt; given embeds with one row per prompt are
+    repeated likewise (diffusers' SD3 ``encode_prompt`` leaves them at one row per prompt).
+    """
+    _check_max_sequence_length(max_sequence_length)
+    if prompt_embeds is not None and pooled_prompt_embeds is None:
+        raise ValueError("pooled_prompt_embeds must be given with prompt_embeds (SD3 needs both)")
+    if with_negative and negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
+        raise ValueError("negative_pooled_prompt_embeds must be given with negative_prompt_embeds (SD3 needs both)")
+    batch = prompt_embeds.shape[0] if prompt is None and prompt_embeds is not None else prompt_batch_size(prompt)
+    encoded = pipe.encode_prompt(
+        prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3, device=device, num_images_per_prompt=num_images_per_prompt,
+        do_classifier_free_guidance=with_negative, negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+        negative_prompt_3=negative_prompt_3, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+        pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+        clip_skip=clip_skip, max_sequence_length=max_sequence_length, lora_scale=lora_scale,
+    )  # fmt: skip
+    embeds, negative_embeds, pooled, negative_pooled = encoded
+
+    def rows(tensor: Tensor, parameter: str) -> Tensor:
+        return _rows_per_image(tensor, batch, num_images_per_prompt, parameter)
+
+    positive = Conditioning(rows(embeds, "prompt_embeds"), rows(pooled, "pooled_prompt_embeds"))
+    if not with_negative:
+        return positive, None
+    negative = Conditioning(rows(negative_embeds, "negative_prompt_embeds"), rows(negative_pooled, "negative_pooled_prompt_embeds"))
+    return positive, negative
+
+
+@one_encoding_at_a_time
+def encode_sd3_nag_negative(
+    pipe, batch: int, num_images_per_prompt: int, nag_negative_prompt: PromptLike = None,
+    nag_negative_prompt_embeds: Optional[Tensor] = None, negative_prompt: PromptLike = None,
+    negative_prompt_embeds: Optional[Tensor] = None, *, device=None, lora_scale: Optional[float] = None,
+    clip_skip: Optional[int] = None, max_sequence_length: int = 256, negative_prompt_2: PromptLike = None,
+    negative_prompt_3: PromptLike = None,
+) -> Tensor:  # fmt: skip
+    """SD3 prompt embeds of NAG's negative, ``[batch * num_images_per_prompt, L, D]`` with the positive's ``L``
+    (``77 + max_sequence_length``) and ``D`` (``joint_attention_dim``), by the official NAG SD3 pipeline's rule:
+
+    ``nag_negative_prompt_embeds``; else ``nag_negative_prompt`` encoded (as a positive prompt: ``clip_skip`` applies);
+    else, when ``negative_prompt`` was given, the CFG negative's ``negative_prompt_embeds`` (the embeds
+    ``encode_sd3`` made of it) or, without CFG, ``negative_prompt`` (with ``negative_prompt_2`` / ``_3``) encoded;
+    else the encoded empty string (real embeddings, also T5's part where there is a T5). A string is used for every
+    prompt; a list needs one entry per prompt. Given embeds may have one row per prompt or per image.
+    """
+    _check_max_sequence_length(max_sequence_length)
+    if nag_negative_prompt_embeds is not None:
+        embeds, parameter = nag_negative_prompt_embeds, "nag_negative_prompt_embeds"
+    elif nag_negative_prompt is None and negative_prompt is not None and negative_prompt_embeds is not None:
+        embeds, parameter = negative_prompt_embeds, "negative_prompt_embeds"
+    else:
+        prompts = _nag_negative_texts(batch, nag_negative_prompt, negative_prompt)
+        from_negative = nag_negative_prompt is None and negative_prompt is not None
+        others = [
+            None if text is None or not from_negative else _as_list(text, batch, name)
+            for text, name in ((negative_prompt_2, "negative_prompt_2"), (negative_prompt_3, "negative_prompt_3"))
+        ]
+        embeds = pipe.encode_prompt(
+            prompt=prompts, prompt_2=others[0], prompt_3=others[1], device=device,
+            num_images_per_prompt=num_images_per_prompt, do_classifier_free_guidance=False, clip_skip=clip_skip,
+            max_sequence_length=max_sequence_length, lora_scale=lora_scale,
+        )[0]  # fmt: skip
+        parameter = "nag_negative_prompt"
+    if embeds.ndim != 3 or tuple(embeds.shape[1:]) != _sd3_sequence(pipe, max_sequence_length):
+        length, width = _sd3_sequence(pipe, max_sequence_length)
+        raise ValueError(
+            f"{parameter} must be [batch, {length}, {width}] (77 CLIP tokens + max_sequence_length={max_sequence_length} "
+            f"T5 tokens, joint_attention_dim {width}) like the prompt embeds, got {list(embeds.shape)}"
+        )
+    return _rows_per_image(embeds.to(device or pipe._execution_device), batch, num_images_per_prompt, parameter)
