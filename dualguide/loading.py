@@ -1,6 +1,6 @@
-"""Load the guided pipeline of a model's family (SDXL, Stable Diffusion 1.x / 2.x) from a hub id, a local
-folder or a single-file checkpoint (.safetensors; pickle-based files only when allowed), and the
-``recommended.json`` sampling settings a model folder may hold beside its weights. ``detect_family`` tells the family without loading anything."""
+"""Load the guided pipeline of a model's family (SDXL, Stable Diffusion 1.x / 2.x, Stable Diffusion 3 / 3.5) from a
+hub id, a local folder or a single-file checkpoint (.safetensors; pickle-based files only when allowed; none yet
+for SD3), and the ``recommended.json`` sampling settings a model folder may hold beside its weights. ``detect_family`` tells the family without loading anything."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ if TYPE_CHECKING:  # torch loads with the first model: reading recommended.json 
 RECOMMENDED_FILE = "recommended.json"
 
 # diffusers' pipeline classes (``model_index.json``'s ``_class_name``) of each family: every SDXL class name
-# starts with SDXL_CLASS_PREFIX; the SD 1.x / 2.x ones are listed (other "StableDiffusion..." classes are other families).
+# starts with SDXL_CLASS_PREFIX, every SD3 / SD3.5 one with SD3_CLASS_PREFIX; the SD 1.x / 2.x ones are listed
+# (other "StableDiffusion..." classes are other families).
 SDXL_CLASS_PREFIX = "StableDiffusionXL"
+SD3_CLASS_PREFIX = "StableDiffusion3"
 SD_CLASSES = (
     "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
     "StableDiffusionControlNetPipeline", "StableDiffusionControlNetImg2ImgPipeline",
@@ -29,7 +31,12 @@ FAMILY_KEYS = (
     ("cond_stage_model.model.", "sd"),  # SD 2.x: OpenCLIP ViT-H
     ("cond_stage_model.transformer.", "sd"),  # SD 1.x: CLIP ViT-L
 )
-FAMILY_PIPELINES = {"sdxl": "StableDiffusionXLTPGPipeline", "sd": "StableDiffusionTPGPipeline"}
+# A single-file checkpoint with an MMDiT (SD3 / SD3.5: its joint blocks, in the original layout with or without
+# the LDM prefix) has no loader here yet.
+MMDIT_KEYS = ("model.diffusion_model.joint_blocks.", "joint_blocks.")
+FAMILY_PIPELINES = {
+    "sdxl": "StableDiffusionXLTPGPipeline", "sd": "StableDiffusionTPGPipeline", "sd3": "StableDiffusion3TPGPipeline",
+}  # fmt: skip
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # single-file checkpoints whose loading unpickles
 
 
@@ -79,6 +86,8 @@ def _unsupported(what: str) -> ValueError:
 def _family_of_class(class_name: str, source: str) -> str:
     if class_name.startswith(SDXL_CLASS_PREFIX):
         return "sdxl"
+    if class_name.startswith(SD3_CLASS_PREFIX):
+        return "sd3"
     if class_name in SD_CLASSES:
         return "sd"
     raise _unsupported(f"{source} ({class_name or 'no _class_name'})")
@@ -122,17 +131,24 @@ def _model_index(model: str) -> Optional[str]:
 
 
 def detect_family(model: Union[str, os.PathLike], allow_pickle: bool = False) -> str:
-    """The family (``"sdxl"`` or ``"sd"``) of a diffusers folder (its ``model_index.json``'s ``_class_name``),
-    a single ``.safetensors`` checkpoint (its text-encoder keys: SDXL ``conditioner.embedders.1``, SD 1.x
-    ``cond_stage_model.transformer``, SD 2.x ``cond_stage_model.model``) or a hub id (cached, or downloaded).
+    """The family (``"sdxl"``, ``"sd"`` or ``"sd3"``) of a diffusers folder (its ``model_index.json``'s
+    ``_class_name``: ``StableDiffusionXL*``, SD 1.x / 2.x's classes, ``StableDiffusion3*``), a single ``.safetensors``
+    checkpoint (its text-encoder keys: SDXL ``conditioner.embedders.1``, SD 1.x ``cond_stage_model.transformer``,
+    SD 2.x ``cond_stage_model.model``) or a hub id (cached, or downloaded).
 
     Reads no weights, but for a pickle-based checkpoint (only with ``allow_pickle``; read with
-    ``torch.load(weights_only=True)``). ``ValueError`` (one line, naming the supported families) for anything else.
+    ``torch.load(weights_only=True)``). ``ValueError`` (one line, naming the supported families) for anything else;
+    for a single-file SD3 / SD3.5 checkpoint (MMDiT ``joint_blocks`` keys) one saying to use a diffusers folder.
     """
     model = os.fspath(model)
     if os.path.isfile(model):
         check_checkpoint(model, allow_pickle)
         keys = _pickle_keys(model) if is_pickle_checkpoint(model) else _safetensors_keys(model)
+        if any(key.startswith(MMDIT_KEYS) for key in keys):
+            raise ValueError(
+                f"{model} is a single-file SD3 / SD3.5 (MMDiT) checkpoint; these are not supported yet: "
+                "use the model's diffusers folder (model_index.json, transformer/, text_encoder*/, vae/, ...) instead"
+            )
         for prefix, family in FAMILY_KEYS:
             if any(key.startswith(prefix) for key in keys):
                 return family
@@ -153,8 +169,8 @@ def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: Optio
 
     ``model`` may be a diffusers folder, a single-file checkpoint (``.safetensors``/``.ckpt``)
     or a hub id already in the local cache (or downloadable where a network exists); a single file takes its
-    component configs from its model type's hub repo (``single_file_config_repo``) in the local cache. ``family``
-    (``"sdxl"``, ``"sd"``) skips ``detect_family``. A pickle-based file (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) is
+    component configs from its model type's hub repo (``single_file_config_repo``) in the local cache (SD3: not
+    yet, use a diffusers folder). ``family`` (``"sdxl"``, ``"sd"``, ``"sd3"``) skips ``detect_family``. A pickle-based file (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) is
     refused unless ``allow_pickle``; then it loads with ``torch.load(weights_only=True)``, as diffusers loads it.
     """
     import torch
