@@ -241,7 +241,9 @@ def tiny_t5_tokenizer(words: Iterable[str] = (), model_max_length: int = 512):
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
     )
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    backend.post_processor = processors.TemplateProcessing(single=["$A", eos], pair=["$A", eos, "$B", eos], special_tokens=[(eos, 1)])
+    backend.post_processor = processors.TemplateProcessing(
+        single=["$A", eos], pair=["$A", eos, "$B", eos], special_tokens=[(eos, T5_SPECIAL_TOKENS.index(eos))]
+    )
     config = {"tokenizer_class": "T5Tokenizer", "model_max_length": model_max_length, "eos_token": eos, "unk_token": unk,
               "pad_token": pad, "extra_ids": 0, "additional_special_tokens": []}  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
