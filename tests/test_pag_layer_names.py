@@ -151,3 +151,11 @@ def test_sd_pipelines_take_names_and_the_api_too():
     by_name = ours(generator=torch.Generator().manual_seed(0), **run).images
     by_id = ours(generator=torch.Generator().manual_seed(0), pag_applied_layers_index="m0", **run).images
     assert torch.equal(by_name, by_id)
+
+
+def test_set_pag_applied_layers_without_a_unet_checks_the_form(components):
+    text_only = StableDiffusionXLTPGPipeline(**{**components, "unet": None, "vae": None}, add_watermarker=False)
+    text_only.set_pag_applied_layers(["mid", "m0"])
+    assert text_only.pag_applied_layers == ["mid", "m0"]
+    with pytest.raises(ValueError, match=PAG):
+        text_only.set_pag_applied_layers("((")

@@ -16,7 +16,7 @@ from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor
 from diffusers.pipelines.pag.pag_utils import PAGMixin
 
 from ..checks import check_layer_spec
-from ..layers import NAMED_LAYERS_PARAMETER, self_attentions
+from ..layers import NAMED_LAYERS_PARAMETER, parse_layer_spec, self_attentions
 
 # diffusers' default PAG processors: with classifier-free guidance (uncond, cond, perturbed rows) and without.
 DIFFUSERS_PAG_PROCESSORS = (PAGCFGIdentitySelfAttnProcessor2_0(), PAGIdentitySelfAttnProcessor2_0())
@@ -44,9 +44,13 @@ class PAGLayersMixin(PAGMixin):
     ) -> None:
         """Make ``pag_applied_layers`` (ids such as ``"m0-m9"``, diffusers' names such as ``"mid"``, ``"down_blocks.1"``)
         the default of later calls' ``pag_applied_layers_index``; ``ValueError`` for a layer this UNet lacks, before
-        anything changes. ``pag_attn_processors``: what ``_set_pag_attn_processor`` installs (diffusers' API)."""
+        anything changes (without a UNet, as for prompt encoding alone, only the form is checked now, the layers at
+        the call). ``pag_attn_processors``: what ``_set_pag_attn_processor`` installs (diffusers' API)."""
         layers = [pag_applied_layers] if isinstance(pag_applied_layers, str) else list(check_layer_spec(pag_applied_layers, "pag_applied_layers"))
-        self.family.resolve(self.unet, layers, NAMED_LAYERS_PARAMETER)
+        if self.unet is None:
+            parse_layer_spec(layers, NAMED_LAYERS_PARAMETER)
+        else:
+            self.family.resolve(self.unet, layers, NAMED_LAYERS_PARAMETER)
         super().set_pag_applied_layers(layers, pag_attn_processors)
 
     def call_defaults(self) -> Dict[str, Any]:
