@@ -43,6 +43,7 @@ _EXPORTS = {
     "StableDiffusionXLControlNetTPGImg2ImgPipeline": "pipelines",
     "StableDiffusionXLControlNetTPGInpaintPipeline": "pipelines",
     "StableDiffusionTPGPipeline": "pipelines",
+    "StableDiffusion3TPGPipeline": "pipelines",
     "StableDiffusionTPGImg2ImgPipeline": "pipelines",
     "StableDiffusionTPGInpaintPipeline": "pipelines",
     "StableDiffusionControlNetTPGPipeline": "pipelines",

@@ -130,6 +130,7 @@ class GuidedDenoiser:
         self._cached_inputs: Optional[tuple] = None
         self._tpg_tokens: Dict[tuple, list] = {}  # latent size -> (block, index, tokens) in the order the blocks run
         self.last_predictions: Dict[str, Tensor] = {}
+        self.last_outputs: Dict[str, Tensor] = {}  # the last call's backbone output of each branch (float32)
         self.last_branches: Tuple[str, ...] = ()
         self.set_schedule(sigmas)
 
@@ -273,6 +274,7 @@ class GuidedDenoiser:
                 model_input = torch.cat([model_input, concat.to(device=model_input.device, dtype=model_input.dtype)], dim=1)
             outputs = self._run_unet(model_input, timesteps, branches, cond, uncond, nag_negative if nag_on else None, residuals)
             predictions = dict(zip(branches, outputs.float().chunk(len(branches))))
+            self.last_outputs = predictions
             scales = {"tpg": self.tpg.scale if self.tpg else 0.0, "pag": self._pag_scale(timesteps)}
             guided = guided_prediction(
                 predictions["cond"],

@@ -111,8 +111,11 @@ def check_numbers(value: Any, name: str, rule: NumberRule, optional: bool = True
 
 
 def _unet_widths(unet) -> Tuple[Optional[int], Optional[int]]:
-    """The UNet's text width (``cross_attention_dim``) and pooled width, when the config states them."""
+    """The backbone's text width (``cross_attention_dim``; SD3: ``joint_attention_dim``) and pooled width, when the
+    config states them."""
     config = unet.config
+    if config.get("joint_attention_dim") is not None:
+        return config["joint_attention_dim"], config.get("pooled_projection_dim")
     width = config.get("cross_attention_dim")
     if isinstance(width, (list, tuple)):
         width = width[0] if len(set(width)) == 1 else None
@@ -249,19 +252,20 @@ def _check_prompts(pipe, args: Dict[str, Any]) -> int:
         raise ValueError("give either prompt or prompt_embeds (exactly one of them)")
     if embeds is not None:
         check_tensor(embeds, "prompt_embeds", (None, None, None), "(batch, tokens, width)")
-        if args.get("prompt_2") is not None:
-            raise ValueError("prompt_2 cannot be combined with prompt_embeds; encode it into prompt_embeds")
+        for name in ("prompt_2", "prompt_3"):
+            if args.get(name) is not None:
+                raise ValueError(f"{name} cannot be combined with prompt_embeds; encode it into prompt_embeds")
         if "pooled_prompt_embeds" in args and args["pooled_prompt_embeds"] is None:
             raise ValueError("pooled_prompt_embeds must be given with prompt_embeds (from the same text encoder)")
     batch = embeds.shape[0] if embeds is not None else (1 if isinstance(prompt, str) else len(prompt))
     reference = "prompt" if prompt is not None else "prompt_embeds"
-    for name in ("prompt_2", "negative_prompt", "negative_prompt_2", "nag_negative_prompt"):
+    for name in ("prompt_2", "prompt_3", "negative_prompt", "negative_prompt_2", "negative_prompt_3", "nag_negative_prompt"):
         if name in args:  # a family with one text encoder has no *_2 prompts
             args[name] = check_prompt_batch(args[name], name, batch, reference)
     if isinstance(args.get("prompt_2"), str) and args["prompt_2"] and batch > 1:
         args["prompt_2"] = [args["prompt_2"]] * batch  # diffusers broadcasts every prompt-like string but this one
     if args["negative_prompt_embeds"] is not None:
-        for name in ("negative_prompt", "negative_prompt_2"):
+        for name in ("negative_prompt", "negative_prompt_2", "negative_prompt_3"):
             if args.get(name) is not None:
                 raise ValueError(f"{name} cannot be combined with negative_prompt_embeds; give one of them")
         if "negative_pooled_prompt_embeds" in args and args["negative_pooled_prompt_embeds"] is None:
@@ -271,7 +275,7 @@ def _check_prompts(pipe, args: Dict[str, Any]) -> int:
 
 def _check_tensors(pipe, args: Dict[str, Any], batch: int) -> None:
     """Embeddings against the UNet's widths and the batch; latents; generators; IP-Adapter inputs."""
-    text_width, pooled_width = _unet_widths(pipe.unet)
+    text_width, pooled_width = _unet_widths(pipe.backbone)
     text_shape = (batch, None, text_width)
     embeds = check_tensor(args["prompt_embeds"], "prompt_embeds", text_shape, "(batch, tokens, cross_attention_dim)")
     check_tensor(args.get("pooled_prompt_embeds"), "pooled_prompt_embeds", (batch, pooled_width), "(batch, pooled width)")
@@ -291,7 +295,7 @@ def _check_tensors(pipe, args: Dict[str, Any], batch: int) -> None:
             f"or {images} (one per image)"
         )
     factor = pipe.vae_scale_factor
-    shape = (images, pipe.unet.config.in_channels, args["height"] // factor, args["width"] // factor)
+    shape = (images, pipe.backbone.config.in_channels, args["height"] // factor, args["width"] // factor)
     meaning = "(batch * num_images_per_prompt, unet in_channels, height // vae_scale_factor, width // vae_scale_factor)"
     check_tensor(args["latents"], "latents", shape, meaning)
     args["generator"] = check_generator(args["generator"], "generator", images)
@@ -306,7 +310,7 @@ def _check_ip_adapter(pipe, args: Dict[str, Any]) -> None:
     if len(given) > 1:
         raise ValueError("give either ip_adapter_image or ip_adapter_image_embeds, not both")
     name = given[0]
-    projection = getattr(pipe.unet, "encoder_hid_proj", None)
+    projection = getattr(pipe.backbone, "encoder_hid_proj", None)
     layers = getattr(projection, "image_projection_layers", None)
     if layers is None:
         raise ValueError(f"{name} needs an IP-Adapter: load one first (pipe.load_ip_adapter(...))")
@@ -345,9 +349,9 @@ def _check_guidance(pipe, args: Dict[str, Any], batch: int) -> None:
         if scale > 0:  # unknown ids listed with this model's valid ranges (by the pipeline's family adapter)
             family = getattr(pipe, "family", None)
             if family is not None:
-                family.resolve(pipe.unet, spec, name)
+                family.resolve(pipe.backbone, spec, name)
             else:
-                resolve_layers(pipe.unet, spec, name)
+                resolve_layers(pipe.backbone, spec, name)
         else:
             parse_layer_spec(spec, name)
     for name in ("cfg_interval", "tpg_interval", "pag_interval", "nag_interval"):

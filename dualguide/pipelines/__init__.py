@@ -22,6 +22,7 @@ _EXPORTS = {
     "StableDiffusionControlNetTPGPipeline": "sd_controlnet",
     "StableDiffusionControlNetTPGImg2ImgPipeline": "sd_controlnet",
     "StableDiffusionControlNetTPGInpaintPipeline": "sd_controlnet",
+    "StableDiffusion3TPGPipeline": "sd3_text2img",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -93,6 +93,24 @@ class GuidedSamplingMixin:
     _softpag: Optional[SoftPAGSettings] = None
     _nag_defaults: Dict[str, Any] = {}
 
+    @property
+    def backbone(self):
+        """The denoising network: the UNet here; a transformer family's mixin returns its transformer."""
+        return self.unet
+
+    @property
+    def guidance_embedding_dim(self) -> Optional[int]:
+        """The guidance-scale embedding width of a guidance-distilled UNet (LCM: ``time_cond_proj_dim``), else None."""
+        return getattr(self.backbone.config, "time_cond_proj_dim", None)
+
+    def timestep_options(self, args: Dict[str, Any], shape: Tuple[int, ...]) -> Dict[str, Any]:
+        """Extra ``set_timesteps`` arguments of the scheduler for latents of ``shape`` (none for UNet families)."""
+        return {}
+
+    def attention_kwargs(self, args: Dict[str, Any]) -> Optional[dict]:
+        """The call's kwargs for the attention processors (``cross_attention_kwargs``; SD3: ``joint_attention_kwargs``)."""
+        return args["cross_attention_kwargs"]
+
     def guidance_terms(self, args: Dict[str, Any]) -> Tuple[CFG, TPG, PAG, NAG]:
         """The four guidance terms of a call (arguments over ``apply_nag`` / ``apply_softpag`` settings)."""
         softpag = self._softpag
@@ -103,7 +121,7 @@ class GuidedSamplingMixin:
         nag_settings.update({k: args[k] for k in NAG_DEFAULTS if args.get(k) is not None})
         nag_interval = args["nag_interval"] if args["nag_interval"] is not None else (0.0, nag_settings["nag_end"])
         # Guidance-distilled UNets (LCM) take the scale as an embedding instead of uncond rows, as in diffusers.
-        cfg_scale = args["guidance_scale"] if self.unet.config.time_cond_proj_dim is None else 1.0
+        cfg_scale = args["guidance_scale"] if self.guidance_embedding_dim is None else 1.0
         return (
             CFG(scale=cfg_scale, rescale=args["guidance_rescale"], interval=args["cfg_interval"]),
             TPG(scale=args["tpg_scale"], layers=args["tpg_applied_layers_index"], interval=args["tpg_interval"]),
@@ -139,17 +157,19 @@ class GuidedSamplingMixin:
             truncate_long_prompts=args["truncate_long_prompts"],
         )  # fmt: skip
 
+    def encode_nag_negative(self, args: Dict[str, Any], batch: int, negative: Optional[Conditioning], device, lora_scale) -> Tensor:
+        """The NAG negative's prompt embeds, one row per image (``negative``: the call's CFG negative, if any)."""
+        return encode_nag_negative(
+            self, batch, args["num_images_per_prompt"], self.nag_negative_source(args),
+            args["nag_negative_prompt_embeds"], args["negative_prompt"], device=device, lora_scale=lora_scale,
+            clip_skip=args["clip_skip"], truncate_long_prompts=args["truncate_long_prompts"],
+        )  # fmt: skip
+
     def guidance_inputs(self, args: Dict[str, Any], cfg: CFG, nag: NAG, batch: int, device) -> GuidanceInputs:
         """Encode the prompts (``encode_prompts``), the NAG negative and the IP-Adapter image embeds."""
-        lora_scale = (args["cross_attention_kwargs"] or {}).get("scale")
+        lora_scale = (self.attention_kwargs(args) or {}).get("scale")
         positive, negative = self.encode_prompts(args, cfg, device, lora_scale)
-        nag_negative = None
-        if nag.enabled:
-            nag_negative = encode_nag_negative(
-                self, batch, args["num_images_per_prompt"], self.nag_negative_source(args),
-                args["nag_negative_prompt_embeds"], args["negative_prompt"], device=device, lora_scale=lora_scale,
-                clip_skip=args["clip_skip"], truncate_long_prompts=args["truncate_long_prompts"],
-            )  # fmt: skip
+        nag_negative = self.encode_nag_negative(args, batch, negative, device, lora_scale) if nag.enabled else None
         if args["ip_adapter_image"] is not None or args["ip_adapter_image_embeds"] is not None:
             image_embeds = self.prepare_ip_adapter_image_embeds(
                 args["ip_adapter_image"], args["ip_adapter_image_embeds"], device,
@@ -171,8 +191,8 @@ class GuidedSamplingMixin:
     def guided_denoiser(self, args: Dict[str, Any], terms, sigmas: Optional[Tensor], seeds, timestep_cond=None) -> GuidedDenoiser:
         cfg, tpg, pag, nag = terms
         return GuidedDenoiser(
-            self.unet, self.scheduler, cfg=cfg, tpg=tpg, pag=pag, nag=nag, sigmas=sigmas, seed=seeds,
-            max_batch_rows=args["max_batch_rows"], cross_attention_kwargs=args["cross_attention_kwargs"],
+            self.backbone, self.scheduler, cfg=cfg, tpg=tpg, pag=pag, nag=nag, sigmas=sigmas, seed=seeds,
+            max_batch_rows=args["max_batch_rows"], cross_attention_kwargs=self.attention_kwargs(args),
             timestep_cond=timestep_cond, family=self.family,
         )  # fmt: skip
 
@@ -183,10 +203,10 @@ class GuidedSamplingMixin:
 
     def guidance_timestep_cond(self, images: int, device, dtype) -> Optional[Tensor]:
         """The guidance-scale embedding of guidance-distilled UNets (``time_cond_proj_dim``), as diffusers."""
-        if self.unet.config.time_cond_proj_dim is None:
+        if self.guidance_embedding_dim is None:
             return None
         scale = torch.tensor(self._guidance_scale - 1).repeat(images)
-        return self.get_guidance_scale_embedding(scale, embedding_dim=self.unet.config.time_cond_proj_dim).to(device=device, dtype=dtype)
+        return self.get_guidance_scale_embedding(scale, embedding_dim=self.guidance_embedding_dim).to(device=device, dtype=dtype)
 
     def set_call_state(self, args: Dict[str, Any]) -> None:
         """The per-call attributes diffusers' pipelines keep (read by callbacks: ``pipe._guidance_scale``...)."""

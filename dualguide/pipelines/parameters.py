@@ -24,7 +24,8 @@ from .exclusive import one_call_per_scheduler
 ABSENT: Dict[str, Any] = {
     "timesteps": None, "sigmas": None, "denoising_start": None, "denoising_end": None, "guidance_rescale": 0.0,
     "masked_image_latents": None, "negative_original_size": None, "negative_crops_coords_top_left": (0, 0),
-    "negative_target_size": None, "latents": None, "height": None, "width": None
+    "negative_target_size": None, "latents": None, "height": None, "width": None, "eta": 0.0, "mu": None,
+    "skip_guidance_layers": None
 }  # fmt: skip
 
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from ..conditioning import Conditioning
 from ..control import ControlNetInput
 from ..denoiser import GuidedDenoiser
-from ..schedule import DiscreteModelSchedule
+from ..schedule import model_schedule
 
 # k-diffusion samplers that evaluate the model twice per step, except on the step to sigma 0.
 TWO_EVALUATIONS_PER_STEP = ("heun", "dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde")
@@ -128,7 +128,7 @@ class StepEvents:
             self.inputs.uncond = replace(uncond, **changes["uncond"])
         scale = float(self.pipe._guidance_scale)
         # A guidance-distilled UNet embeds the scale once per run (timestep_cond), as in diffusers.
-        if scale != self._guidance_scale and self.pipe.unet.config.time_cond_proj_dim is None:
+        if scale != self._guidance_scale and self.pipe.guidance_embedding_dim is None:
             self._guidance_scale = scale
             if scale > 1.0 and self.inputs.uncond is None:
                 raise ValueError(
@@ -162,8 +162,9 @@ def scheduler_loop(
     denoiser.set_schedule(scheduler_levels(scheduler, timesteps, begin_index))
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(begin_index)
+    scale_input = getattr(scheduler, "scale_model_input", None)  # flow-matching schedulers have none
     for i, t in enumerate(timesteps):
-        model_input = scheduler.scale_model_input(latents, t)
+        model_input = latents if scale_input is None else scale_input(latents, t)
         kwargs = inputs.as_kwargs()
         if model_input_channels is not None:
             extra = model_input_channels(model_input)
@@ -186,7 +187,7 @@ def scheduler_levels(scheduler, timesteps: Tensor, begin_index: int = 0) -> Tens
     count once."""
     sigmas = getattr(scheduler, "sigmas", None)
     if not (isinstance(sigmas, Tensor) and len(sigmas) >= begin_index + len(timesteps)):
-        sigmas = DiscreteModelSchedule.from_scheduler(scheduler).t_to_sigma(timesteps.reshape(-1).float().cpu())
+        sigmas = model_schedule(scheduler).t_to_sigma(timesteps.reshape(-1).float().cpu())
         begin_index = 0
     levels: List[float] = []
     for i in range(len(timesteps)):

@@ -9,7 +9,7 @@ from torch import Tensor
 
 import samplers
 
-from ..schedule import DiscreteModelSchedule
+from ..schedule import model_schedule
 
 
 def denoising_end_cutoff(scheduler, denoising_end: Optional[float]) -> Optional[int]:
@@ -36,7 +36,7 @@ def kdiffusion_sigmas(scheduler, args: Dict[str, Any]) -> Tuple[Tensor, float]:
     the scheduler's own sigmas and initial-noise scale, as diffusers' Euler uses them). Cut at
     ``denoising_end``, whose latents are then still noisy, for a refiner.
     """
-    schedule = DiscreteModelSchedule.from_scheduler(scheduler)
+    schedule = model_schedule(scheduler)
     if args["sigmas"] is not None or args["timesteps"] is not None:
         if args["sigmas"] is not None:
             sigmas = torch.as_tensor(args["sigmas"], dtype=torch.float32).reshape(-1)

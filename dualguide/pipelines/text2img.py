@@ -37,13 +37,13 @@ class TextToImageMixin:
         height, width, generator, latents = args["height"], args["width"], args["generator"], args["latents"]
         inputs = self.guidance_inputs(args, terms[0], terms[3], batch, device)
         inputs.control = self.task_control(args, images, height, width, device)
-        shape = (images, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (images, self.backbone.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         try:
             if args["sampler"] is None:
                 latents = self._scheduler_sample(args, terms, inputs, shape, device)
             else:
                 sigmas_k, init_noise_scale = kdiffusion_sigmas(self.scheduler, args)
-                noise = latents if latents is not None else randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+                noise = latents if latents is not None else randn_tensor(shape, generator=generator, device=device, dtype=self.backbone.dtype)
                 x = noise.to(device=device, dtype=torch.float32) * init_noise_scale
                 timestep_cond = self.guidance_timestep_cond(images, device, x.dtype)
                 latents = self.kdiffusion_sample(args, terms, inputs, x, sigmas_k, seeds_from(generator), timestep_cond)
@@ -53,7 +53,8 @@ class TextToImageMixin:
 
     def _scheduler_sample(self, args: Dict[str, Any], terms, inputs, shape, device) -> torch.Tensor:
         """diffusers' denoising loop over ``pipe.scheduler``, each step one guided UNet call."""
-        timesteps, _ = retrieve_timesteps(self.scheduler, args["num_inference_steps"], device, args["timesteps"], args["sigmas"])
+        options = self.timestep_options(args, shape)
+        timesteps, _ = retrieve_timesteps(self.scheduler, args["num_inference_steps"], device, args["timesteps"], args["sigmas"], **options)
         dtype = inputs.cond.prompt_embeds.dtype
         latents = self.prepare_latents(*shape[:2], args["height"], args["width"], dtype, device, args["generator"], args["latents"])
         return self.scheduler_sample(args, terms, inputs, latents, timesteps, 0, device)
