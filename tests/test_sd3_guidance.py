@@ -1,0 +1,150 @@
+"""SD3 / SD3.5 (MMDiT, flow matching): parity with diffusers' SD3 pipelines, TPG against a hook-free reference,
+NAG's extra text rows, one transformer call per step, flow-matching samplers, bad input before any call."""
+
+import pytest
+import torch
+from diffusers import StableDiffusion3PAGPipeline, StableDiffusion3Pipeline
+
+from dualguide import CFG, TPG, GuidedDenoiser, StableDiffusion3TPGPipeline
+from dualguide.conditioning import Conditioning
+from dualguide.tiny import build_tiny_sd3
+
+SIZE = dict(height=32, width=32, max_sequence_length=16)
+
+
+@pytest.fixture(scope="module", params=["sd3", "sd3.5"])
+def components(request):
+    return build_tiny_sd3(request.param)
+
+
+@pytest.fixture(scope="module")
+def sd3_components():
+    return build_tiny_sd3("sd3")
+
+
+def latents(pipe, seed=0, **kwargs):
+    arguments = dict(prompt="a red circle", num_inference_steps=3, guidance_scale=5.0, output_type="latent", **SIZE)
+    return pipe(**{**arguments, **kwargs}, generator=torch.Generator().manual_seed(seed)).images
+
+
+def processors(transformer):
+    return {name: processor for name, processor in transformer.attn_processors.items()}
+
+
+class CallCounter:
+    def __init__(self, module):
+        self.count = 0
+        self.handle = module.register_forward_pre_hook(self)
+
+    def __call__(self, *unused):
+        self.count += 1
+
+
+def test_terms_off_equal_diffusers(components):
+    ours = latents(StableDiffusion3TPGPipeline(**components), tpg_scale=0.0)
+    assert (ours - latents(StableDiffusion3Pipeline(**components))).abs().max() <= 1e-4
+
+
+def test_skip_layer_guidance_equals_diffusers(components):
+    slg = dict(skip_guidance_layers=[1, 2], skip_layer_guidance_start=0.0, skip_layer_guidance_stop=1.0)
+    ours = latents(StableDiffusion3TPGPipeline(**components), tpg_scale=0.0, **slg)
+    theirs = latents(StableDiffusion3Pipeline(**components), **slg)
+    assert (ours - theirs).abs().max() <= 1e-4
+    assert (ours - latents(StableDiffusion3Pipeline(**components))).abs().max() > 1e-3  # SLG acted
+
+
+def test_pag_equals_diffusers_sd3_pag(sd3_components):
+    # diffusers' joint PAG processors leave out the query / key norms, so SD3.5 layouts (qk_norm) differ by design.
+    theirs = latents(StableDiffusion3PAGPipeline(**sd3_components, pag_applied_layers=["blocks.1"]), pag_scale=3.0)
+    ours = latents(StableDiffusion3TPGPipeline(**sd3_components), tpg_scale=0.0, pag_scale=3.0, pag_applied_layers_index="j1")
+    assert (ours - theirs).abs().max() <= 1e-4
+
+
+def test_kdiffusion_euler_equals_flow_match_euler(components):
+    pipe = StableDiffusion3TPGPipeline(**components)
+    scheduler_run = latents(pipe, do_nag=True, nag_scale=4.0)
+    assert (latents(pipe, sampler="euler", do_nag=True, nag_scale=4.0) - scheduler_run).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m", "euler_ancestral", "dpmpp_sde"])
+def test_other_samplers_run_on_flow_models(sd3_components, sampler):
+    pipe = StableDiffusion3TPGPipeline(**sd3_components)
+    out = latents(pipe, sampler=sampler)
+    assert torch.isfinite(out).all() and not torch.equal(out, latents(pipe, sampler="euler"))
+
+
+def test_nag_with_the_prompt_as_its_negative_changes_nothing(components):
+    # The extra text rows then equal the positive rows, Z- = Z+: any row or temb mix-up would show.
+    pipe = StableDiffusion3TPGPipeline(**components)
+    off = latents(pipe)
+    assert (latents(pipe, do_nag=True, nag_scale=5.0, nag_negative_prompt="a red circle") - off).abs().max() <= 1e-5
+    assert (latents(pipe, do_nag=True, nag_scale=5.0, nag_negative_prompt="blue") - off).abs().max() > 1e-3
+
+
+def test_one_transformer_call_per_step_and_processors_restored(components):
+    pipe = StableDiffusion3TPGPipeline(**components)
+    before = processors(pipe.transformer)
+    counter = CallCounter(pipe.transformer)
+    try:
+        out = latents(pipe, pag_scale=2.0, do_nag=True, nag_scale=3.0)
+    finally:
+        counter.handle.remove()
+    assert counter.count == 3 and torch.isfinite(out).all()
+    assert processors(pipe.transformer) == before
+    assert pipe._last_denoiser.last_branches == ("uncond", "cond", "tpg", "pag")
+
+
+def _reference_forward(transformer, x, t, cond: Conditioning, permute):
+    """SD3Transformer2DModel's forward written out, the image tokens entering block ``i`` replaced by
+    ``permute(i, tokens)``: no hooks, no processors of ours."""
+    height, width = x.shape[-2:]
+    hidden = transformer.pos_embed(x)
+    temb = transformer.time_text_embed(t, cond.pooled_embeds)
+    text = transformer.context_embedder(cond.prompt_embeds)
+    for index, block in enumerate(transformer.transformer_blocks):
+        text, hidden = block(hidden_states=permute(index, hidden), encoder_hidden_states=text, temb=temb)
+    hidden = transformer.proj_out(transformer.norm_out(hidden, temb))
+    patch, channels = transformer.config.patch_size, transformer.out_channels
+    hidden = hidden.reshape(x.shape[0], height // patch, width // patch, patch, patch, channels)
+    return torch.einsum("nhwpqc->nchpwq", hidden).reshape(x.shape[0], channels, height, width)
+
+
+def test_tpg_row_equals_hook_free_reference(components):
+    transformer, scheduler = components["transformer"], components["scheduler"]
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 16, 16, generator=generator)
+    cond = Conditioning(torch.randn(2, 7, 96, generator=generator), torch.randn(2, 64, generator=generator))
+    sigma = torch.tensor(0.6)
+    denoiser = GuidedDenoiser(transformer, scheduler, cfg=CFG(scale=1.0), tpg=TPG(scale=3.0, layers="j2-j4,j7"), seed=11)
+    with torch.no_grad():
+        denoiser.predict(x, sigma * 1000, cond, sigma=sigma)
+    draws = torch.Generator().manual_seed(11)
+    permutations = {index: torch.randperm(64, generator=draws) for index in (2, 3, 4, 7)}  # 8x8 patches, block order
+
+    def permute(index, hidden):
+        return hidden[:, permutations[index]] if index in permutations else hidden
+
+    with torch.no_grad():
+        expected = _reference_forward(transformer, x, (sigma * 1000).expand(2), cond, permute)
+        plain = _reference_forward(transformer, x, (sigma * 1000).expand(2), cond, lambda index, hidden: hidden)
+    assert (denoiser.last_outputs["tpg"] - expected).abs().max() <= 1e-4
+    assert (denoiser.last_outputs["cond"] - plain).abs().max() <= 1e-4
+    assert (expected - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arguments, parameter", [
+    ({"tpg_applied_layers_index": "j10"}, "tpg_applied_layers_index"),
+    ({"pag_scale": 2.0, "pag_applied_layers_index": "d3"}, "pag_applied_layers_index"),
+    ({"do_nag": True, "nag_negative_prompt": ["a", "b"]}, "nag_negative_prompt"),
+    ({"max_sequence_length": 513}, "max_sequence_length"),
+])  # fmt: skip
+def test_bad_input_fails_before_any_transformer_call(sd3_components, arguments, parameter):
+    pipe = StableDiffusion3TPGPipeline(**sd3_components)
+    before = processors(pipe.transformer)
+    counter = CallCounter(pipe.transformer)
+    try:
+        with pytest.raises((ValueError, TypeError), match=parameter):
+            latents(pipe, **arguments)
+    finally:
+        counter.handle.remove()
+    assert counter.count == 0 and processors(pipe.transformer) == before
