@@ -148,3 +148,25 @@ def test_bad_input_fails_before_any_transformer_call(sd3_components, arguments, 
     finally:
         counter.handle.remove()
     assert counter.count == 0 and processors(pipe.transformer) == before
+
+
+@pytest.fixture(scope="module")
+def sd3_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sd3") / "model"
+    StableDiffusion3Pipeline(**build_tiny_sd3("sd3.5")).save_pretrained(folder)
+    return str(folder)
+
+
+def test_the_command_runs_an_sd3_folder_and_refuses_its_missing_tasks(sd3_folder, tmp_path, capsys):
+    from dualguide import cli
+
+    common = ["--model", sd3_folder, "--steps", "2", "--size", "32"]
+    assert cli.main(["generate", "a red circle", *common, "--nag", "3", "--out", str(tmp_path / "one")]) == 0
+    assert len(list((tmp_path / "one").glob("*.png"))) == 1
+    image = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(image)
+    assert cli.main(["generate", "a red circle", *common, "--image", str(image), "--out", str(tmp_path / "two")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "img2img" in err and "Stable Diffusion 3" in err

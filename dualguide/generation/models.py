@@ -156,5 +156,7 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bo
     if compile:
         from ..compiled import compile_unet
 
+        if getattr(pipe, "unet", None) is None:
+            raise UsageError(f"--compile: compiling is available for UNet models, not yet for {pipe.family.title}")
         pipe.unet = compile_unet(pipe.unet)
     return pipe

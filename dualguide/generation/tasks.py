@@ -103,6 +103,7 @@ TASK_PIPELINES: Dict[str, Dict[str, str]] = {
         "controlnet-img2img": "StableDiffusionControlNetTPGImg2ImgPipeline",
         "controlnet-inpaint": "StableDiffusionControlNetTPGInpaintPipeline",
     },
+    "sd3": {},  # text-to-image only, for now
 }  # fmt: skip
 
 
@@ -112,7 +113,10 @@ def task_pipeline(pipe, task: Task):
 
     if task.name == "text2img":
         return pipe
-    task_class = getattr(pipelines, TASK_PIPELINES[pipe.family.name][task.name])
+    family_tasks = TASK_PIPELINES[pipe.family.name]
+    if task.name not in family_tasks:
+        raise TaskError(f"the {task.name} task is not available for {pipe.family.title} models yet; text-to-image is")
+    task_class = getattr(pipelines, family_tasks[task.name])
     if task.controlnet is None:
         return task_class.from_pipe(pipe)
     from diffusers import ControlNetModel

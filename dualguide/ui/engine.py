@@ -103,7 +103,7 @@ class Engine:
                 torch.set_num_threads(max(1, torch.get_num_threads() // self.concurrency))
             self.pipe = pipe
             self.device = str(pipe.device.type)
-            self.dtype = str(pipe.unet.dtype).replace("torch.", "")
+            self.dtype = str(pipe.backbone.dtype).replace("torch.", "")
         except BaseException as error:  # noqa: BLE001 - reported in the page and by the command
             self.load_error = error_message(error)
         finally:
