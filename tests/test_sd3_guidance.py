@@ -1,11 +1,15 @@
 """SD3 / SD3.5 (MMDiT, flow matching): parity with diffusers' SD3 pipelines, TPG against a hook-free reference,
 NAG's extra text rows, one transformer call per step, flow-matching samplers, bad input before any call."""
 
+import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusion3PAGPipeline, StableDiffusion3Pipeline
+from diffusers import (
+    StableDiffusion3Img2ImgPipeline, StableDiffusion3PAGImg2ImgPipeline, StableDiffusion3PAGPipeline, StableDiffusion3Pipeline,
+)  # fmt: skip
+from PIL import Image
 
-from dualguide import CFG, TPG, GuidedDenoiser, StableDiffusion3TPGPipeline
+from dualguide import CFG, TPG, GuidedDenoiser, StableDiffusion3TPGImg2ImgPipeline, StableDiffusion3TPGPipeline
 from dualguide.conditioning import Conditioning
 from dualguide.tiny import build_tiny_sd3
 
@@ -162,11 +166,36 @@ def test_the_command_runs_an_sd3_folder_and_refuses_its_missing_tasks(sd3_folder
 
     common = ["--model", sd3_folder, "--steps", "2", "--size", "32"]
     assert cli.main(["generate", "a red circle", *common, "--nag", "3", "--out", str(tmp_path / "one")]) == 0
-    assert len(list((tmp_path / "one").glob("*.png"))) == 1
     image = tmp_path / "in.png"
-    from PIL import Image
-
-    Image.new("RGB", (32, 32)).save(image)
-    assert cli.main(["generate", "a red circle", *common, "--image", str(image), "--out", str(tmp_path / "two")]) == 2
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(image)
+    assert cli.main(["generate", "a red circle", *common, "--image", str(image), "--out", str(tmp_path / "img2img")]) == 0
+    assert len(list((tmp_path / "one").glob("*.png"))) == 1 and len(list((tmp_path / "img2img").glob("*.png"))) == 1
+    capsys.readouterr()
+    arguments = ["--image", str(image), "--mask", str(image), "--out", str(tmp_path / "two")]
+    assert cli.main(["generate", "a red circle", *common, *arguments]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "img2img" in err and "Stable Diffusion 3" in err
+    assert err.count("\n") == 1 and "inpaint" in err and "Stable Diffusion 3" in err
+
+
+IMAGE = Image.fromarray((np.random.RandomState(0).rand(32, 32, 3) * 255).astype("uint8"))
+
+
+def image_latents(pipe, **kwargs):
+    return latents(pipe, image=IMAGE, strength=0.7, num_inference_steps=4, **kwargs)
+
+
+def test_img2img_terms_off_equal_diffusers(components):
+    ours = image_latents(StableDiffusion3TPGImg2ImgPipeline(**components), tpg_scale=0.0)
+    assert (ours - image_latents(StableDiffusion3Img2ImgPipeline(**components))).abs().max() <= 1e-4
+
+
+def test_img2img_pag_equals_diffusers(sd3_components):
+    theirs = image_latents(StableDiffusion3PAGImg2ImgPipeline(**sd3_components, pag_applied_layers=["blocks.1"]), pag_scale=3.0)
+    ours = image_latents(StableDiffusion3TPGImg2ImgPipeline(**sd3_components), tpg_scale=0.0, pag_scale=3.0, pag_applied_layers_index="j1")
+    assert (ours - theirs).abs().max() <= 1e-4
+
+
+def test_img2img_kdiffusion_euler_equals_the_scheduler_loop(components):
+    pipe = StableDiffusion3TPGImg2ImgPipeline(**components)
+    guided = dict(do_nag=True, nag_scale=3.0)
+    assert (image_latents(pipe, sampler="euler", **guided) - image_latents(pipe, **guided)).abs().max() <= 1e-5

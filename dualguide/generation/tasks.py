@@ -103,7 +103,7 @@ TASK_PIPELINES: Dict[str, Dict[str, str]] = {
         "controlnet-img2img": "StableDiffusionControlNetTPGImg2ImgPipeline",
         "controlnet-inpaint": "StableDiffusionControlNetTPGInpaintPipeline",
     },
-    "sd3": {},  # text-to-image only, for now
+    "sd3": {"img2img": "StableDiffusion3TPGImg2ImgPipeline"},
 }  # fmt: skip
 
 

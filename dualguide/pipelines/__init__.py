@@ -23,6 +23,7 @@ _EXPORTS = {
     "StableDiffusionControlNetTPGImg2ImgPipeline": "sd_controlnet",
     "StableDiffusionControlNetTPGInpaintPipeline": "sd_controlnet",
     "StableDiffusion3TPGPipeline": "sd3_text2img",
+    "StableDiffusion3TPGImg2ImgPipeline": "sd3_img2img",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -208,6 +208,11 @@ class ImageTaskMixin:
         """The VAE latents of the preprocessed ``image``, one row per image of the call, without noise."""
         return self.prepare_latents(image, None, batch, per_prompt, dtype, device, generator, add_noise=False)
 
+    @staticmethod
+    def noised(latents: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The k-diffusion start at ``sigma``: ``latents + sigma * noise`` (a flow family: ``(1 - t) latents + t noise``)."""
+        return latents + noise * sigma
+
     def task_sigmas(self, args: Dict[str, Any]) -> torch.Tensor:
         """k-diffusion sigmas cut at ``strength`` (or from ``denoising_start``), then at ``denoising_end``."""
         sigmas, _ = kdiffusion_sigmas(self.scheduler, {**args, "denoising_end": None})
@@ -217,9 +222,10 @@ class ImageTaskMixin:
             sigmas = strength_sigmas(sigmas, args["strength"])
         return sigmas_until(sigmas, self.scheduler, args["denoising_end"])
 
-    def task_timesteps(self, args: Dict[str, Any], device):
+    def task_timesteps(self, args: Dict[str, Any], device, latent_shape: Tuple[int, ...] = ()):
         """diffusers' timesteps: ``retrieve_timesteps`` then ``get_timesteps`` (strength / denoising_start)."""
-        timesteps, steps = retrieve_timesteps(self.scheduler, args["num_inference_steps"], device, args["timesteps"], args["sigmas"])
+        options = self.timestep_options(args, latent_shape)
+        timesteps, steps = retrieve_timesteps(self.scheduler, args["num_inference_steps"], device, args["timesteps"], args["sigmas"], **options)
         start = {} if args["denoising_start"] is None else {"denoising_start": args["denoising_start"]}  # not every task takes it
         timesteps, steps = self.get_timesteps(steps, args["strength"], device, **start)
         begin_index = getattr(self.scheduler, "begin_index", None) or 0
@@ -250,7 +256,8 @@ class ImageToImageMixin(ImageTaskMixin):
         add_noise = args["denoising_start"] is None
         try:
             if args["sampler"] is None:
-                timesteps, _, begin_index = self.task_timesteps(args, device)
+                latent_shape = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+                timesteps, _, begin_index = self.task_timesteps(args, device, latent_shape)
                 if latents is None:
                     latents = self.prepare_latents(
                         init_image, timesteps[:1].repeat(images), batch, args["num_images_per_prompt"], dtype, device,
@@ -264,7 +271,7 @@ class ImageToImageMixin(ImageTaskMixin):
                     x = init_latents.float()
                     if add_noise:
                         noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
-                        x = x + noise.float() * sigmas_k[0].to(device)
+                        x = self.noised(x, noise.float(), sigmas_k[0].to(device))
                 else:
                     x = latents.to(device=device, dtype=torch.float32)
                 timestep_cond = self.guidance_timestep_cond(x.shape[0], device, x.dtype)

@@ -15,6 +15,8 @@ from ..conditioning import Conditioning, encode_sd3, encode_sd3_nag_negative
 from ..config import CFG
 from ..denoiser import GuidedDenoiser
 from ..families import SD3
+from .schedules import kdiffusion_sigmas
+from .sd_base import vae_latents
 
 
 class SkipLayerGuidance:
@@ -63,6 +65,15 @@ class SD3FamilyMixin:
     def backbone(self):
         return self.transformer
 
+    @property
+    def default_sample_size(self) -> int:
+        """The transformer's sample size, which diffusers' SD3 ``__init__`` sets (the image tasks' mixin reads it)."""
+        return self._default_sample_size
+
+    @default_sample_size.setter
+    def default_sample_size(self, value: int) -> None:
+        self._default_sample_size = value
+
     def attention_kwargs(self, args: Dict[str, Any]) -> Optional[dict]:
         return args["joint_attention_kwargs"]
 
@@ -84,15 +95,41 @@ class SD3FamilyMixin:
         )  # fmt: skip
 
     def timestep_options(self, args: Dict[str, Any], shape: Tuple[int, ...]) -> Dict[str, Any]:
-        """``mu`` for a scheduler with dynamic shifting, from the image's token count, as diffusers' SD3 pipelines."""
+        """``mu`` for a scheduler with dynamic shifting, from the image's token count (``shape`` ends in the latent
+        height and width), as diffusers' SD3 pipelines."""
         config = self.scheduler.config
         if args["mu"] is not None:
             return {"mu": args["mu"]}
         if not config.get("use_dynamic_shifting", False):
             return {}
+        if len(shape) < 2:
+            raise ValueError("mu must be given for a scheduler with use_dynamic_shifting here")
         patch = self.transformer.config.patch_size
         tokens = (shape[-2] // patch) * (shape[-1] // patch)
         return {"mu": calculate_shift(tokens, config.base_image_seq_len, config.max_image_seq_len, config.base_shift, config.max_shift)}
+
+    def task_inputs(self, args: Dict[str, Any], terms, batch: int, height: int, width: int, device):
+        """The guidance inputs of an image task: SD3 rows carry no size conditioning."""
+        return self.guidance_inputs(args, terms[0], terms[3], batch, device)
+
+    def noise_options(self, add_noise: bool) -> Dict[str, bool]:
+        """SD3's ``prepare_latents`` always adds noise."""
+        return {}
+
+    def image_latents(self, image: Tensor, batch: int, per_prompt: int, dtype, device, generator) -> Tensor:
+        """The VAE latents of ``image`` without noise, as SD3's ``prepare_latents`` encodes them."""
+        return vae_latents(self, image, batch, per_prompt, dtype, device, generator)
+
+    @staticmethod
+    def noised(latents: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:
+        """The flow-matching start at flow time ``sigma``: ``(1 - sigma) latents + sigma noise``."""
+        return torch.lerp(latents, noise, sigma)
+
+    def task_sigmas(self, args: Dict[str, Any]) -> Tensor:
+        """k-diffusion sigmas from the step SD3's ``get_timesteps`` starts at for ``strength``."""
+        sigmas, _ = kdiffusion_sigmas(self.scheduler, args)
+        steps = len(sigmas) - 1
+        return sigmas[int(max(steps - steps * args["strength"], 0)) :]
 
     def prepare_extra_step_kwargs(self, generator, eta) -> Dict[str, Any]:
         """diffusers' SD3 pipelines pass nothing extra to ``scheduler.step``."""
@@ -111,7 +148,7 @@ class SD3FamilyMixin:
     def set_call_state(self, args: Dict[str, Any]) -> None:
         """The per-call attributes diffusers' SD3 pipelines keep."""
         self._guidance_scale = args["guidance_scale"]
-        self._skip_layer_guidance_scale = args["skip_layer_guidance_scale"]
+        self._skip_layer_guidance_scale = args.get("skip_layer_guidance_scale")
         self._clip_skip = args["clip_skip"]
         self._joint_attention_kwargs = args["joint_attention_kwargs"]
         self._interrupt = False

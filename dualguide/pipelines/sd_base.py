@@ -14,6 +14,27 @@ from ..config import CFG
 from ..families import SD
 
 
+def vae_latents(pipe, image: torch.Tensor, batch: int, per_prompt: int, dtype, device, generator) -> torch.Tensor:
+    """The VAE latents of ``image`` (``(latents - shift_factor) * scaling_factor``; latents given pass as they are),
+    one per image of the call, encoded with each image's generator and repeated as SD's and SD3's
+    ``prepare_latents`` do, without noise."""
+    image = image.to(device=device, dtype=dtype)
+    images = batch * per_prompt
+    if image.shape[1] == pipe.vae.config.latent_channels:
+        latents = image
+    else:
+        if isinstance(generator, list):
+            image = torch.cat([image] * (images // image.shape[0])) if image.shape[0] < images else image
+            latents = torch.cat([retrieve_latents(pipe.vae.encode(image[i : i + 1]), generator=generator[i]) for i in range(images)])
+        else:
+            latents = retrieve_latents(pipe.vae.encode(image), generator=generator)
+        shift = pipe.vae.config.get("shift_factor")
+        latents = (latents if shift is None else latents - shift) * pipe.vae.config.scaling_factor
+    if latents.shape[0] < images:
+        latents = torch.cat([latents] * (images // latents.shape[0]))
+    return latents
+
+
 class SDFamilyMixin:
     """Stable Diffusion 1.x / 2.x parts of a guided pipeline; first in the pipeline's bases."""
 
@@ -48,19 +69,7 @@ class SDFamilyMixin:
 
     def image_latents(self, image: torch.Tensor, batch: int, per_prompt: int, dtype, device, generator) -> torch.Tensor:
         """The VAE latents of ``image`` without noise, encoded and repeated as SD's ``prepare_latents`` does."""
-        image = image.to(device=device, dtype=dtype)
-        images = batch * per_prompt
-        if image.shape[1] == self.vae.config.latent_channels:
-            latents = image
-        elif isinstance(generator, list):
-            image = torch.cat([image] * (images // image.shape[0])) if image.shape[0] < images else image
-            latents = torch.cat([retrieve_latents(self.vae.encode(image[i : i + 1]), generator=generator[i]) for i in range(images)])
-            latents = latents * self.vae.config.scaling_factor
-        else:
-            latents = retrieve_latents(self.vae.encode(image), generator=generator) * self.vae.config.scaling_factor
-        if latents.shape[0] < images:
-            latents = torch.cat([latents] * (images // latents.shape[0]))
-        return latents
+        return vae_latents(self, image, batch, per_prompt, dtype, device, generator)
 
     def decode(self, latents: torch.Tensor, output_type: str):
         """VAE decode, the safety checker (its flags kept for ``output``), post-processing, as diffusers' SD."""

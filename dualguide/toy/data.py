@@ -2,9 +2,13 @@
 
 Grammar (optional parts in brackets)::
 
-    a [small|large] COLOR SHAPE [on the left|on the right|at the top|at the bottom|in the center] on a COLOR background
+    a [small|large] [COLOR] SHAPE|shape [on the left|on the right|at the top|at the bottom|in the center]
+      [on a COLOR background]
 
-About 10% of the captions are empty (for classifier-free guidance). Only numpy and PIL are used.
+A caption may leave an attribute open: without a colour word, with "shape" for the shape or without the
+background phrase, the prompt means "any" for it ("a circle on a blue background", "a red shape"). The
+UNet is trained on captions that drop each attribute at ``CAPTION_DROPOUT`` (``training_caption``), and
+about 10% of the captions are empty (for classifier-free guidance). Only numpy and PIL are used.
 """
 
 from __future__ import annotations
@@ -36,20 +40,26 @@ POSITION_PHRASES: Dict[str, str] = {
     "center": "in the center",
 }  # fmt: skip
 EMPTY_CAPTION_RATE = 0.1
+CAPTION_DROPOUT = 0.25  # rate at which a training caption leaves out each of colour, shape, background, size, position
+OPEN_ATTRIBUTES = ("color", "shape", "background")  # the attributes a prompt can leave open ("" in its labels)
+ANY_SHAPE = "shape"  # the noun of a caption whose shape is open
 SUPERSAMPLING = 4
+EVALUATION_SEED = 1234  # evaluation_prompts: what dualguide eval and the tests measure
+TUNING_SEED = 4321  # tuning_prompts: what training.evaluate chooses recommended.json on
+HELD_OUT_POOL = 1024
 
 Labels = Dict[str, str]
 
 _PROMPT = re.compile(
-    r"^an? (?:(?P<size>small|large) )?(?P<color>\w+) (?P<shape>\w+)"
+    r"^an? (?:(?P<size>small|large) )?(?:(?P<color>\w+) )?(?P<shape>\w+)"
     r"(?: (?:on the|at the|in the) (?P<position>left|right|top|bottom|center))?"
-    r" on an? (?P<background>\w+) background$"
+    r"(?: on an? (?P<background>\w+) background)?$"
 )
 
 
 def grammar_words() -> List[str]:
     """Every word the caption grammar can produce (for the tokenizer vocabulary)."""
-    words = {"a", "an", "on", "the", "at", "in", "background"}
+    words = {"a", "an", "on", "the", "at", "in", "background", ANY_SHAPE}
     words.update(SHAPES, COLORS, (s for s in SIZES if s != "medium"), POSITIONS)
     return sorted(words)
 
@@ -68,11 +78,29 @@ def random_labels(rng: np.random.Generator, size_rate: float = 0.3, position_rat
 
 
 def caption(labels: Labels) -> str:
-    """The grammar caption of ``labels``."""
+    """The grammar caption of ``labels``; an empty or missing colour, shape or background is left open."""
     size = f"{labels['size']} " if labels.get("size", "medium") != "medium" else ""
+    color = f"{labels['color']} " if labels.get("color") else ""
     position = f" {POSITION_PHRASES[labels['position']]}" if labels.get("position") else ""
-    thing = f"{size}{labels['color']} {labels['shape']}"
-    return f"{_article(thing)} {thing}{position} on {_article(labels['background'])} {labels['background']} background"
+    thing = f"{size}{color}{labels.get('shape') or ANY_SHAPE}"
+    ground = labels.get("background")
+    background = f" on {_article(ground)} {ground} background" if ground else ""
+    return f"{_article(thing)} {thing}{position}{background}"
+
+
+def drop_attributes(labels: Labels, rng: np.random.Generator, rate: float = CAPTION_DROPOUT) -> Labels:
+    """``labels`` with each of colour, shape, background (to ""), size (to "medium") and position (to "") dropped at
+    ``rate``: what the caption of the result names is true of the image, and what it leaves open is "any"."""
+    dropped = rng.random(5) < rate
+    open_values = {"color": "", "shape": "", "background": "", "size": "medium", "position": ""}
+    return {name: open_values[name] if drop else labels[name] for (name, drop) in zip(open_values, dropped)}
+
+
+def training_caption(
+    labels: Labels, rng: np.random.Generator, rate: float = CAPTION_DROPOUT, empty_rate: float = EMPTY_CAPTION_RATE
+) -> str:
+    """A caption for a training image: "" at ``empty_rate``, else ``labels`` with attributes dropped at ``rate``."""
+    return "" if rng.random() < empty_rate else caption(drop_attributes(labels, rng, rate))
 
 
 def _article(word: str) -> str:
@@ -80,16 +108,21 @@ def _article(word: str) -> str:
 
 
 def parse_prompt(prompt: str) -> Labels:
-    """Labels of a grammar prompt: shape, color, background, size ("medium" when absent) and position ("" when absent).
+    """Labels of a grammar prompt: shape, color, background ("" when left open), size ("medium" when absent) and
+    position ("" when absent).
 
     Raises ``ValueError`` for a prompt outside the grammar.
     """
     match = _PROMPT.match(" ".join(prompt.lower().split()))
-    if match is None or match["shape"] not in SHAPES or not {match["color"], match["background"]} <= set(COLORS):
+    shape = match["shape"] if match else None
+    colors = {match["color"], match["background"]} - {None} if match else set()
+    if match is None or shape not in (*SHAPES, ANY_SHAPE) or not colors <= set(COLORS):
         example = caption(random_labels(np.random.default_rng(0)))
-        raise ValueError(f"prompt {prompt!r} is not in the toy grammar, e.g. {example!r}")
-    return {"shape": match["shape"], "color": match["color"], "background": match["background"],
-            "size": match["size"] or "medium", "position": match["position"] or ""}  # fmt: skip
+        partial = "a star on a blue background"
+        raise ValueError(f"prompt {prompt!r} is not in the toy grammar, e.g. {example!r} or {partial!r}")
+    return {"shape": "" if shape == ANY_SHAPE else shape, "color": match["color"] or "",
+            "background": match["background"] or "", "size": match["size"] or "medium",
+            "position": match["position"] or ""}  # fmt: skip
 
 
 def _ring(count: int, start: float, radii: Sequence[float] = (1.0,)) -> List[Tuple[float, float]]:
@@ -164,16 +197,26 @@ def make_dataset(
     return images, captions, labels
 
 
-def evaluation_prompts(count: int = 32, seed: int = 1234, plain: bool = False) -> List[str]:
-    """``count`` distinct grammar prompts from ``seed``; ``plain`` leaves out size and position words."""
+def evaluation_prompts(
+    count: int = 32, seed: int = EVALUATION_SEED, plain: bool = False, exclude: Sequence[str] = ()
+) -> List[str]:
+    """``count`` distinct full grammar prompts from ``seed``, none in ``exclude``; ``plain`` leaves out size and
+    position words."""
     rng = np.random.default_rng(seed)
     rates = (0.0, 0.0) if plain else (0.3, 0.3)
-    prompts: List[str] = []
+    prompts: Dict[str, None] = {}
+    skip = set(exclude)
     while len(prompts) < count:
         text = caption(random_labels(rng, *rates))
-        if text not in prompts:
-            prompts.append(text)
-    return prompts
+        if text not in skip:
+            prompts[text] = None
+    return list(prompts)
+
+
+def tuning_prompts(count: int = 32) -> List[str]:
+    """Held-out prompts for choosing settings (``recommended.json``): none is among the first ``HELD_OUT_POOL``
+    prompts of ``evaluation_prompts``, which ``dualguide eval`` measures."""
+    return evaluation_prompts(count, TUNING_SEED, exclude=evaluation_prompts(HELD_OUT_POOL))
 
 
 def label_indices(labels: Sequence[Labels]) -> Dict[str, np.ndarray]:

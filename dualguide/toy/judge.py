@@ -110,14 +110,17 @@ class Adherence:
 
 
 def adherence(images, prompts: Sequence[str], judge: Optional[ShapeJudge] = None) -> Adherence:
-    """Judge ``images`` (one per grammar prompt) against ``prompts``; the judge defaults to the embedded one."""
+    """Judge ``images`` (one per grammar prompt) against ``prompts``; the judge defaults to the embedded one.
+
+    An attribute the prompt leaves open (``data.OPEN_ATTRIBUTES``) counts as shown.
+    """
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; give one prompt per image")
     if not len(prompts):
         raise ValueError("adherence needs at least one image")
     wanted = [parse_prompt(prompt) for prompt in prompts]
     judged = (judge or ShapeJudge.load()).predict(images)
-    hits = {name: np.array([j[name] == w[name] for j, w in zip(judged, wanted)]) for name in HEADS}
+    hits = {name: np.array([not w[name] or j[name] == w[name] for j, w in zip(judged, wanted)]) for name in HEADS}
     return Adherence(
         adherence=float(np.mean(hits["shape"] & hits["color"])), shape=float(hits["shape"].mean()),
         color=float(hits["color"].mean()), background=float(hits["background"].mean()), count=len(prompts),
