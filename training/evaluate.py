@@ -1,4 +1,4 @@
-"""Judged adherence of a trained toy pipeline over grammar prompts, for a sweep of CFG and TPG settings.
+"""Judged adherence of a trained toy pipeline over held-out grammar prompts, for a sweep of CFG and TPG settings.
 
     python -m training.evaluate --model dualguide/embedded --write      # about 15 s per setting on 2 CPU cores
 
@@ -17,7 +17,7 @@ import torch
 
 from dualguide.layers import resolve_layers
 from dualguide.loading import write_recommended
-from dualguide.toy.data import evaluation_prompts
+from dualguide.toy.data import tuning_prompts
 from dualguide.toy.judge import JUDGE_DIR, ShapeJudge, adherence, mean_pixel_difference
 from dualguide.toy.model import load_pipeline, load_recommended
 
@@ -51,7 +51,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     recommended = load_recommended(args.model)
     for layers in args.tpg_layers:  # an unknown id fails here, before any sampling
         resolve_layers(pipe.unet, layers, "--tpg-layers")
-    prompts = evaluation_prompts(args.prompts)
+    prompts = tuning_prompts(args.prompts)  # held out: never what dualguide eval and the tests measure
 
     def generate(settings: dict) -> list:
         return pipe(prompts, generator=torch.Generator().manual_seed(args.seed), **settings).images

@@ -2,9 +2,12 @@
 
     python -m training.train_unet --export dualguide/embedded      # about 65 minutes on 2 CPU cores
 
-Latents (from the VAE of ``training.train_vae``) and token ids are computed once and cached in
-``OUT/cache.pt``; the text encoders are trained with the UNet so that every caption word, the background
-colour included, gets a meaning. v-prediction, loss weight ``min(1, gamma/SNR)``, offset noise, EMA.
+Latents (from the VAE of ``training.train_vae``) and the images' labels are computed once and cached in
+``OUT/cache.pt``; each step captions its images anew, dropping each attribute at ``--caption-dropout`` and
+leaving ``--empty-rate`` of them empty, so partial prompts ("a circle on a blue background") are in
+distribution and an open attribute means "any". The text encoders are trained with the UNet so that every
+caption word, the background colour included, gets a meaning. v-prediction, loss weight ``min(1, gamma/SNR)``,
+offset noise, EMA.
 Every ``--sample-every`` steps a grid of fixed grammar prompts under no guidance / CFG / CFG+TPG goes
 to ``OUT/samples`` (with judged adherence in ``OUT/log.jsonl`` when a judge exists). At the end the EMA
 weights are written with ``--export`` as a diffusers folder (UNet stored in float16, under 30 MB) plus
@@ -23,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dualguide.toy.data import evaluation_prompts, grammar_words, sample
+from dualguide.toy.data import CAPTION_DROPOUT, EMPTY_CAPTION_RATE, evaluation_prompts, grammar_words, sample
+from dualguide.toy.data import training_caption
 from dualguide.toy.model import (
     RESOLUTION, assemble_pipeline, build_components, encode_images, encode_tokens, pixels, save_pipeline, time_ids,
     tokenize,
@@ -49,23 +53,21 @@ RECOMMENDED = {
 
 @torch.no_grad()
 def build_cache(vae, tokenizers, count: int, seed: int, chunk: int = 1024) -> dict:
-    """``count`` procedural samples from ``seed`` as float16 normalised latents and both tokenizers' ids."""
+    """``count`` procedural samples from ``seed`` as float16 normalised latents and their labels."""
     rng = np.random.default_rng(seed)
-    latents, captions = [], []
+    latents, labels = [], []
     for start in range(0, count, chunk):
         items = [sample(rng, RESOLUTION) for _ in range(min(chunk, count - start))]
         latents.append(encode_images(vae, pixels(np.stack([item[0] for item in items]))).half())
-        captions += [item[1] for item in items]
+        labels += [item[2] for item in items]
         print(f"cached {start + len(items)}/{count} latents", flush=True)
-    ids, ids_2 = (tokenize(tokenizer, captions) for tokenizer in tokenizers)
-    key = cache_key(vae, tokenizers, count, seed)
-    return {"latents": torch.cat(latents), "ids": ids, "ids_2": ids_2, "captions": captions, "key": key}
+    return {"latents": torch.cat(latents), "labels": labels, "key": cache_key(vae, tokenizers, count, seed)}
 
 
 def cache_key(vae, tokenizers, count: int, seed: int) -> dict:
     """What a cache depends on: data count and seed, the VAE's latent statistics, the tokenizers' ids of the grammar."""
     probe = [tokenize(tokenizer, grammar_words()).tolist() for tokenizer in tokenizers]
-    return {"count": count, "seed": seed, "latents_mean": list(vae.config.latents_mean or []),
+    return {"count": count, "seed": seed, "content": "labels", "latents_mean": list(vae.config.latents_mean or []),
             "latents_std": list(vae.config.latents_std or []), "probe": probe}  # fmt: skip
 
 
@@ -92,10 +94,20 @@ def snr_clamp_weight(alphas: torch.Tensor, gamma: float) -> torch.Tensor:
     return (gamma * (1 - alphas) / alphas).clamp(max=1.0)
 
 
-def diffusion_batch(cache: dict, alphas_cumprod: torch.Tensor, args: argparse.Namespace, step: int) -> dict:
+def step_captions(labels: List[dict], args: argparse.Namespace, step: int) -> List[str]:
+    """Captions of one step's images: attributes dropped at ``--caption-dropout``, ``--empty-rate`` empty."""
+    rng = common.step_rng(args.seed, step, stream=2)
+    return [training_caption(label, rng, args.caption_dropout, args.empty_rate) for label in labels]
+
+
+def diffusion_batch(
+    cache: dict, tokenizers: tuple, alphas_cumprod: torch.Tensor, args: argparse.Namespace, step: int
+) -> dict:
     """Noisy latents, timesteps, targets, loss weights and token ids of one step, all drawn from (seed, step)."""
     generator = common.step_generator(args.seed, step, stream=1)
     index = torch.randint(len(cache["latents"]), (args.batch,), generator=generator)
+    captions = step_captions([cache["labels"][i] for i in index.tolist()], args, step)
+    ids, ids_2 = (tokenize(tokenizer, captions) for tokenizer in tokenizers)
     x0 = cache["latents"][index].float()
     noise = torch.randn(x0.shape, generator=generator)
     noise = noise + args.offset_noise * torch.randn(x0.shape[:2] + (1, 1), generator=generator)
@@ -104,7 +116,7 @@ def diffusion_batch(cache: dict, alphas_cumprod: torch.Tensor, args: argparse.Na
     a, s = alphas.sqrt().view(-1, 1, 1, 1), (1 - alphas).sqrt().view(-1, 1, 1, 1)
     target = a * noise - s * x0 if args.prediction_type == "v_prediction" else noise
     return {"noisy": a * x0 + s * noise, "t": t, "target": target, "weight": snr_clamp_weight(alphas, args.snr_gamma),
-            "ids": cache["ids"][index], "ids_2": cache["ids_2"][index]}  # fmt: skip
+            "ids": ids, "ids_2": ids_2}  # fmt: skip
 
 
 def diffusion_loss(parts: dict, batch: dict, train_text: bool) -> torch.Tensor:
@@ -164,6 +176,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = common.parser(__doc__.splitlines()[0], out="outputs/training/unet", steps=1400, batch=128, lr=5e-4, minutes=68)
     p.add_argument("--vae", default="outputs/training/vae/vae", help="trained VAE folder (from training.train_vae)")
     p.add_argument("--images", type=int, default=20000, help="procedural images whose latents are cached")
+    p.add_argument("--caption-dropout", type=float, default=CAPTION_DROPOUT,
+                   help="rate at which a caption leaves out each of colour, shape, background, size and position")
+    p.add_argument("--empty-rate", type=float, default=EMPTY_CAPTION_RATE, help="share of empty captions (for CFG)")
     p.add_argument("--prediction-type", choices=("v_prediction", "epsilon"), default="v_prediction")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="loss weight min(1, gamma/SNR) (0: off)")
     p.add_argument("--offset-noise", type=float, default=0.1, help="std of a per-channel constant added to the noise")
@@ -241,7 +256,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     while step < args.steps and not budget.spent():
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, args)
-        loss = diffusion_loss(parts, diffusion_batch(cache, alphas_cumprod, args, step), not args.freeze_text_encoders)
+        batch = diffusion_batch(cache, tokenizers, alphas_cumprod, args, step)
+        loss = diffusion_loss(parts, batch, not args.freeze_text_encoders)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

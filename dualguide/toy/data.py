@@ -47,6 +47,7 @@ SUPERSAMPLING = 4
 EVALUATION_SEED = 1234  # evaluation_prompts: what dualguide eval and the tests measure
 TUNING_SEED = 4321  # tuning_prompts: what training.evaluate chooses recommended.json on
 HELD_OUT_POOL = 1024
+NEGATIVE_SEED = 2468  # negative_prompts: dualguide eval --negative-prompts
 
 Labels = Dict[str, str]
 
@@ -217,6 +218,47 @@ def tuning_prompts(count: int = 32) -> List[str]:
     """Held-out prompts for choosing settings (``recommended.json``): none is among the first ``HELD_OUT_POOL``
     prompts of ``evaluation_prompts``, which ``dualguide eval`` measures."""
     return evaluation_prompts(count, TUNING_SEED, exclude=evaluation_prompts(HELD_OUT_POOL))
+
+
+def negative_text(attribute: str, value: str) -> str:
+    """The grammar phrase that names only ``value`` of ``attribute``: "a red shape", "a circle",
+    "a shape on a red background" (in distribution for a model trained with attribute dropout)."""
+    return caption({attribute: value})
+
+
+def negative_prompts(count: int, seed: int = NEGATIVE_SEED) -> List[Tuple[str, str]]:
+    """``count`` distinct ``(prompt, negative)`` pairs: the prompt leaves one attribute open (colour, shape,
+    background in turn) and names the others; the negative names one value of the open attribute, one the scene
+    could show (a colour other than the named background, a background other than the named colour)."""
+    rng = np.random.default_rng(seed)
+    pairs: Dict[str, str] = {}
+    while len(pairs) < count:
+        attribute = OPEN_ATTRIBUTES[len(pairs) % len(OPEN_ATTRIBUTES)]
+        labels = {**random_labels(rng), attribute: ""}
+        named = (labels["color"], labels["background"])
+        value = str(rng.choice(SHAPES if attribute == "shape" else [c for c in COLORS if c not in named]))
+        pairs.setdefault(caption(labels), negative_text(attribute, value))
+    return list(pairs.items())
+
+
+def negated_labels(negative: str) -> Tuple[str, str]:
+    """``(attribute, value)`` that a negative prompt names: a bare colour ("red": the shape's colour) or shape word,
+    or a grammar phrase naming exactly one colour, shape or background ("a shape on a red background").
+
+    Raises ``ValueError`` otherwise.
+    """
+    text = " ".join(negative.lower().split())
+    if text in COLORS or text in SHAPES:
+        return ("color" if text in COLORS else "shape"), text
+    try:
+        labels = parse_prompt(text)
+    except ValueError:
+        labels = {}
+    named = [(name, labels[name]) for name in OPEN_ATTRIBUTES if labels.get(name)]
+    if len(named) != 1:
+        raise ValueError(f"negative prompt {negative!r} must name one colour, shape or background, e.g. 'red', "
+                         f"'{negative_text('color', 'red')}', '{negative_text('background', 'red')}'")  # fmt: skip
+    return named[0]
 
 
 def label_indices(labels: Sequence[Labels]) -> Dict[str, np.ndarray]:
