@@ -22,7 +22,7 @@ from .compiled import keep_hooks_installed
 from .conditioning import Conditioning
 from .config import CFG, NAG, PAG, TPG
 from .control import ControlNetInput, control_residuals
-from .families import ModelFamily, family_of
+from .families import CallExtras, ModelFamily, family_of
 from .guidance import guided_prediction, rescale_guidance
 from .hooks import Installation, guidance_hooks
 from .nag import negative_key_value
@@ -382,9 +382,11 @@ class GuidedDenoiser:
                     outputs.append(
                         self.family.call(
                             self.unet, model_input[rows], timesteps[rows], stacked.select(rows),
-                            timestep_cond=None if timestep_cond is None else timestep_cond[rows],
-                            residuals=None if residuals is None else ([r[rows] for r in residuals[0]], residuals[1][rows]),
-                            cross_attention_kwargs=self.cross_attention_kwargs,
+                            CallExtras(
+                                None if timestep_cond is None else timestep_cond[rows],
+                                None if residuals is None else ([r[rows] for r in residuals[0]], residuals[1][rows]),
+                                self.cross_attention_kwargs,
+                            ),
                         )  # fmt: skip
                     )
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

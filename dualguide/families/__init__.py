@@ -7,7 +7,7 @@ from typing import Tuple
 from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
-from .base import ModelFamily
+from .base import CallExtras, ModelFamily
 from .mmdit import SD3
 from .sd import SD
 from .sdxl import SDXL
@@ -37,4 +37,4 @@ def family_named(name: str) -> ModelFamily:
     raise ValueError(f"unknown model family {name!r}; choose one of {', '.join(f.name for f in FAMILIES)}")
 
 
-__all__ = ["FAMILIES", "ModelFamily", "SD", "SD3", "SDXL", "family_named", "family_of", "supported_families"]
+__all__ = ["FAMILIES", "CallExtras", "ModelFamily", "SD", "SD3", "SDXL", "family_named", "family_of", "supported_families"]

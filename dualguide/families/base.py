@@ -10,6 +10,7 @@ call state and guidance math go through it and name no family.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 from torch import Tensor, nn
@@ -19,6 +20,16 @@ from ..hooks import HookSites
 from ..layers import LayerSpec, resolve_ids
 
 Blocks = Dict[str, Tuple[str, nn.Module]]  # layer id -> (module name, block)
+
+
+@dataclass(frozen=True)
+class CallExtras:
+    """What one backbone call takes beside the rows: a guidance-distilled UNet's ``timestep_cond``, ControlNet
+    ``residuals`` (down block residuals, mid block residual), the attention processors' kwargs."""
+
+    timestep_cond: Optional[Tensor] = None
+    residuals: Optional[Tuple[Sequence[Tensor], Tensor]] = None
+    attention_kwargs: Optional[dict] = None
 
 
 class ModelFamily(ABC):
@@ -61,18 +72,8 @@ class ModelFamily(ABC):
         """Raise ``ValueError`` naming ``name`` when ``cond`` lacks what a row of this family carries."""
 
     @abstractmethod
-    def call(
-        self,
-        model: nn.Module,
-        sample: Tensor,
-        timesteps: Tensor,
-        cond: Conditioning,
-        *,
-        timestep_cond: Optional[Tensor] = None,
-        residuals: Optional[Tuple[Sequence[Tensor], Tensor]] = None,
-        cross_attention_kwargs: Optional[dict] = None,
-    ) -> Tensor:
-        """One backbone call on row-stacked ``sample`` / ``cond`` (ControlNet ``residuals`` per row): its output."""
+    def call(self, model: nn.Module, sample: Tensor, timesteps: Tensor, cond: Conditioning, extras: CallExtras) -> Tensor:
+        """One backbone call on row-stacked ``sample`` / ``cond`` (and ``extras``, per row): its output."""
 
     @abstractmethod
     def hook_plan(

@@ -15,7 +15,7 @@ negative text as extra text-stream rows (``dualguide.joint``).
 from __future__ import annotations
 
 import weakref
-from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterable, List
 
 import torch
 from diffusers.utils.torch_utils import unwrap_module
@@ -27,7 +27,7 @@ from ..defaults import DEFAULT_LAYERS
 from ..hooks import HookSites
 from ..joint import JointGuidanceProcessor, image_stream_temb, is_joint_attention
 from ..perturb import PerturbedSelfAttnProcessor, shuffle_tokens
-from .base import Blocks, ModelFamily
+from .base import Blocks, CallExtras, ModelFamily
 
 _blocks: "weakref.WeakKeyDictionary[nn.Module, Blocks]" = weakref.WeakKeyDictionary()
 
@@ -77,20 +77,10 @@ class MMDiTFamily(ModelFamily):
         if cond.image_embeds is not None or cond.attention_mask is not None:
             raise ValueError(f"{name}: IP-Adapter image embeds and attention masks are not supported on SD3 yet")
 
-    def call(
-        self,
-        model: nn.Module,
-        sample: Tensor,
-        timesteps: Tensor,
-        cond: Conditioning,
-        *,
-        timestep_cond: Optional[Tensor] = None,
-        residuals: Optional[Tuple[Sequence[Tensor], Tensor]] = None,
-        cross_attention_kwargs: Optional[dict] = None,
-    ) -> Tensor:
+    def call(self, model: nn.Module, sample: Tensor, timesteps: Tensor, cond: Conditioning, extras: CallExtras) -> Tensor:
         """One transformer call; with NAG, the guided rows' negative text, pooled embeds and timesteps are appended
         to the text stream (the image rows' pooled embeds, so the extra rows' ``temb`` is their own row's)."""
-        if residuals is not None:
+        if extras.residuals is not None:
             raise ValueError("ControlNet residuals are not supported on SD3 yet")
         text, pooled, timesteps = cond.prompt_embeds, cond.pooled_embeds, timesteps
         call = current_call()
@@ -104,7 +94,7 @@ class MMDiTFamily(ModelFamily):
             timestep=timesteps,
             encoder_hidden_states=text,
             pooled_projections=pooled,
-            joint_attention_kwargs=None if cross_attention_kwargs is None else dict(cross_attention_kwargs),
+            joint_attention_kwargs=None if extras.attention_kwargs is None else dict(extras.attention_kwargs),
             return_dict=False,
         )[0]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
 
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.utils.torch_utils import unwrap_module
@@ -16,7 +16,7 @@ from ..hooks import HookSites
 from ..layers import transformer_blocks
 from ..nag import NAGCrossAttnProcessor
 from ..perturb import PerturbedSelfAttnProcessor, shuffle_tokens
-from .base import Blocks, ModelFamily
+from .base import Blocks, CallExtras, ModelFamily
 
 
 def _transformer_blocks_in(module: nn.Module) -> List[nn.Module]:
@@ -110,27 +110,18 @@ class UNetFamily(ModelFamily):
             added["image_embeds"] = cond.image_embeds
         return added or None
 
-    def call(
-        self,
-        model: nn.Module,
-        sample: Tensor,
-        timesteps: Tensor,
-        cond: Conditioning,
-        *,
-        timestep_cond: Optional[Tensor] = None,
-        residuals: Optional[Tuple[Sequence[Tensor], Tensor]] = None,
-        cross_attention_kwargs: Optional[dict] = None,
-    ) -> Tensor:
+    def call(self, model: nn.Module, sample: Tensor, timesteps: Tensor, cond: Conditioning, extras: CallExtras) -> Tensor:
+        residuals = extras.residuals
         return model(
             sample,
             timesteps,
             encoder_hidden_states=cond.prompt_embeds,
             added_cond_kwargs=self.added_conditioning(cond),
-            timestep_cond=timestep_cond,
+            timestep_cond=extras.timestep_cond,
             encoder_attention_mask=cond.attention_mask,
             down_block_additional_residuals=None if residuals is None else list(residuals[0]),
             mid_block_additional_residual=None if residuals is None else residuals[1],
-            cross_attention_kwargs=cross_attention_kwargs,
+            cross_attention_kwargs=extras.attention_kwargs,
             return_dict=False,
         )[0]
 
