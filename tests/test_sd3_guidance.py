@@ -199,3 +199,15 @@ def test_img2img_kdiffusion_euler_equals_the_scheduler_loop(components):
     pipe = StableDiffusion3TPGImg2ImgPipeline(**components)
     guided = dict(do_nag=True, nag_scale=3.0)
     assert (image_latents(pipe, sampler="euler", **guided) - image_latents(pipe, **guided)).abs().max() <= 1e-5
+
+
+def test_eval_runs_on_an_sd3_folder(sd3_folder, clip_folder, tmp_path):
+    from dualguide import cli
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "run"
+    argv = ["eval", str(prompts), "--model", sd3_folder, "--clip", str(clip_folder), "--modes", "off: cfg=1; nag: cfg=1,nag=3",
+            "--baseline", "off", "--out", str(out), "--steps", "2", "--size", "32", "--seeds", "1"]  # fmt: skip
+    assert cli.main(argv) == 0
+    assert (out / "results.json").is_file()

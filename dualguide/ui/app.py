@@ -78,7 +78,7 @@ def build_app(engine: Engine) -> gr.Blocks:
                     c["cfg_start"], c["cfg_end"] = _interval_controls("CFG", defaults.cfg_interval)
                 with gr.Accordion("TPG: token perturbation", open=True):
                     c["tpg"] = gr.Slider(0.0, 10.0, value=defaults.tpg, step=0.1, label="TPG scale", elem_id="tpg")
-                    c["tpg_layers"] = gr.Textbox(value=defaults.tpg_layers, label="TPG layers (d/m/u ids and ranges, e.g. d6-d23,m0)",
+                    c["tpg_layers"] = gr.Textbox(value=defaults.tpg_layers, label="TPG layers (d/m/u ids, j for SD3; ranges, e.g. d6-d23,m0)",
                                                  elem_id="tpg-layers")  # fmt: skip
                     c["tpg_start"], c["tpg_end"] = _interval_controls("TPG", defaults.tpg_interval)
                 with gr.Accordion("PAG / SoftPAG", open=False):

@@ -311,7 +311,8 @@ class Engine:
 
 
 def decode_preview(vae, latents):
-    """PIL images of normalised diffusion latents (the pipeline's latent (de)normalisation, no watermark)."""
+    """PIL images of normalised diffusion latents (the pipeline's latent (de)normalisation, SD3's shift included,
+    no watermark)."""
     import torch
     from PIL import Image
 
@@ -322,7 +323,7 @@ def decode_preview(vae, latents):
         shape = (1, len(mean), 1, 1)
         latents = latents * torch.tensor(std).view(shape).to(latents) / vae.config.scaling_factor + torch.tensor(mean).view(shape).to(latents)
     else:
-        latents = latents / vae.config.scaling_factor
+        latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
     pixels = vae.decode(latents, return_dict=False)[0]
     pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(array) for array in pixels]
