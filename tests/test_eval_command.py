@@ -12,10 +12,10 @@ from PIL import Image
 
 from dualguide import cli
 from dualguide.evaluation.command import (
-    Measured, Prompt, Unit, compare, parse_modes, plan_lines, plan_order, plan_units,
+    NEGATIVE_MODES, Measured, Prompt, Unit, compare, mode_settings, parse_modes, plan_lines, plan_order, plan_units,
 )  # fmt: skip
 from dualguide.evaluation.statistics import paired_comparison
-from dualguide.toy.data import evaluation_prompts
+from dualguide.toy.data import evaluation_prompts, negative_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,6 +35,32 @@ def test_parse_modes():
     assert modes == {"none": {"cfg": "1", "tpg": "0"}, "cfg": {"cfg": "4"},
                      "cfg+tpg": {"cfg": "4", "tpg_layers": "u0-u3,m0", "tpg": "3"}}  # fmt: skip
     assert parse_modes("off:; cfg: cfg=4", "cfg")["off"] == {}
+
+
+def eval_args(*extra):
+    return cli.build_parser().parse_args(["eval", "--negative-prompts", "3", "--out", "unused", *extra])
+
+
+def test_modes_route_the_negative_to_cfg_and_nag_separately():
+    modes = parse_modes(NEGATIVE_MODES + "; nag-only: cfg=4,nag=3,negative-for=nag; plain: cfg=4,nag=3", "cfg")
+    assert modes["cfg"] == {"cfg": "4", "negative_for": "cfg"} and modes["nag"]["negative_for"] == "nag"
+    settings = mode_settings(eval_args(), modes)
+    unit = Unit("a circle on a blue background", "a red shape", 0, 2)
+    lines = {mode: plan_lines([(mode, 0)], [unit], settings)[0] for mode in settings}
+    negative = "a red shape"
+    assert "negative" not in lines["none"] and "nag_negative" not in lines["none"]
+    assert lines["cfg"]["negative"] == negative and lines["cfg"]["nag_negative"] == ""  # NAG does not fall back on it
+    assert lines["nag"]["negative"] == negative and lines["nag"]["cfg"] == "1"  # CFG off: NAG's fallback, one call
+    assert "nag_negative" not in lines["nag"]
+    assert lines["nag-only"]["nag_negative"] == negative and "negative" not in lines["nag-only"]  # CFG keeps its own
+    assert lines["cfg+nag"]["negative"] == negative and "nag_negative" not in lines["cfg+nag"]
+    assert lines["cfg+tpg+nag"]["negative"] == negative and lines["cfg+tpg+nag"]["tpg"] == "4"
+    assert lines["plain"]["negative"] == negative and "nag_negative" not in lines["plain"]  # as before negative-for
+    assert all("negative_for" not in line for line in lines.values())
+    both = mode_settings(eval_args("--nag-negative", "a shape"), modes)  # NAG's own negative set for the command
+    assert plan_lines([("cfg+nag", 0)], [unit], both)[0]["nag_negative"] == negative
+    assert plan_lines([("nag", 0)], [unit], both)[0]["nag_negative"] == negative
+    assert plan_lines([("cfg", 0)], [unit], both)[0].get("nag_negative") is None  # the command's stays
 
 
 def test_plan_gives_every_mode_the_same_prompts_and_seeds_in_chunks():
@@ -116,12 +142,30 @@ def test_rerun_makes_nothing_and_loads_no_model(embedded_run, loads, capsys):
     assert (out / "results.json").read_text() == report  # same images, same seeded statistics
 
 
+def test_negative_prompts_run_reports_the_negated_values(tmp_path):
+    out = tmp_path / "run"
+    modes = "none: cfg=1,negative-for=none; nag: nag=3,negative-for=nag"
+    assert run_cli("eval", "--negative-prompts", 6, "--modes", modes, "--baseline", "none", "--out", out, *FAST) == 0
+    lines = [json.loads(line) for line in (out / "plan.jsonl").read_text().splitlines()]
+    pairs = negative_prompts(6)
+    assert [(line["prompt"], line.get("negative")) for line in lines] == (
+        [(prompt, None) for prompt, _ in pairs[:4]] + pairs[:4] + [(prompt, None) for prompt, _ in pairs[4:]]
+        + pairs[4:])  # chunks of --batch-size 8 images (4 prompts), each in every mode  # fmt: skip
+    data = json.loads((out / "results.json").read_text())["modes"]
+    for metric in ("negated", "negated_color", "negated_shape", "negated_background", "adherence", "kid"):
+        assert data["nag"][metric]["comparison"]["verdict"] in ("better", "worse", "no difference"), metric
+    assert data["nag"]["negated"]["n"] == 6 and data["nag"]["negated_color"]["n"] == 2
+    assert "Negative prompts:" in (out / "results.md").read_text()
+
+
 # Any checkpoint: CLIP score and KID against a reference folder
 
 
 def test_model_with_clip_and_reference(model_folder, clip_folder, tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red circle\na blue square\na green star\n")
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"prompt": "a red circle", "negative": "blue"}, {"prompt": "a blue square", "negative": "a circle"},
+             {"prompt": "a green star"}]  # fmt: skip
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     reference = tmp_path / "reference"
     reference.mkdir()
     for number in range(4):
@@ -131,8 +175,9 @@ def test_model_with_clip_and_reference(model_folder, clip_folder, tmp_path):
             "--modes", "off: cfg=1; cfg: cfg=4; cfg+tpg: cfg=4,tpg=2", "--out", out, *FAST]  # fmt: skip
     assert run_cli(*argv) == 0
     data = json.loads((out / "results.json").read_text())["modes"]
-    assert set(data["cfg+tpg"]) == {"clip_score", "kid", "diversity"}
+    assert set(data["cfg+tpg"]) == {"clip_score", "negative_clip_score", "kid", "diversity"}
     assert data["cfg+tpg"]["clip_score"]["n"] == 3 and data["off"]["kid"]["comparison"] is not None
+    assert data["cfg+tpg"]["negative_clip_score"]["n"] == 2  # the lines with a negative
 
 
 # Bad input: one line, status 2, nothing made, no model loaded
@@ -149,6 +194,9 @@ BAD = [
     (["--reference", "{tmp}"], "--reference {tmp} holds no .png or .jpg images"),
     (["--model", "{model}"], "--embedded-prompts: the grammar is the embedded model's"),
     (["--embedded-prompts", "6000"], "--embedded-prompts 6000: the grammar has 5040 distinct prompts"),
+    (["--negative-prompts", "4"], "give one of PROMPTS (a .txt/.jsonl file), --embedded-prompts N or --negative-prompts N"),
+    (["--modes", "cfg: cfg=4,negative-for=both"], "--modes: mode 'cfg': negative-for: expected one of cfg, nag, cfg+nag"),
+    (["--modes", "cfg: nag=3,negative-for=nag,nag-negative=a red shape"], "give NAG's negative by negative-for or nag-negative"),
 ]
 
 
@@ -162,3 +210,18 @@ def test_bad_input_is_one_line_status_2_before_loading(model_folder, tmp_path, l
     assert err.count("\n") == 1 and err.startswith("dualguide: error: ") and "Traceback" not in err, err
     assert message.format(**fill) in err
     assert loads == [] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [({"prompt": "a red circle", "negative": "blurry"}, "prompts.jsonl:1: the embedded model's judge needs its grammar: "
+      "negative prompt 'blurry' must name one colour, shape or background"),
+     ({"prompt": "a red blob", "negative": "red"}, "prompts.jsonl:1: the embedded model's judge needs its grammar")],
+)  # fmt: skip
+def test_embedded_prompt_files_need_negatives_the_judge_reads(tmp_path, loads, capsys, line, message):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps(line) + "\n" + json.dumps({"prompt": "a star", "negative": "a red shape"}) + "\n")
+    assert run_cli("eval", prompts, "--out", tmp_path / "out") == 2
+    assert message in capsys.readouterr().err and loads == []
+    assert run_cli("eval", "--negative-prompts", 3, "--model", tmp_path, "--out", tmp_path / "out") == 2
+    assert "--negative-prompts: the grammar is the embedded model's" in capsys.readouterr().err

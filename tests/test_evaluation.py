@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dualguide.evaluation.adherence import ATTRIBUTES, attribute_hits
+from dualguide.evaluation.adherence import ATTRIBUTES, NEGATED, attribute_hits, negated_hits
 from dualguide.evaluation.clip import check_clip_folder, clip_image_features, clip_scores, load_clip
 from dualguide.evaluation.features import judge_features
 from dualguide.evaluation.layout import measure_layout
@@ -216,3 +216,54 @@ def test_report_files(tmp_path):
             assert image.format == "PNG" and min(image.size) > 100
     with pytest.raises(ValueError, match="baseline"):
         write_report(tmp_path / "other", results, "cfg+nag")
+
+
+# Negative prompts: what the negative names, on hand-made images
+
+
+def scene(color, background="blue", shape="circle"):
+    return render({"shape": shape, "color": color, "background": background, "size": "medium", "position": ""})
+
+
+def test_negated_hits_count_the_image_that_shows_the_negated_value(judge):
+    images = [scene("red"), scene("green"), scene("red", shape="star"), scene("white", "red")]
+    negatives = ["red", "a red shape", "a circle", "a shape on a red background"]
+    hits = negated_hits(images, negatives, judge)
+    assert tuple(hits) == NEGATED
+    assert hits["negated"].tolist() == [1.0, 0.0, 0.0, 1.0]  # red shown; green not; a star is no circle; red ground
+    assert np.array_equal(hits["negated_color"], [1.0, 0.0, np.nan, np.nan], equal_nan=True)
+    assert np.array_equal(hits["negated_shape"], [np.nan, np.nan, 0.0, np.nan], equal_nan=True)
+    assert np.array_equal(hits["negated_background"], [np.nan, np.nan, np.nan, 1.0], equal_nan=True)
+    with pytest.raises(ValueError, match="one colour, shape or background"):
+        negated_hits(images[:1], ["blurry"], judge)
+
+
+def test_attribute_hits_check_only_what_a_partial_prompt_names(judge):
+    images = [scene("red"), scene("green", shape="star"), scene("yellow")]
+    prompts = ["a circle on a blue background", "a red shape on a blue background", "a shape"]
+    hits = attribute_hits(images, prompts, judge)
+    assert np.array_equal(hits["color"], [np.nan, 0.0, np.nan], equal_nan=True)
+    assert np.array_equal(hits["shape"], [1.0, np.nan, np.nan], equal_nan=True)
+    assert np.array_equal(hits["background"], [1.0, 1.0, np.nan], equal_nan=True)
+    assert np.array_equal(hits["overall"], [1.0, 0.0, np.nan], equal_nan=True)  # the named one of shape, colour
+
+
+def test_report_has_the_negative_prompt_table(tmp_path):
+    base = [0.5, 0.25, 0.0, 0.5]
+    better = paired_comparison([0.0, 0.0, 0.0, 0.25], base, higher_is_better=False)
+    same = paired_comparison([1.0, 1.0, 0.5, 1.0], [1.0, 1.0, 0.5, 1.0])
+    results = {
+        "cfg": {"adherence": MetricResult(0.875, 4), "negated": MetricResult(0.3125, 4),
+                "negated_color": MetricResult(0.25, 2), "kid": MetricResult(0.1, 8, error=0.01)},
+        "cfg+nag": {"adherence": MetricResult(0.875, 4, comparison=same),
+                    "negated": MetricResult(0.0625, 4, comparison=better),
+                    "negated_color": MetricResult(0.0, 2), "kid": MetricResult(0.1, 8, error=0.01)},
+    }  # fmt: skip
+    paths = write_report(tmp_path, results, "cfg")
+    text = paths["results.md"].read_text()
+    main, negative = text.split("Negative prompts:")
+    assert "| mode | adherence | negated | negated_color | kid |" in main
+    assert "| mode | negated | negated_color | adherence |" in negative
+    assert "0.0625 (Δ -0.25 [" in negative and ") better |" in negative  # lower is better
+    assert "Negative prompts" not in write_report(tmp_path / "plain", {"cfg": {"kid": MetricResult(0.1, 8)}},
+                                                  "cfg")["results.md"].read_text()  # fmt: skip

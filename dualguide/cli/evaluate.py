@@ -9,10 +9,14 @@ from ..options import add_job_arguments, whole
 
 def add_parser(commands) -> None:
     evaluate = commands.add_parser("eval", help="compare guidance modes on the same prompts and seeds: metrics, paired statistics, report")
-    evaluate.add_argument("prompts", metavar="PROMPTS", nargs="?", default=None, help=".txt/.jsonl prompt file (or --embedded-prompts)")
+    evaluate.add_argument("prompts", metavar="PROMPTS", nargs="?", default=None, help=".txt/.jsonl prompt file, a line may carry a negative (or --embedded-prompts, --negative-prompts)")
     evaluate.add_argument("--embedded-prompts", type=whole(2), default=None, metavar="N", help="N prompts of the embedded model's grammar")
+    evaluate.add_argument("--negative-prompts", type=whole(2), default=None, metavar="N",
+                          help="N partial prompts of the embedded model's grammar, each with a negative naming a value of what it leaves "
+                          "open (default modes: none, cfg, nag, cfg+nag, cfg+tpg, cfg+tpg+nag, the negative routed by negative-for)")  # fmt: skip
     evaluate.add_argument("--modes", default=None, help='"NAME: KEY=VALUE,...; ..." keyed by generate flag names; a scale a mode does not set is '
-                          "off (default: none, cfg, tpg, cfg+tpg, cfg+nag, cfg+tpg+nag, cfg+pag)")  # fmt: skip
+                          "off; negative-for=cfg|nag|cfg+nag|none says which guidance gets each prompt's negative "
+                          "(default: none, cfg, tpg, cfg+tpg, cfg+nag, cfg+tpg+nag, cfg+pag)")  # fmt: skip
     evaluate.add_argument("--baseline", default="cfg", help="the mode every other is compared with (default cfg)")
     evaluate.add_argument("--seeds", type=whole(1), default=2, help="images per prompt, the same seeds in every mode (>= 1, default 2)")
     evaluate.add_argument("--unconditional", type=whole(0), default=0, metavar="N", help="empty-prompt images per mode, for the unconditional KID")

@@ -33,6 +33,11 @@ from .statistics import paired_comparison
 
 DEFAULT_MODES = ("none: cfg=1,tpg=0; cfg: cfg=4; tpg: cfg=1,tpg=4; cfg+tpg: cfg=4,tpg=4; cfg+nag: cfg=4,nag=3; "
                  "cfg+tpg+nag: cfg=4,tpg=4,nag=3; cfg+pag: cfg=4,pag=3")  # fmt: skip
+NEGATIVE_MODES = ("none: cfg=1,negative-for=none; cfg: cfg=4,negative-for=cfg; nag: cfg=1,nag=3,negative-for=nag; "
+                  "cfg+nag: cfg=4,nag=3,negative-for=cfg+nag; cfg+tpg: cfg=4,tpg=4,negative-for=cfg; "
+                  "cfg+tpg+nag: cfg=4,tpg=4,nag=3,negative-for=cfg+nag")  # the default with --negative-prompts
+NEGATIVE_FOR = "negative_for"  # the mode key that routes each prompt's negative (not a generate setting)
+NEGATIVE_TARGETS = ("cfg", "nag", "cfg+nag", "none")
 SCALES_OFF = {"cfg": "1", "tpg": "0", "pag": "0", "nag": "1"}  # a scale that neither a mode nor the command sets
 EXAMPLE_MODES = "cfg: cfg=4; cfg+tpg: cfg=4,tpg=3"
 PLAN = "plan.jsonl"
@@ -67,10 +72,13 @@ def parse_modes(text: str, baseline: str) -> Modes:
     """``"name: key=value,key=value; name: ..."`` -> ``{name: {setting: value}}``, each value checked as its flag.
 
     Keys are generate flag names (``cfg``, ``tpg``, ``tpg-layers``, ``nag``, ``steps``...: what a ``.jsonl`` line
-    of ``dualguide batch`` may set). A value may hold commas (``tpg-layers=u0-u3,m0``). UsageError naming ``--modes``.
+    of ``dualguide batch`` may set), and ``negative-for``: which guidance gets each prompt's negative, ``cfg``
+    (``negative_prompt`` only), ``nag`` (NAG's negative only), ``cfg+nag`` or ``none``; without it the negative is
+    the call's ``negative_prompt``, which NAG also uses unless ``nag-negative`` is set. A value may hold commas
+    (``tpg-layers=u0-u3,m0``). UsageError naming ``--modes``.
     """
     parser, names = line_option_parser()
-    valid = ", ".join(name.replace("_", "-") for name in names)
+    valid = ", ".join([name.replace("_", "-") for name in names] + ["negative-for"])
     modes: Modes = {}
     for part in filter(str.strip, text.split(";")):
         name, colon, settings = part.partition(":")
@@ -90,13 +98,15 @@ def parse_modes(text: str, baseline: str) -> Modes:
         modes[name] = {}
         for key, value in pairs:
             setting = key.replace("-", "_")
-            if setting not in names:
+            if setting not in names + [NEGATIVE_FOR]:
                 raise UsageError(f"--modes: mode {name!r}: unknown key {key!r}; valid: {valid}")
             try:
-                parse_setting(parser, setting, value)
+                check_mode_setting(parser, setting, value)
             except ValueError as error:
                 raise UsageError(f"--modes: mode {name!r}: {key}: {error}") from None
             modes[name][setting] = value
+        if "nag" in modes[name].get(NEGATIVE_FOR, "") and "nag_negative" in modes[name]:
+            raise UsageError(f"--modes: mode {name!r}: give NAG's negative by negative-for or nag-negative, not both")
     if not modes:
         raise UsageError(f"--modes: no modes; e.g. '{EXAMPLE_MODES}'")
     if baseline not in modes:
@@ -104,38 +114,90 @@ def parse_modes(text: str, baseline: str) -> Modes:
     return modes
 
 
+def check_mode_setting(parser: argparse.ArgumentParser, setting: str, value: str) -> None:
+    """ValueError with the reason when ``value`` is not valid for ``setting`` (a generate setting or NEGATIVE_FOR)."""
+    if setting != NEGATIVE_FOR:
+        parse_setting(parser, setting, value)
+    elif value not in NEGATIVE_TARGETS:
+        raise ValueError(f"expected one of {', '.join(NEGATIVE_TARGETS)}, got {value!r}")
+
+
+def negative_fields(target: str, merged: argparse.Namespace) -> str:
+    """The line fields, joined by "+", that carry a prompt's negative to ``target`` ("" for none) in a mode whose
+    settings are ``merged``. A negative only for NAG rides as ``negative`` (one pipeline call for many prompts, NAG
+    falls back to it) where CFG is off and no NAG negative is set, else as ``nag_negative``."""
+    nag_fallback = merged.nag_negative is None
+    if target == "none":
+        return ""
+    if target == "nag":
+        return "negative" if nag_fallback and (merged.cfg or 1.0) <= 1.0 else "nag_negative"
+    return "negative" if target == "cfg" or nag_fallback else "negative+nag_negative"
+
+
 def mode_settings(args: argparse.Namespace, modes: Modes) -> Modes:
-    """Each mode's line settings: its own, over the command line's, over ``SCALES_OFF`` for the guidance scales.
+    """Each mode's line settings: its own, over the command line's, over ``SCALES_OFF`` for the guidance scales;
+    a ``negative-for`` becomes the line fields of the negative (``negative_fields``), and ``negative-for=cfg``
+    gives NAG the empty negative where nothing else sets one.
 
     Checks each mode's sampler and schedule names as the batch job will (UsageError naming the mode).
     """
     parser, _ = line_option_parser()
     result: Modes = {}
-    for name, settings in modes.items():
+    for name, given in modes.items():
+        settings = {key: value for key, value in given.items() if key != NEGATIVE_FOR}
         result[name] = {**{key: off for key, off in SCALES_OFF.items() if getattr(args, key) is None}, **settings}
         merged = with_settings(vars(args), settings, parser)
         try:
             check_names(call_arguments(vars(merged), DEFAULTS))
         except UsageError as error:
             raise UsageError(f"--modes: mode {name!r}: {str(error).lstrip('-')}") from None
+        if NEGATIVE_FOR in given:
+            result[name][NEGATIVE_FOR] = negative_fields(given[NEGATIVE_FOR], merged)
+            if given[NEGATIVE_FOR] == "cfg" and merged.nag_negative is None:
+                result[name]["nag_negative"] = ""
     return result
 
 
-def read_prompts(args: argparse.Namespace, embedded: bool) -> List[Prompt]:
-    """The prompts of PROMPTS (text and negative; a line's own seeds, counts and settings are refused) or
-    ``--embedded-prompts N`` distinct prompts of the embedded model's grammar (a fixed sample)."""
-    from ..jobs.prompts import PromptFileError, read_prompt_file
-    from ..toy.data import COLORS, POSITIONS, SHAPES, SIZES, evaluation_prompts, parse_prompt
+def grammar_prompts(args: argparse.Namespace, embedded: bool) -> List[Prompt]:
+    """``--embedded-prompts N`` full prompts or ``--negative-prompts N`` (partial prompt, negative) pairs of the
+    embedded model's grammar (fixed samples)."""
+    from ..toy.data import COLORS, MAX_NEGATIVE_PROMPTS, POSITIONS, SHAPES, SIZES, evaluation_prompts, negative_prompts
 
-    if (args.prompts is None) == (args.embedded_prompts is None):
-        raise UsageError("give either PROMPTS (a .txt/.jsonl file) or --embedded-prompts N, not both or neither")
-    if args.embedded_prompts is not None:
-        if not embedded:
-            raise UsageError("--embedded-prompts: the grammar is the embedded model's; with --model give PROMPTS")
-        distinct = len(SHAPES) * len(COLORS) * (len(COLORS) - 1) * len(SIZES) * (len(POSITIONS) + 1)
-        if args.embedded_prompts > distinct:
-            raise UsageError(f"--embedded-prompts {args.embedded_prompts}: the grammar has {distinct} distinct prompts")
-        return [Prompt(text) for text in evaluation_prompts(args.embedded_prompts)]
+    flag = "--embedded-prompts" if args.negative_prompts is None else "--negative-prompts"
+    count = args.embedded_prompts if args.negative_prompts is None else args.negative_prompts
+    if not embedded:
+        raise UsageError(f"{flag}: the grammar is the embedded model's; with --model give PROMPTS")
+    distinct = len(SHAPES) * len(COLORS) * (len(COLORS) - 1) * len(SIZES) * (len(POSITIONS) + 1)
+    limit = distinct if args.negative_prompts is None else MAX_NEGATIVE_PROMPTS
+    if count > limit:
+        raise UsageError(f"{flag} {count}: the grammar has {limit} distinct prompts")
+    if args.negative_prompts is None:
+        return [Prompt(text) for text in evaluation_prompts(count)]
+    return [Prompt(text, negative) for text, negative in negative_prompts(count)]
+
+
+def check_embedded_line(where: str, prompt: str, negative: Optional[str]) -> None:
+    """UsageError unless the judge can read ``prompt`` (the grammar) and ``negative`` (one value it names)."""
+    from ..toy.data import negated_labels, parse_prompt
+
+    try:
+        parse_prompt(prompt)
+        if negative is not None:
+            negated_labels(negative)
+    except ValueError as error:
+        raise UsageError(f"{where}: the embedded model's judge needs its grammar: {error}") from None
+
+
+def read_prompts(args: argparse.Namespace, embedded: bool) -> List[Prompt]:
+    """The prompts of PROMPTS (text and negative; a line's own seeds, counts and settings are refused), or of the
+    grammar (``grammar_prompts``)."""
+    from ..jobs.prompts import PromptFileError, read_prompt_file
+
+    sources = [args.prompts, args.embedded_prompts, args.negative_prompts]
+    if sum(source is not None for source in sources) != 1:
+        raise UsageError("give one of PROMPTS (a .txt/.jsonl file), --embedded-prompts N or --negative-prompts N")
+    if args.prompts is None:
+        return grammar_prompts(args, embedded)
     try:
         lines = read_prompt_file(args.prompts)
     except PromptFileError as error:
@@ -145,10 +207,7 @@ def read_prompts(args: argparse.Namespace, embedded: bool) -> List[Prompt]:
         if line.seed is not None or line.n is not None:
             raise UsageError(f'{where}: eval gives all prompts the same seeds (--seed, --seeds); remove "seed", "n"')
         if embedded:
-            try:
-                parse_prompt(line.prompt)
-            except ValueError as error:
-                raise UsageError(f"{where}: the embedded model's judge needs its grammar: {error}") from None
+            check_embedded_line(where, line.prompt, line.negative)
     if len(lines) < 2:
         raise UsageError(f"{args.prompts}: at least 2 prompts are needed for paired statistics, got {len(lines)}")
     return [Prompt(line.prompt, line.negative) for line in lines]
@@ -195,8 +254,10 @@ def plan_lines(order: Plan, units: Sequence[Unit], settings: Modes) -> List[Dict
     lines = []
     for mode, number in order:
         unit = units[number]
-        negative = {} if unit.negative is None else {"negative": unit.negative}
-        lines.append({"prompt": unit.prompt, **negative, "seed": unit.seed, "n": unit.n, **settings[mode]})
+        line = {key: value for key, value in settings[mode].items() if key != NEGATIVE_FOR}
+        fields = settings[mode].get(NEGATIVE_FOR, "negative").split("+")
+        negative = {} if unit.negative is None else {field: unit.negative for field in fields if field}
+        lines.append({"prompt": unit.prompt, "seed": unit.seed, "n": unit.n, **line, **negative})
     return lines
 
 
@@ -226,12 +287,18 @@ def load_images(folder: str, order: Plan, units: Sequence[Unit], conditional: in
 def embedded_references(
     prompts: Sequence[Prompt], seeds: int, unconditional: int, size: Tuple[int, int]
 ) -> Tuple[list, list]:
-    """Ground-truth renders: ``seeds`` of each prompt; ``unconditional`` scenes drawn as the training data's."""
-    from ..toy.data import parse_prompt, random_labels, render
+    """Ground-truth renders: ``seeds`` of each prompt (what it leaves open drawn at random, never the value its
+    negative names); ``unconditional`` scenes drawn as the training data's."""
+    from ..toy.data import complete_labels, negated_labels, parse_prompt, random_labels, render
 
     rng = np.random.default_rng(REFERENCE_SEED)
     side = min(size)
-    conditional = [render(parse_prompt(p.text), side, rng) for p in prompts for _ in range(seeds)]
+
+    def truth(prompt: Prompt) -> np.ndarray:
+        avoid = negated_labels(prompt.negative) if prompt.negative is not None else ("", "")
+        return render(complete_labels(parse_prompt(prompt.text), rng, avoid), side, rng)
+
+    conditional = [truth(p) for p in prompts for _ in range(seeds)]
     return conditional, [render(random_labels(rng), side, rng) for _ in range(unconditional)]
 
 
@@ -255,18 +322,21 @@ def measure_mode(
     from .metrics import diversity
 
     count = len(prompts)
+    texts = [p.text for p in prompts for _ in range(seeds)]
+    negatives = [p.negative for p in prompts for _ in range(seeds)]
     measured: Dict[str, Measured] = {}
     if judge is not None:
         from .adherence import attribute_hits
 
-        hits = attribute_hits(conditional, [p.text for p in prompts for _ in range(seeds)], judge)
+        hits = attribute_hits(conditional, texts, judge)
         for attribute, values in hits.items():
             measured["adherence" if attribute == "overall" else attribute] = Measured(per_prompt(values, count), True)
+        measured.update(negative_metrics(conditional, negatives, count, judge=judge))
     if clip is not None:
         from .clip import clip_scores
 
-        scores = clip_scores(conditional, [p.text for p in prompts for _ in range(seeds)], clip)
-        measured["clip_score"] = Measured(per_prompt(scores, count), True)
+        measured["clip_score"] = Measured(per_prompt(clip_scores(conditional, texts, clip), count), True)
+        measured.update(negative_metrics(conditional, negatives, count, clip=clip))
     generated = features(conditional)
     if references[0] is not None:
         measured["kid"] = kernel_distance(generated, references[0], count)
@@ -274,6 +344,32 @@ def measure_mode(
         measured["kid_uncond"] = kernel_distance(features(unconditional), references[1], len(unconditional))
     if seeds >= 2:
         measured["diversity"] = Measured(diversity(generated.reshape(count, seeds, -1)), True)
+    return measured
+
+
+def negative_metrics(
+    images: list, negatives: Sequence[Optional[str]], prompts: int, judge=None, clip=None
+) -> Dict[str, Measured]:
+    """Lower-is-better metrics of what the negative prompts name, NaN for images without one: with the judge the
+    share that shows the negated value (``adherence.negated_hits``), with CLIP the CLIP score of the negative.
+    Empty when no prompt has a negative."""
+    have = [k for k, negative in enumerate(negatives) if negative is not None]
+    if not have:
+        return {}
+    chosen, texts = [images[k] for k in have], [str(negatives[k]) for k in have]
+    if judge is not None:
+        from .adherence import negated_hits
+
+        values = negated_hits(chosen, texts, judge)
+    else:
+        from .clip import clip_scores
+
+        values = {"negative_clip_score": clip_scores(chosen, texts, clip)}
+    measured = {}
+    for name, some in values.items():
+        full = np.full(len(images), np.nan)
+        full[have] = some
+        measured[name] = Measured(per_prompt(full, prompts), False)
     return measured
 
 
@@ -295,13 +391,19 @@ def compare(measured: Dict[str, Dict[str, Measured]], baseline: str) -> Results:
     return results
 
 
+def example_label(prompt: Prompt) -> str:
+    """The row label of a prompt in examples.png: the prompt, and its negative when it has one."""
+    return prompt.text if prompt.negative is None else f"{prompt.text} (negative: {prompt.negative})"
+
+
 # --- the command ----------------------------------------------------------------------------------------------
 
 
 def evaluate(args: argparse.Namespace) -> int:
     """Check everything, make the missing images with the batch job, then (main process) measure and report."""
     check_output_folder(args.out)
-    modes = mode_settings(args, parse_modes(args.modes or DEFAULT_MODES, args.baseline))
+    default_modes = DEFAULT_MODES if args.negative_prompts is None else NEGATIVE_MODES
+    modes = mode_settings(args, parse_modes(args.modes or default_modes, args.baseline))
     embedded = args.model is None
     prompts = read_prompts(args, embedded)
     if not embedded and args.clip is None:
@@ -364,7 +466,7 @@ def report(
     results = compare(measured, args.baseline)
     rows = min(EXAMPLE_ROWS, len(prompts))
     examples = {mode: [images[mode][0][p * args.seeds] for p in range(rows)] + images[mode][1][:1] for mode in modes}
-    labels = [p.text for p in prompts[:rows]] + ([EMPTY_LABEL] if args.unconditional else [])
+    labels = [example_label(p) for p in prompts[:rows]] + ([EMPTY_LABEL] if args.unconditional else [])
     paths = write_report(args.out, results, args.baseline, examples, labels)
     print(markdown(results, args.baseline), end="")
     print(f"wrote {', '.join(sorted(path.name for path in paths.values()))} to {os.path.abspath(args.out)}")

@@ -22,6 +22,8 @@ import numpy as np
 from .statistics import CONFIDENCE, PairedComparison
 
 FIGURE_COLUMNS = 5  # metric panels per row of metrics.png
+NEGATIVE_PREFIXES = ("negated", "negative_")  # metrics of what the negative prompts name (lower is better)
+BESIDE_NEGATIVES = ("adherence", "shape", "color", "background", "clip_score")  # positive metrics shown beside them
 
 
 @dataclass(frozen=True)
@@ -62,19 +64,36 @@ def format_cell(result: MetricResult) -> str:
     return text if c is None else f"{text} (Δ {c.difference:+.3g} [{c.low:+.3g}, {c.high:+.3g}]) {c.verdict}"
 
 
+def _table(results: Results, metrics: Sequence[str]) -> List[str]:
+    """Markdown lines of a mode x ``metrics`` table."""
+    lines = ["| mode | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for mode, by_metric in results.items():
+        cells = [format_cell(by_metric[m]) if m in by_metric else "" for m in metrics]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def negative_metric_names(results: Results) -> List[str]:
+    """The metrics of what the negative prompts name, in report order."""
+    return [metric for metric in _metrics(results) if metric.startswith(NEGATIVE_PREFIXES)]
+
+
 def markdown(results: Results, baseline: str) -> str:
-    """A mode x metric table; each compared cell gives the difference to ``baseline`` and its interval."""
+    """A mode x metric table; each compared cell gives the difference to ``baseline`` and its interval. With
+    negative prompts a second table gives what they name beside the positive adherence."""
     metrics = _metrics(results)
     lines = [
         f"Baseline: `{baseline}`. ±: standard error. Δ: mean per-prompt difference to the baseline, [low, high] "
         f"its {CONFIDENCE:.0%} bootstrap interval; 'better' or 'worse' only where that interval excludes 0.",
         "",
-        "| mode | " + " | ".join(metrics) + " |",
-        "|---" * (len(metrics) + 1) + "|",
+        *_table(results, metrics),
     ]
-    for mode, by_metric in results.items():
-        cells = [format_cell(by_metric[m]) if m in by_metric else "" for m in metrics]
-        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    negatives = negative_metric_names(results)
+    if negatives:
+        beside = [metric for metric in BESIDE_NEGATIVES if metric in metrics]
+        lines += ["", "Negative prompts: `negated` is the share of images that show the value the negative names "
+                  "(lower is better; per attribute in `negated_*`), beside adherence to what the prompt names.", "",
+                  *_table(results, negatives + beside)]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

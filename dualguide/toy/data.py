@@ -126,6 +126,12 @@ def parse_prompt(prompt: str) -> Labels:
             "position": match["position"] or ""}  # fmt: skip
 
 
+def _distinct_with_open(attribute: str) -> int:
+    """How many distinct prompts leave ``attribute`` open and name the rest (sizes x positions x the named values)."""
+    named = len(COLORS) * (len(COLORS) - 1) if attribute == "shape" else len(SHAPES) * len(COLORS)
+    return named * len(SIZES) * (len(POSITIONS) + 1)
+
+
 def _ring(count: int, start: float, radii: Sequence[float] = (1.0,)) -> List[Tuple[float, float]]:
     """``count`` points evenly spaced in angle from ``start``, at radii cycling through ``radii``."""
     angles = [start + 2 * math.pi * k / count for k in range(count)]
@@ -220,6 +226,18 @@ def tuning_prompts(count: int = 32) -> List[str]:
     return evaluation_prompts(count, TUNING_SEED, exclude=evaluation_prompts(HELD_OUT_POOL))
 
 
+def complete_labels(labels: Labels, rng: np.random.Generator, avoid: Tuple[str, str] = ("", "")) -> Labels:
+    """``labels`` with an open colour, shape or background drawn as the training data draws it (colour and
+    background differ), never the ``(attribute, value)`` of ``avoid`` (what a negative prompt names)."""
+    result = dict(labels)
+    for name in OPEN_ATTRIBUTES:
+        if not result[name]:
+            taken = {result["color"], result["background"]} if name != "shape" else set()
+            choices = [v for v in (SHAPES if name == "shape" else COLORS) if v not in taken and avoid != (name, v)]
+            result[name] = str(rng.choice(choices))
+    return result
+
+
 def negative_text(attribute: str, value: str) -> str:
     """The grammar phrase that names only ``value`` of ``attribute``: "a red shape", "a circle",
     "a shape on a red background" (in distribution for a model trained with attribute dropout)."""
@@ -227,7 +245,7 @@ def negative_text(attribute: str, value: str) -> str:
 
 
 def negative_prompts(count: int, seed: int = NEGATIVE_SEED) -> List[Tuple[str, str]]:
-    """``count`` distinct ``(prompt, negative)`` pairs: the prompt leaves one attribute open (colour, shape,
+    """``count`` (at most ``MAX_NEGATIVE_PROMPTS``) distinct ``(prompt, negative)`` pairs: the prompt leaves one attribute open (colour, shape,
     background in turn) and names the others; the negative names one value of the open attribute, one the scene
     could show (a colour other than the named background, a background other than the named colour)."""
     rng = np.random.default_rng(seed)
@@ -239,6 +257,9 @@ def negative_prompts(count: int, seed: int = NEGATIVE_SEED) -> List[Tuple[str, s
         value = str(rng.choice(SHAPES if attribute == "shape" else [c for c in COLORS if c not in named]))
         pairs.setdefault(caption(labels), negative_text(attribute, value))
     return list(pairs.items())
+
+
+MAX_NEGATIVE_PROMPTS = len(OPEN_ATTRIBUTES) * min(_distinct_with_open(name) for name in OPEN_ATTRIBUTES)
 
 
 def negated_labels(negative: str) -> Tuple[str, str]:
