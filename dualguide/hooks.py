@@ -72,15 +72,24 @@ def _ensure_wrapped(attn: nn.Module, wrapper_type: Callable, wrapper):
     return _wrap(attn, wrapper_type)
 
 
-def _acquire_pre_hook(module: nn.Module, hook: Callable) -> None:
+def _acquire_handle(module: nn.Module, hook: Callable, register: Callable[[], object]) -> None:
+    """One share of ``hook`` on ``module``: the first share registers it (``register()`` gives its handle)."""
     entries = _entries(module)
     entry = entries.get(hook)
     if entry is None:
-        entry = entries[hook] = [0, module.register_forward_pre_hook(hook, with_kwargs=True)]
+        entry = entries[hook] = [0, register()]
     entry[0] += 1
 
 
-def _release_pre_hook(module: nn.Module, hook: Callable) -> None:
+def _acquire_pre_hook(module: nn.Module, hook: Callable) -> None:
+    _acquire_handle(module, hook, lambda: module.register_forward_pre_hook(hook, with_kwargs=True))
+
+
+def _acquire_post_hook(module: nn.Module, hook: Callable) -> None:
+    _acquire_handle(module, hook, lambda: module.register_forward_hook(hook))
+
+
+def _release_hook(module: nn.Module, hook: Callable) -> None:
     handle = _drop(module, hook)
     if handle is not None:
         handle.remove()
@@ -88,11 +97,13 @@ def _release_pre_hook(module: nn.Module, hook: Callable) -> None:
 
 @dataclass(frozen=True)
 class HookSites:
-    """What a family hooks for a set of guidance terms: forward pre-hooks ``(module, hook)`` (with kwargs) and
-    processor wrappers ``(attention, wrapper type)``. A family adapter says which (``ModelFamily.hook_plan``)."""
+    """What a family hooks for a set of guidance terms: forward pre-hooks ``(module, hook)`` (with kwargs),
+    processor wrappers ``(attention, wrapper type)`` and forward hooks ``(module, hook)``. A family adapter says
+    which (``ModelFamily.hook_plan``); the denoiser adds those of shared prefix rows."""
 
     pre_hooks: Tuple[Tuple[nn.Module, Callable], ...] = ()
     wrappers: Tuple[Tuple[nn.Module, Callable], ...] = ()
+    post_hooks: Tuple[Tuple[nn.Module, Callable], ...] = ()
 
 
 # One installation: (module, hook function or wrapper type, acquire, release).
@@ -100,9 +111,11 @@ Part = Tuple[nn.Module, Callable, Callable, Callable]
 
 
 def _guidance_parts(sites: HookSites) -> List[Part]:
-    return [(module, hook, _acquire_pre_hook, _release_pre_hook) for module, hook in sites.pre_hooks] + [
-        (attn, wrapper_type, _acquire_wrapper, _release_wrapper) for attn, wrapper_type in sites.wrappers
-    ]
+    return (
+        [(module, hook, _acquire_pre_hook, _release_hook) for module, hook in sites.pre_hooks]
+        + [(attn, wrapper_type, _acquire_wrapper, _release_wrapper) for attn, wrapper_type in sites.wrappers]
+        + [(module, hook, _acquire_post_hook, _release_hook) for module, hook in sites.post_hooks]
+    )
 
 
 class Installation:
@@ -129,7 +142,7 @@ class Installation:
 
 @contextmanager
 def guidance_hooks(sites: HookSites) -> Iterator[Installation]:
-    """The pre-hooks (``with_kwargs=True``) and processor wrappers of ``sites`` for the ``with`` block, shared and
+    """The pre-hooks (``with_kwargs=True``), processor wrappers and forward hooks of ``sites`` for the ``with`` block, shared and
     counted; released in reverse order on exit."""
     acquired: List[Part] = []
     try:
