@@ -16,7 +16,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import FrozenSet, Iterator, Mapping, Optional, Tuple
+from typing import Dict, FrozenSet, Iterator, Mapping, Optional, Tuple
 
 from torch import Tensor, nn
 
@@ -58,13 +58,30 @@ class NAGCall:
 
 
 @dataclass(frozen=True)
+class RowMap:
+    """Where a narrowed call's rows sit in its outer call's: ``keep``, the outer rows computed inside the narrowed
+    module; ``widen``, for each outer row, the inner row whose output it takes (a dropped row takes its cond row)."""
+
+    keep: Tensor
+    widen: Tensor
+    outer_rows: int
+    inner_rows: int
+
+
+@dataclass(frozen=True)
 class GuidedCall:
-    """What the hooks need to know about one guided UNet call."""
+    """What the hooks need to know about one guided UNet call.
+
+    ``shared``: prefix module -> the narrowed call in force inside it (rows that still equal the cond row dropped,
+    see ``sharing``); a narrowed call has its ``outer`` call and ``row_map``."""
 
     rows: CallRows
     tpg: Optional[TPGCall] = None
     pag: Optional[PAGCall] = None
     nag: Optional[NAGCall] = None
+    shared: Dict[nn.Module, "GuidedCall"] = field(default_factory=dict, compare=False, repr=False)
+    outer: Optional["GuidedCall"] = field(default=None, compare=False, repr=False)
+    row_map: Optional[RowMap] = field(default=None, compare=False, repr=False)
 
 
 _CURRENT: ContextVar[Optional[GuidedCall]] = ContextVar("dualguide_guided_call", default=None)
@@ -73,6 +90,12 @@ _CURRENT: ContextVar[Optional[GuidedCall]] = ContextVar("dualguide_guided_call",
 def current_call() -> Optional[GuidedCall]:
     """The guided call in flight in this thread / context, or None."""
     return _CURRENT.get()
+
+
+def switch_call(call: GuidedCall) -> None:
+    """Make ``call`` the call in flight in place of the current one (into a narrowed call and back out, by the
+    hooks of ``sharing``); the enclosing ``guided_call`` block resets the state on exit, exceptions included."""
+    _CURRENT.set(call)
 
 
 @contextmanager

@@ -24,10 +24,11 @@ from .config import CFG, NAG, PAG, TPG
 from .control import ControlNetInput, control_residuals
 from .families import CallExtras, ModelFamily, family_of
 from .guidance import guided_prediction, rescale_guidance
-from .hooks import Installation, guidance_hooks
+from .hooks import HookSites, Installation, guidance_hooks
 from .nag import negative_key_value
 from .rows import BRANCH_ORDER, CallRows, Seeds, TokenPermutations, plan_calls
 from .schedule import DiscreteModelSchedule, FlowMatchSchedule, model_schedule
+from .sharing import PrefixSharing, call_template, narrow_rows, shared_call, widen_rows
 
 
 
@@ -67,6 +68,10 @@ class GuidedDenoiser:
 
     ``family``: the backbone's adapter (SDXL, SD 1.x/2.x, ...); by default the one whose backbone
     ``unet`` is (``dualguide.families.family_of``).
+
+    ``share_prefix``: the TPG and PAG rows run as the cond row until their term's first perturbed block
+    (``dualguide.sharing``; the same output, fewer FLOPs) where the family can (UNets) and the step's rows
+    are in one backbone call; False runs every row through the whole backbone. A compiled UNet never shares.
     """
 
     def __init__(
@@ -85,6 +90,7 @@ class GuidedDenoiser:
         cross_attention_kwargs: Optional[dict] = None,
         timestep_cond: Optional[Tensor] = None,
         family: Optional[ModelFamily] = None,
+        share_prefix: bool = True,
     ) -> None:
         family = family_of(unet) if family is None else family
         if not isinstance(schedule, (DiscreteModelSchedule, FlowMatchSchedule)):
@@ -121,8 +127,11 @@ class GuidedDenoiser:
         if self.pag:
             _check_heads(self._pag_attns, self.pag.heads)
         self._nag_attns = family.nag_attentions(unet) if self.nag else frozenset()
-        self._hook_sites = family.hook_plan(unet, self._tpg_blocks, self._pag_attns, self._nag_attns)
         self._compiled = is_compiled_module(unet)
+        # A compiled UNet keeps only its resident hooks (``compiled``): it runs every row from the start.
+        prefixes = {"tpg": tpg_blocks, "pag": pag_blocks} if share_prefix and not self._compiled else {}
+        self._sharing = PrefixSharing({name: family.prefix_modules(unet, [n for n, _ in blocks]) for name, blocks in prefixes.items()})
+        self._hook_sites = self._with_sharing_hooks(family.hook_plan(unet, self._tpg_blocks, self._pag_attns, self._nag_attns))
         self.permutations = TokenPermutations(seed)
         self._running = threading.Lock()
         self._held: List[Installation] = []  # the installations of the ``hooks()`` blocks now open
@@ -179,7 +188,18 @@ class GuidedDenoiser:
         }
         return tuple(name for name in BRANCH_ORDER if on[name])
 
+    @property
+    def shared_prefix_modules(self) -> Tuple[nn.Module, ...]:
+        """The modules inside which this denoiser's calls drop the rows that still equal the cond row (none: no sharing)."""
+        return self._sharing.modules
+
     # -- hooks --------------------------------------------------------------------------------
+    def _with_sharing_hooks(self, sites: HookSites) -> HookSites:
+        """``sites`` and the narrowing / widening hooks of the prefix modules (``dualguide.sharing``)."""
+        modules = self._sharing.modules
+        return HookSites(sites.pre_hooks + tuple((m, narrow_rows) for m in modules), sites.wrappers,
+                         sites.post_hooks + tuple((m, widen_rows) for m in modules))  # fmt: skip
+
     @contextmanager
     def hooks(self) -> Iterator["GuidedDenoiser"]:
         """Keep this denoiser's hooks installed over many calls (a whole sampling run).
@@ -361,6 +381,17 @@ class GuidedDenoiser:
         pag = PAGCall(self._pag_attns, self.pag.beta, self.pag.heads) if "pag" in call_rows.slices else None
         return GuidedCall(call_rows, tpg, pag, nag)
 
+    def _shared(self, call: GuidedCall, branches: Tuple[str, ...], batch: int, device: torch.device) -> GuidedCall:
+        """``call`` (all rows of the step in one backbone call) with its shared prefix rows: the narrowed calls,
+        laid out once per set of branches for the conditioning in use (``_batch_cache``)."""
+        points = self._sharing.points(branches)
+        if not points:
+            return call
+        key = ("prefix", branches, batch, id(call.nag), device)
+        if key not in self._batch_cache:
+            self._batch_cache[key] = call_template(points, call.rows, call.nag, device)
+        return shared_call(call, self._batch_cache[key])
+
     def _step_of(self, level: float) -> Tuple[int, int]:
         """``(step index, steps)`` of a call at noise level ``level`` in the run's schedule."""
         levels = self._levels
@@ -375,9 +406,12 @@ class GuidedDenoiser:
         self.permutations.new_step()
         permutations = self._step_permutations(model_input[:batch]) if "tpg" in branches else {}
         outputs = []
+        calls = plan_calls(branches, batch, self.max_batch_rows)
         with self._call_hooks():
-            for rows, call_rows in plan_calls(branches, batch, self.max_batch_rows):
+            for rows, call_rows in calls:
                 call = self._guided_call(call_rows, permutations, self._call_nag(negative, rows, call_rows.guided))
+                if len(calls) == 1:  # shared prefix rows need every row of the step in the call
+                    call = self._shared(call, branches, batch, model_input.device)
                 with guided_call(call):
                     outputs.append(
                         self.family.call(

@@ -92,7 +92,9 @@ PIPELINE_PAIRS = {  # name -> (lowest value, optional)
     "crops_coords_top_left": (0, False),
     "negative_crops_coords_top_left": (0, False),
 }
-PIPELINE_BOOLS = {"do_nag": True, "nag_use_l1": True, "return_dict": False, "truncate_long_prompts": False}  # -> optional
+PIPELINE_BOOLS = {  # -> optional
+    "do_nag": True, "nag_use_l1": True, "return_dict": False, "truncate_long_prompts": False, "share_prefix": False,
+}  # fmt: skip
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 

@@ -1,5 +1,5 @@
 """The denoiser runs on the meta device (no weights, no data), so FLOPs of a full-size configuration can be
-counted without a GPU: TPG's permutations included."""
+counted without a GPU: TPG's permutations included; shared prefix rows cost less than whole rows."""
 
 import torch
 from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
@@ -27,11 +27,16 @@ def test_every_mode_runs_on_the_meta_device_and_rows_cost_what_they_should():
     cond = Conditioning(torch.zeros(1, 77, width, device="meta"), torch.zeros(1, pooled, device="meta"), torch.zeros(1, 6, device="meta"))
     negative = torch.zeros(1, 77, width, device="meta")
     x = torch.zeros(1, 4, 16, 16, device="meta")
-    counts = {name: flops(GuidedDenoiser(unet, scheduler, **terms), x, cond, negative) for name, terms in {
+    modes = {
         "cfg": dict(cfg=CFG(5.0)), "cfg+tpg": dict(cfg=CFG(5.0), tpg=TPG(3.0)), "cfg+pag": dict(cfg=CFG(5.0), pag=PAG(3.0)),
         "cfg+nag": dict(cfg=CFG(5.0), nag=NAG(3.0)), "tpg": dict(tpg=TPG(3.0)),
-    }.items()}  # fmt: skip
-    assert counts["cfg+tpg"] * 2 == counts["cfg"] * 3  # a third row, the whole UNet (no shared prefix yet)
+    }  # fmt: skip
+    counts = {name: flops(GuidedDenoiser(unet, scheduler, share_prefix=False, **terms), x, cond, negative) for name, terms in modes.items()}
+    assert counts["cfg+tpg"] * 2 == counts["cfg"] * 3  # a third row, the whole UNet
     assert counts["tpg"] == counts["cfg"]  # [cond, tpg]: two rows
     assert counts["cfg"] < counts["cfg+pag"] < counts["cfg+tpg"]  # the PAG row skips its blocks' attention maps
     assert counts["cfg"] < counts["cfg+nag"] < counts["cfg+tpg"]  # NAG: extra attention, no row
+    shared = {name: flops(GuidedDenoiser(unet, scheduler, **modes[name]), x, cond, negative) for name in ("cfg", "cfg+tpg", "cfg+pag", "tpg")}
+    assert shared["cfg"] == counts["cfg"]  # nothing to share
+    assert counts["cfg"] < shared["cfg+tpg"] < counts["cfg+tpg"] and counts["cfg"] < shared["cfg+pag"] < counts["cfg+pag"]
+    assert shared["tpg"] < counts["tpg"]  # the TPG row's prefix runs once

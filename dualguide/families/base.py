@@ -86,6 +86,12 @@ class ModelFamily(ABC):
     def hook_sites(self, model: nn.Module) -> HookSites:
         """Every hook and wrapper any guided call may use: what a compiled model keeps installed."""
 
+    def prefix_modules(self, model: nn.Module, names: Sequence[str]) -> List[Tuple[str, nn.Module]]:
+        """``(name, module)`` of the coarsest modules of ``model`` that run entirely before the first of the blocks
+        ``names`` (module names), whose output rows a perturbation there cannot change; [] (the default) when the
+        family does not share prefix rows (``dualguide.sharing``)."""
+        return []
+
     def resolve(self, model: nn.Module, spec: LayerSpec, parameter: str) -> List[Tuple[str, nn.Module]]:
         """``(module name, block)`` of each id in ``spec``; ``ValueError`` naming ``parameter`` and the valid ranges."""
         return resolve_ids(self.blocks(model), spec, parameter)

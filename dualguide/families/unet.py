@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, Iterable, List, Optional, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.utils.torch_utils import unwrap_module
@@ -66,6 +66,37 @@ def _token_counts(unet: nn.Module, height: int, width: int) -> Dict[nn.Module, i
     return counts
 
 
+def _run_order(module: nn.Module, name: str) -> List[str]:
+    """The children of a UNet (``name`` ""), one of its blocks or a ``Transformer2DModel`` that can run before a
+    transformer block, in the order the module's forward runs them; [] for any other module."""
+    if not name:
+        downs = [f"down_blocks.{i}" for i in range(len(module.down_blocks))]
+        ups = [f"up_blocks.{i}" for i in range(len(module.up_blocks))]
+        return ["conv_in", *downs, *(["mid_block"] if module.mid_block is not None else []), *ups]
+    if hasattr(module, "transformer_blocks"):
+        return [f"transformer_blocks.{i}" for i in range(len(module.transformer_blocks))]
+    resnets = [f"resnets.{i}" for i in range(len(getattr(module, "resnets", ())))]
+    attentions = [f"attentions.{i}" for i in range(len(getattr(module, "attentions", None) or ()))]
+    if name == "mid_block":  # resnets[0], then each attention with the resnet after it
+        return resnets[:1] + [child for pair in zip(attentions, resnets[1:]) for child in pair]
+    return [child for pair in zip(resnets, attentions) for child in pair] if attentions else resnets
+
+
+def _before(unet: nn.Module, path: str) -> Tuple[Tuple[int, ...], List[Tuple[str, nn.Module]]]:
+    """The run-order position of the module ``path`` (per level) and the coarsest modules that run entirely before it."""
+    module, name, position, before = unet, "", [], []
+    while name != path:
+        rest = path[len(name) + 1 :] if name else path
+        order = _run_order(module, name)
+        at = next((i for i, child in enumerate(order) if rest == child or rest.startswith(child + ".")), None)
+        if at is None:  # a level this walk does not know: what runs before it is all it can tell
+            break
+        position.append(at)
+        before += [(f"{name}.{child}" if name else child, module.get_submodule(child)) for child in order[:at]]
+        name, module = f"{name}.{order[at]}" if name else order[at], module.get_submodule(order[at])
+    return tuple(position), before
+
+
 class UNetFamily(ModelFamily):
     """A ``UNet2DConditionModel`` family: TPG shuffles each block's input tokens, PAG perturbs ``attn1``,
     NAG extrapolates every ``attn2``; the subclass says which UNets it takes and what a row carries."""
@@ -94,6 +125,13 @@ class UNetFamily(ModelFamily):
     def hook_sites(self, model: nn.Module) -> HookSites:
         blocks = list(_structure(model).transformer_blocks)
         return self.hook_plan(model, blocks, [b.attn1 for b in blocks], [b.attn2 for b in blocks if b.attn2 is not None])
+
+    def prefix_modules(self, model: nn.Module, names: Sequence[str]) -> List[Tuple[str, nn.Module]]:
+        """``conv_in``, the down / mid / up blocks, and within the first block's own UNet block and
+        ``Transformer2DModel`` the resnets, attentions and transformer blocks that run before it (its
+        ``Transformer2DModel``'s norm and ``proj_in`` stay wide: they cost almost nothing)."""
+        unet = unwrap_module(model)
+        return min((_before(unet, name) for name in names), default=((), []))[1]
 
     def token_counts(self, model: nn.Module, height: int, width: int) -> Dict[nn.Module, int]:
         """Down blocks halve the size after their attentions (rounding up, as their stride-2 convolutions

@@ -193,7 +193,7 @@ class GuidedSamplingMixin:
         return GuidedDenoiser(
             self.backbone, self.scheduler, cfg=cfg, tpg=tpg, pag=pag, nag=nag, sigmas=sigmas, seed=seeds,
             max_batch_rows=args["max_batch_rows"], cross_attention_kwargs=self.attention_kwargs(args),
-            timestep_cond=timestep_cond, family=self.family,
+            timestep_cond=timestep_cond, family=self.family, share_prefix=args["share_prefix"],
         )  # fmt: skip
 
     def step_events(self, args: Dict[str, Any], denoiser: GuidedDenoiser, inputs: GuidanceInputs, progress_bar) -> StepEvents:

@@ -66,6 +66,7 @@ def guidance_parameters(family: ModelFamily) -> List[inspect.Parameter]:
         ("sigma_min", Optional[float], None),
         ("sigma_max", Optional[float], None),
         ("max_batch_rows", Optional[int], None),
+        ("share_prefix", bool, True),
         ("truncate_long_prompts", bool, False),
     ]
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
@@ -81,7 +82,8 @@ GUIDANCE_DOC = """
         fractions of the schedule. Without ``sampler`` the loop follows ``pipe.scheduler`` as diffusers
         does; a k-diffusion sampler name or a callable runs that sampler instead, over ``sigma_schedule``
         ("model", "karras", "exponential"), ``sigmas`` or ``timesteps``. ``max_batch_rows`` splits a step's rows
-        over several UNet calls to save memory. Prompts longer than the tokenizer's window are encoded window
+        over several UNet calls to save memory; ``share_prefix`` (True) runs the TPG / PAG rows as the cond row until their
+        first perturbed block (same images, fewer FLOPs). Prompts longer than the tokenizer's window are encoded window
         by window unless ``truncate_long_prompts``.
 """
 
