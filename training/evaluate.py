@@ -1,10 +1,12 @@
-"""Judged adherence of a trained toy pipeline over held-out grammar prompts, for a sweep of CFG and TPG settings.
+"""Judged adherence of a trained toy pipeline over grammar prompts, for a sweep of CFG and TPG settings.
 
     python -m training.evaluate --model dualguide/embedded --write      # about 15 s per setting on 2 CPU cores
 
 Prints one JSON line per (guidance_scale, tpg_scale, tpg_applied_layers_index), with the mean absolute
 pixel difference (0-255) to the same seed without TPG; ``--write`` stores the best setting with both
-CFG and TPG on (by adherence, then background accuracy, then that difference) in ``recommended.json``.
+CFG and TPG on (by adherence, then background accuracy, then that difference) in ``recommended.json``. The
+prompts are held out (``data.tuning_prompts``: never those ``dualguide eval`` and the tests measure); with
+``--prompt-set evaluation`` they are those (to compare two models, never to choose settings).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from dualguide.layers import resolve_layers
 from dualguide.loading import write_recommended
-from dualguide.toy.data import tuning_prompts
+from dualguide.toy.data import evaluation_prompts, tuning_prompts
 from dualguide.toy.judge import JUDGE_DIR, ShapeJudge, adherence, mean_pixel_difference
 from dualguide.toy.model import load_pipeline, load_recommended
 
@@ -31,11 +33,15 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--tpg", type=float, nargs="+", default=[0.0, 3.0, 4.0], help="TPG scales (0: TPG off)")
     p.add_argument("--tpg-layers", nargs="+", default=["d6-d23", "d0-d23"], help="TPG layer sets")
     p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--prompt-set", choices=("tuning", "evaluation"), default="tuning",
+                   help="held-out tuning prompts, or the prompts dualguide eval measures (to compare models; no --write)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--write", action="store_true", help="store the best CFG+TPG setting in recommended.json "
                    "(by adherence, then background accuracy; on a tie the one that changes the picture most)")  # fmt: skip
     args = p.parse_args(argv)
+    if args.write and args.prompt_set != "tuning":
+        p.error("--write chooses recommended.json on the held-out tuning prompts only; drop --prompt-set evaluation")
     if min(args.tpg) < 0 or min(args.cfg) < 1:
         p.error(f"--tpg takes scales >= 0 and --cfg scales >= 1, got --tpg {args.tpg} --cfg {args.cfg}")
     return args
@@ -51,7 +57,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     recommended = load_recommended(args.model)
     for layers in args.tpg_layers:  # an unknown id fails here, before any sampling
         resolve_layers(pipe.unet, layers, "--tpg-layers")
-    prompts = tuning_prompts(args.prompts)  # held out: never what dualguide eval and the tests measure
+    prompts = (tuning_prompts if args.prompt_set == "tuning" else evaluation_prompts)(args.prompts)
 
     def generate(settings: dict) -> list:
         return pipe(prompts, generator=torch.Generator().manual_seed(args.seed), **settings).images

@@ -186,6 +186,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--decay", type=float, default=0.2, help="final fraction of --steps with a falling lr")
     p.add_argument("--text-lr", type=float, default=None, help="text encoders' learning rate (default: --lr)")
     p.add_argument("--freeze-text-encoders", action="store_true")
+    p.add_argument("--init", default=None, help="start from the UNet and text encoders of this saved toy pipeline "
+                   "(fine-tuning; the token embeddings are matched by token)")
     p.add_argument("--sample-steps", type=int, default=20, help="sampler steps of the sample grids")
     p.add_argument("--sample-prompts", type=int, default=16)
     p.add_argument("--judge", default="dualguide/embedded/judge", help="judge folder, for adherence in the log")
@@ -195,12 +197,34 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def warm_start(parts: dict, folder: str) -> None:
+    """Load the UNet and both text encoders of the toy pipeline saved in ``folder`` into ``parts``; token embeddings
+    are copied by token string (a word the old vocabulary lacks keeps its fresh random row)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", local_files_only=True)
+    parts["unet"].load_state_dict(unet.state_dict())
+    for name, model_class in zip(TEXT_ENCODERS, (CLIPTextModel, CLIPTextModelWithProjection)):
+        tokenizer_name = name.replace("text_encoder", "tokenizer")
+        state = model_class.from_pretrained(folder, subfolder=name, local_files_only=True).state_dict()
+        old_ids = AutoTokenizer.from_pretrained(folder, subfolder=tokenizer_name, local_files_only=True).get_vocab()
+        key = next(key for key in state if key.endswith("token_embedding.weight"))
+        table = parts[name].get_input_embeddings().weight.detach().clone()
+        for token, index in parts[tokenizer_name].get_vocab().items():
+            if token in old_ids:
+                table[index] = state[key][old_ids[token]]
+        parts[name].load_state_dict({**state, key: table})
+
+
 def setup_training(args: argparse.Namespace) -> Tuple[dict, list, torch.optim.Optimizer, common.EMA]:
-    """Components (the trained VAE, frozen, inside), trainable parameters, optimizer and EMA."""
+    """Components (the trained VAE, frozen, inside; ``--init`` weights), trainable parameters, optimizer and EMA."""
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(args.vae, local_files_only=True).eval().requires_grad_(False)
     parts = build_components(args.seed, args.prediction_type, vae=vae)
+    if args.init:
+        warm_start(parts, args.init)
     train_text = not args.freeze_text_encoders
     groups = [{"params": list(parts["unet"].parameters()), "lr": args.lr}]
     for name in TEXT_ENCODERS:
