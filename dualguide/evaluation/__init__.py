@@ -1,10 +1,10 @@
 """Evaluation of guidance modes against a baseline: metrics, paired statistics and report files.
 
 Modules, one job each: ``statistics`` (paired comparison with a baseline), ``layout`` (position and size
-measured from pixels), ``adherence`` (per-attribute hits on the toy model), ``features`` (judge features),
-``clip`` (CLIP score and image features from a local folder), ``reference`` (reference images),
-``metrics`` (KID and diversity on features) and ``report`` (results.md / .csv / .json, metrics.png,
-examples.png). Public names are imported lazily: ``import dualguide.evaluation`` loads no model and no torch.
+measured from pixels), ``adherence`` (per-attribute hits on the toy model, and whether an image shows what its
+negative prompt names), ``features`` (judge features), ``clip`` (CLIP score and image features from a local
+folder), ``reference`` (reference images), ``metrics`` (KID and diversity on features) and ``report``
+(results.md / .csv / .json, metrics.png, examples.png). Public names are imported lazily: ``import dualguide.evaluation`` loads no model and no torch.
 Needs the ``eval`` extra (torchmetrics, scipy, matplotlib).
 """
 
@@ -19,6 +19,8 @@ _EXPORTS = {
     "measure_layout": "layout",
     "ATTRIBUTES": "adherence",
     "attribute_hits": "adherence",
+    "NEGATED": "adherence",
+    "negated_hits": "adherence",
     "judge_features": "features",
     "check_clip_folder": "clip",
     "load_clip": "clip",
