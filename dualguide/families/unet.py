@@ -31,6 +31,7 @@ class _Structure:
     blocks: Blocks
     transformer_blocks: List[nn.Module]
     token_counts: Dict[Tuple[int, int], Dict[nn.Module, int]] = field(default_factory=dict)
+    prefixes: Dict[Tuple[str, ...], List[Tuple[str, nn.Module]]] = field(default_factory=dict)  # block names -> prefix modules
 
 
 _structures: "weakref.WeakKeyDictionary[nn.Module, _Structure]" = weakref.WeakKeyDictionary()
@@ -130,8 +131,11 @@ class UNetFamily(ModelFamily):
         """``conv_in``, the down / mid / up blocks, and within the first block's own UNet block and
         ``Transformer2DModel`` the resnets, attentions and transformer blocks that run before it (its
         ``Transformer2DModel``'s norm and ``proj_in`` stay wide: they cost almost nothing)."""
-        unet = unwrap_module(model)
-        return min((_before(unet, name) for name in names), default=((), []))[1]
+        known, names = _structure(model).prefixes, tuple(names)
+        if names not in known:
+            unet = unwrap_module(model)
+            known[names] = min((_before(unet, name) for name in names), default=((), []))[1]
+        return list(known[names])
 
     def token_counts(self, model: nn.Module, height: int, width: int) -> Dict[nn.Module, int]:
         """Down blocks halve the size after their attentions (rounding up, as their stride-2 convolutions
