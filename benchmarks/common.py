@@ -21,7 +21,10 @@ OUR_MODES: Dict[str, dict] = {
     "CFG+TPG+NAG": dict(guidance_scale=5.0, tpg_scale=3.0, do_nag=True),
     "CFG+PAG": dict(guidance_scale=5.0, tpg_scale=0.0, pag_scale=3.0),
     "CFG+TPG (TPG first half)": dict(guidance_scale=5.0, tpg_scale=3.0, tpg_interval=(0.0, 0.5)),
+    "CFG+TPG+PAG": dict(guidance_scale=5.0, tpg_scale=3.0, pag_scale=3.0),
 }
+# The modes with perturbed rows again with shared prefix rows off: what the sharing saves, measured in the same run.
+OUR_MODES.update({f"{mode}, no sharing": dict(OUR_MODES[mode], share_prefix=False) for mode in ("CFG+TPG", "CFG+PAG", "CFG+TPG+PAG")})
 
 
 BASELINE = "diffusers SDXL (CFG)"
