@@ -134,7 +134,9 @@ def test_every_term_with_k_diffusion_samplers_and_per_image_seeds(pipe, sampler)
     both = pipe(["a red circle", "a blue square"], generator=[torch.Generator().manual_seed(s) for s in (1, 2)], **kwargs).images
     second = pipe("a blue square", generator=torch.Generator().manual_seed(2), **kwargs).images
     assert torch.isfinite(both).all()
-    assert torch.allclose(both[1:], second, rtol=1e-4, atol=1e-4)  # a random tiny UNet's latents grow large
+    # A random tiny UNet's latents grow large (to ~55) and amplify float rounding: a batch of two runs other kernel
+    # blockings than one image (and, with shared prefix rows, other row counts), ~5e-4 apart after Heun's 3 evaluations.
+    assert torch.allclose(both[1:], second, rtol=1e-4, atol=2e-3)
 
 
 def test_from_pipe_between_tasks_and_to_diffusers(pipe):
