@@ -93,7 +93,7 @@ def main() -> int:
     print("\n".join(lines))
     note = (f"Python function calls per denoising step (`python benchmarks/host_calls.py`): cProfile's total calls of an "
             f"{LONG}-step minus a {SHORT}-step pipeline run, divided by {LONG - SHORT} (per image: the {LONG}-step run's), after a "
-            "warm-up run (a UNet's module tree is walked once per model); tiny SDXL-layout model, {SIZE} px, "
+            f"warm-up run (a UNet's module tree is walked once per model); tiny SDXL-layout model, {SIZE} px, "
             "latent output, guidance scale 5, TPG/PAG scale 3, TPG on its default layers. Deterministic.")  # fmt: skip
     write_sections(args.out, ["\n".join(["## Host work: Python calls per step (tiny SDXL)", "", note, "", *lines])])
     return 0
