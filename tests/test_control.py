@@ -7,6 +7,7 @@ from dualguide import CFG, NAG, TPG, GuidedDenoiser
 from dualguide.conditioning import encode_sdxl
 from dualguide.control import ControlNetInput, control_residuals
 from dualguide.tiny import build_tiny_controlnet
+from counting import rows_seen
 
 SIGMAS = torch.tensor([8.0, 3.0, 1.0, 0.0])
 
@@ -25,27 +26,15 @@ def control_image(seed=0):
     return torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-class RowCounter:
-    def __init__(self, module):
-        self.rows = []
-        self.handle = module.register_forward_pre_hook(lambda m, args: self.rows.append(args[0].shape[0]))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 @torch.no_grad()
 def test_perturbed_rows_reuse_the_cond_residuals_exactly(controlnet, conds):
     positive, negative = conds
     model_input = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(2))
     timesteps = torch.full((2,), 500.0)
     control = ControlNetInput(controlnet, control_image(), scale=0.8)
-    with RowCounter(controlnet) as counter:
+    with rows_seen(controlnet) as counter:
         down, mid = control_residuals(control, 0.8, ("uncond", "cond", "tpg"), model_input, timesteps, positive, negative)
-    assert counter.rows == [4]  # uncond + cond rows of two images, not the TPG rows
+    assert counter == [4]  # uncond + cond rows of two images, not the TPG rows
     from dualguide.conditioning import Conditioning
 
     every_row = Conditioning.cat([negative, positive, positive])
@@ -65,11 +54,11 @@ def test_controlnet_rows_per_step_with_cfg_and_tpg(pipe, controlnet, conds, gues
     denoiser = GuidedDenoiser(pipe.unet, pipe.scheduler, cfg=CFG(5.0), tpg=TPG(3.0), nag=NAG(3.0), sigmas=SIGMAS)
     control = ControlNetInput(controlnet, control_image(), scale=0.8, guess_mode=guess_mode)
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3)) * SIGMAS[0]
-    with RowCounter(controlnet) as control_rows, RowCounter(pipe.unet) as unet_rows:
+    with rows_seen(controlnet) as control_rows, rows_seen(pipe.unet) as unet_rows:
         for sigma in SIGMAS[:-1]:
             denoiser(x, sigma.expand(2), cond=positive, uncond=negative, nag_negative=negative.prompt_embeds, control=control)
-    assert control_rows.rows == [rows_per_step] * 3
-    assert unet_rows.rows == [6] * 3  # one UNet call of uncond, cond and TPG rows per step
+    assert control_rows == [rows_per_step] * 3
+    assert unet_rows == [6] * 3  # one UNet call of uncond, cond and TPG rows per step
 
 
 @torch.no_grad()

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import unet_snapshot
+from counting import rows_seen
 from dualguide import CFG, NAG, PAG, TPG, Conditioning, GuidedDenoiser, Interval
 from dualguide.rows import TokenPermutations
 
@@ -33,15 +34,6 @@ def unet_by_hand(unet, scheduler, x, sigma, conditioning):
         model_in, t, encoder_hidden_states=conditioning.prompt_embeds,
         added_cond_kwargs={"text_embeds": conditioning.pooled_embeds, "time_ids": conditioning.time_ids},
     ).sample  # fmt: skip
-
-
-class CallCounter:
-    def __init__(self, unet):
-        self.rows = []
-        self.handle = unet.register_forward_pre_hook(lambda m, args: self.rows.append(args[0].shape[0]))
-
-    def close(self):
-        self.handle.remove()
 
 
 @torch.no_grad()
@@ -142,13 +134,10 @@ def test_same_seed_same_tpg_output_other_seed_differs(pipe, conds, x):
 @torch.no_grad()
 def test_cfg_tpg_nag_is_one_unet_call_with_three_row_groups(pipe, conds, x):
     positive, negative = conds
-    counter = CallCounter(pipe.unet)
-    try:
+    with rows_seen(pipe.unet) as rows:
         denoiser = GuidedDenoiser(pipe.unet, pipe.scheduler, cfg=CFG(5.0), tpg=TPG(3.0), nag=NAG(3.0))
         denoiser(x, torch.full((2,), 3.0), cond=positive, uncond=negative, nag_negative=negative.prompt_embeds)
-    finally:
-        counter.close()
-    assert counter.rows == [6]
+    assert rows == [6]
 
 
 class Boom(RuntimeError):
@@ -193,14 +182,11 @@ def test_intervals_drop_rows(pipe, conds, x):
     denoiser = GuidedDenoiser(
         pipe.unet, pipe.scheduler, cfg=CFG(5.0, interval=(0.0, 0.5)), tpg=TPG(3.0, interval=(0.25, 1.0)), sigmas=sigmas
     )
-    counter = CallCounter(pipe.unet)
-    try:
+    with rows_seen(pipe.unet) as rows:
         for sigma in sigmas[:-1]:
             denoiser(x, sigma.expand(2), cond=positive, uncond=negative)
-    finally:
-        counter.close()
     # step 0: uncond + cond; steps 1: uncond + cond + tpg; steps 2-3: cond + tpg
-    assert counter.rows == [4, 6, 4, 4]
+    assert rows == [4, 6, 4, 4]
     sigma_interval = GuidedDenoiser(pipe.unet, pipe.scheduler, cfg=CFG(5.0, interval=Interval(sigma_low=1.5, sigma_high=6.0)))
     assert sigma_interval.active_branches(5.0) == ("uncond", "cond")
     assert sigma_interval.active_branches(1.0) == ("cond",)
@@ -214,12 +200,9 @@ def test_memory_mode_matches_one_call(pipe, conds, x, max_rows):
     sigma = torch.full((2,), 3.0)
     args = dict(cond=positive, uncond=negative, nag_negative=negative.prompt_embeds)
     one_call = GuidedDenoiser(pipe.unet, pipe.scheduler, **settings)(x, sigma, **args)
-    counter = CallCounter(pipe.unet)
-    try:
+    with rows_seen(pipe.unet) as rows:
         split = GuidedDenoiser(pipe.unet, pipe.scheduler, max_batch_rows=max_rows, **settings)(x, sigma, **args)
-    finally:
-        counter.close()
-    assert max(counter.rows) <= max_rows and sum(counter.rows) == 8
+    assert max(rows) <= max_rows and sum(rows) == 8
     assert torch.allclose(split, one_call, atol=1e-4)
 
 

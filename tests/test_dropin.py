@@ -19,6 +19,7 @@ from diffusers import (
 
 import samplers
 from conftest import SIZE, unet_snapshot
+from counting import rows_seen
 from dualguide import StableDiffusionXLTPGPipeline
 
 EXACT = dict(atol=1e-4, rtol=1e-4)
@@ -47,18 +48,6 @@ def latents_of(pipeline, seed=0, **kwargs):
     settings = dict(prompt="a red circle", num_inference_steps=3, height=SIZE, width=SIZE, output_type="latent", guidance_scale=5.0)
     settings.update(kwargs)
     return pipeline(generator=torch.Generator().manual_seed(seed), **settings).images
-
-
-class RowCounter:
-    def __init__(self, unet):
-        self.rows = []
-        self.handle = unet.register_forward_pre_hook(lambda m, args: self.rows.append(args[0].shape[0]))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 @pytest.mark.parametrize("name", list(SCHEDULERS))
@@ -103,9 +92,9 @@ def test_custom_sigmas_and_timesteps_on_both_paths(components, pipe):
 
 @pytest.mark.parametrize("sampler", [None, "euler"])
 def test_denoising_end_hands_noisy_latents_to_a_refiner(pipe, sdxl_pipe, sampler):
-    with RowCounter(pipe.unet) as counter:
+    with rows_seen(pipe.unet) as counter:
         half = latents_of(pipe, num_inference_steps=4, denoising_end=0.5, sampler=sampler, tpg_scale=0.0)
-    assert len(counter.rows) == 2
+    assert len(counter) == 2
     if sampler is None:
         assert torch.allclose(half, latents_of(sdxl_pipe, num_inference_steps=4, denoising_end=0.5), **EXACT)
 
@@ -134,9 +123,9 @@ def test_cfg_cutoff_callback_drops_the_uncond_rows(pipe, sdxl_pipe):
 
     callback = SDXLCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1)
     inputs = callback.tensor_inputs
-    with RowCounter(pipe.unet) as counter:
+    with rows_seen(pipe.unet) as counter:
         ours = latents_of(pipe, num_inference_steps=4, tpg_scale=0.0, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=inputs)
-    assert counter.rows == [2, 2, 1, 1]
+    assert counter == [2, 2, 1, 1]
     theirs = latents_of(sdxl_pipe, num_inference_steps=4, callback_on_step_end=SDXLCFGCutoffCallback(cutoff_step_ratio=None, cutoff_step_index=1), callback_on_step_end_tensor_inputs=inputs)
     assert torch.allclose(ours, theirs, **EXACT)
 
@@ -147,9 +136,9 @@ def test_guidance_scale_set_by_a_callback_applies_from_the_next_step(pipe):
             pipeline._guidance_scale = 1.0
         return {}
 
-    with RowCounter(pipe.unet) as counter:
+    with rows_seen(pipe.unet) as counter:
         latents_of(pipe, num_inference_steps=3, tpg_scale=3.0, callback_on_step_end=cfg_off_after_first)
-    assert counter.rows == [3, 2, 2]
+    assert counter == [3, 2, 2]
 
 
 @pytest.mark.parametrize("sampler", samplers.names())
@@ -182,10 +171,10 @@ def test_callback_sees_every_documented_tensor(pipe):
 
 def test_few_step_model_with_nag_and_cfg_off(components):
     pipeline = with_scheduler(StableDiffusionXLTPGPipeline, components, "lcm")
-    with RowCounter(pipeline.unet) as counter:
+    with rows_seen(pipeline.unet) as counter:
         nag = latents_of(pipeline, num_inference_steps=4, guidance_scale=1.0, tpg_scale=0.0, do_nag=True)
     plain = latents_of(pipeline, num_inference_steps=4, guidance_scale=1.0, tpg_scale=0.0)
-    assert counter.rows == [1, 1, 1, 1]
+    assert counter == [1, 1, 1, 1]
     assert torch.isfinite(nag).all() and not torch.allclose(nag, plain, atol=1e-3)
 
 
@@ -203,9 +192,9 @@ def test_few_step_model_with_nag_and_cfg_off(components):
 def test_bad_drop_in_arguments_fail_before_any_unet_call(components, pipe, kwargs, name):
     pipeline = with_scheduler(StableDiffusionXLTPGPipeline, components, kwargs.pop("scheduler")) if "scheduler" in kwargs else pipe
     before = unet_snapshot(pipeline.unet)
-    with RowCounter(pipeline.unet) as counter, pytest.raises(ValueError, match=name):
+    with rows_seen(pipeline.unet) as counter, pytest.raises(ValueError, match=name):
         latents_of(pipeline, **kwargs)
-    assert counter.rows == []
+    assert counter == []
     assert unet_snapshot(pipeline.unet) == before
 
 
@@ -218,9 +207,9 @@ def test_guidance_distilled_unet_takes_the_scale_as_an_embedding(components):
     distilled = dict(components, unet=UNet2DConditionModel(**tiny_unet_config(), time_cond_proj_dim=32).eval())
     theirs = latents_of(with_scheduler(StableDiffusionXLPipeline, distilled, "lcm"), guidance_scale=5.0)
     ours_pipe = with_scheduler(StableDiffusionXLTPGPipeline, distilled, "lcm")
-    with RowCounter(ours_pipe.unet) as counter:
+    with rows_seen(ours_pipe.unet) as counter:
         ours = latents_of(ours_pipe, guidance_scale=5.0, tpg_scale=0.0)
-    assert counter.rows == [1, 1, 1]  # no uncond rows: the scale goes into timestep_cond
+    assert counter == [1, 1, 1]  # no uncond rows: the scale goes into timestep_cond
     assert torch.allclose(ours, theirs, **EXACT)
     with_callback = latents_of(ours_pipe, guidance_scale=5.0, tpg_scale=0.0, callback_on_step_end=lambda *step: {})
     assert torch.equal(with_callback, ours)

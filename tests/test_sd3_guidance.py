@@ -9,6 +9,7 @@ from diffusers import (
 )  # fmt: skip
 from PIL import Image
 
+from counting import rows_seen
 from dualguide import CFG, TPG, GuidedDenoiser, StableDiffusion3TPGImg2ImgPipeline, StableDiffusion3TPGPipeline
 from dualguide.conditioning import Conditioning
 from dualguide.tiny import build_tiny_sd3
@@ -33,15 +34,6 @@ def latents(pipe, seed=0, **kwargs):
 
 def processors(transformer):
     return {name: processor for name, processor in transformer.attn_processors.items()}
-
-
-class CallCounter:
-    def __init__(self, module):
-        self.count = 0
-        self.handle = module.register_forward_pre_hook(self)
-
-    def __call__(self, *unused):
-        self.count += 1
 
 
 def test_terms_off_equal_diffusers(components):
@@ -88,12 +80,9 @@ def test_nag_with_the_prompt_as_its_negative_changes_nothing(components):
 def test_one_transformer_call_per_step_and_processors_restored(components):
     pipe = StableDiffusion3TPGPipeline(**components)
     before = processors(pipe.transformer)
-    counter = CallCounter(pipe.transformer)
-    try:
+    with rows_seen(pipe.transformer) as rows:
         out = latents(pipe, pag_scale=2.0, do_nag=True, nag_scale=3.0)
-    finally:
-        counter.handle.remove()
-    assert counter.count == 3 and torch.isfinite(out).all()
+    assert len(rows) == 3 and torch.isfinite(out).all()
     assert processors(pipe.transformer) == before
     assert pipe._last_denoiser.last_branches == ("uncond", "cond", "tpg", "pag")
 
@@ -145,13 +134,10 @@ def test_tpg_row_equals_hook_free_reference(components):
 def test_bad_input_fails_before_any_transformer_call(sd3_components, arguments, parameter):
     pipe = StableDiffusion3TPGPipeline(**sd3_components)
     before = processors(pipe.transformer)
-    counter = CallCounter(pipe.transformer)
-    try:
+    with rows_seen(pipe.transformer) as rows:
         with pytest.raises((ValueError, TypeError), match=parameter):
             latents(pipe, **arguments)
-    finally:
-        counter.handle.remove()
-    assert counter.count == 0 and processors(pipe.transformer) == before
+    assert len(rows) == 0 and processors(pipe.transformer) == before
 
 
 @pytest.fixture(scope="module")
