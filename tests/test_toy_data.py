@@ -10,7 +10,7 @@ from dualguide.toy.data import (
     COLORS, OPEN_ATTRIBUTES, SHAPES, caption, drop_attributes, evaluation_prompts, grammar_words, negated_labels,
     negative_prompts, parse_prompt, random_labels, training_caption, tuning_prompts,
 )  # fmt: skip
-from training.train_unet import step_captions
+from training.train_unet import dropout_rates, step_captions
 
 FULL = {"shape": "star", "color": "red", "background": "blue", "size": "small", "position": "left"}
 
@@ -50,6 +50,23 @@ def test_dropout_rates_and_what_an_open_attribute_keeps():
         assert 0.22 < share < 0.28, (name, share)
         assert {labels[name] for labels in dropped} == {open_value, FULL[name]}  # open or true, never another value
     assert all(d == FULL for d in (drop_attributes(FULL, rng, 0.0) for _ in range(50)))
+
+
+def test_per_attribute_dropout_rates():
+    rates = dropout_rates("0.25,shape=0.1,size=0")
+    assert rates == {"color": 0.25, "shape": 0.1, "background": 0.25, "size": 0.0, "position": 0.25}
+    assert dropout_rates("0.3") == 0.3
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown attribute 'colour'; valid: color, shape"):
+        dropout_rates("0.25,colour=0.1")
+    rng = np.random.default_rng(0)
+    dropped = [drop_attributes(FULL, rng, rates) for _ in range(4000)]
+    assert 0.08 < np.mean([labels["shape"] == "" for labels in dropped]) < 0.12
+    assert 0.22 < np.mean([labels["color"] == "" for labels in dropped]) < 0.28
+    assert all(labels["size"] == "small" for labels in dropped)
+    uniform, mapped = np.random.default_rng(5), np.random.default_rng(5)  # one rate == the same rate for every name
+    assert [drop_attributes(FULL, uniform, 0.25) for _ in range(50)] == [
+        drop_attributes(FULL, mapped, dropout_rates("0.25,shape=0.25")) for _ in range(50)
+    ]
 
 
 def test_training_captions_are_true_of_the_image_and_sometimes_empty():

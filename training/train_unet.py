@@ -26,8 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dualguide.toy.data import CAPTION_DROPOUT, EMPTY_CAPTION_RATE, evaluation_prompts, grammar_words, sample
-from dualguide.toy.data import training_caption
+from dualguide.toy.data import (
+    CAPTION_DROPOUT, DROPPABLE, EMPTY_CAPTION_RATE, DropoutRates, evaluation_prompts, grammar_words, sample,
+    training_caption,
+)
 from dualguide.toy.model import (
     RESOLUTION, assemble_pipeline, build_components, encode_images, encode_tokens, pixels, save_pipeline, time_ids,
     tokenize,
@@ -172,12 +174,27 @@ def export(parts: dict, folder: Path, recommended: dict) -> int:
     return size
 
 
+def dropout_rates(text: str) -> DropoutRates:
+    """``--caption-dropout``: "0.25" (every attribute) or "0.25,shape=0.1" (a default rate, then overrides)."""
+    default, *overrides = text.split(",")
+    if not overrides:
+        return float(default)
+    rates = dict.fromkeys(DROPPABLE, float(default))
+    for item in overrides:
+        name, _, value = item.partition("=")
+        if name not in DROPPABLE:
+            raise argparse.ArgumentTypeError(f"unknown attribute {name!r}; valid: {', '.join(DROPPABLE)}")
+        rates[name] = float(value)
+    return rates
+
+
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p = common.parser(__doc__.splitlines()[0], out="outputs/training/unet", steps=1400, batch=128, lr=5e-4, minutes=68)
     p.add_argument("--vae", default="outputs/training/vae/vae", help="trained VAE folder (from training.train_vae)")
     p.add_argument("--images", type=int, default=20000, help="procedural images whose latents are cached")
-    p.add_argument("--caption-dropout", type=float, default=CAPTION_DROPOUT,
-                   help="rate at which a caption leaves out each of colour, shape, background, size and position")
+    p.add_argument("--caption-dropout", type=dropout_rates, default=CAPTION_DROPOUT,
+                   help="rate at which a caption leaves out each of colour, shape, background, size and position: "
+                   "one number, or one then NAME=RATE overrides, e.g. 0.25,shape=0.1")
     p.add_argument("--empty-rate", type=float, default=EMPTY_CAPTION_RATE, help="share of empty captions (for CFG)")
     p.add_argument("--prediction-type", choices=("v_prediction", "epsilon"), default="v_prediction")
     p.add_argument("--snr-gamma", type=float, default=5.0, help="loss weight min(1, gamma/SNR) (0: off)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -50,6 +50,8 @@ HELD_OUT_POOL = 1024
 NEGATIVE_SEED = 2468  # negative_prompts: dualguide eval --negative-prompts
 
 Labels = Dict[str, str]
+DropoutRates = Union[float, Mapping[str, float]]  # one rate for every attribute, or a rate per attribute
+DROPPABLE: Dict[str, str] = {"color": "", "shape": "", "background": "", "size": "medium", "position": ""}  # open value
 
 _PROMPT = re.compile(
     r"^an? (?:(?P<size>small|large) )?(?:(?P<color>\w+) )?(?P<shape>\w+)"
@@ -89,16 +91,17 @@ def caption(labels: Labels) -> str:
     return f"{_article(thing)} {thing}{position}{background}"
 
 
-def drop_attributes(labels: Labels, rng: np.random.Generator, rate: float = CAPTION_DROPOUT) -> Labels:
+def drop_attributes(labels: Labels, rng: np.random.Generator, rate: DropoutRates = CAPTION_DROPOUT) -> Labels:
     """``labels`` with each of colour, shape, background (to ""), size (to "medium") and position (to "") dropped at
-    ``rate``: what the caption of the result names is true of the image, and what it leaves open is "any"."""
-    dropped = rng.random(5) < rate
-    open_values = {"color": "", "shape": "", "background": "", "size": "medium", "position": ""}
-    return {name: open_values[name] if drop else labels[name] for (name, drop) in zip(open_values, dropped)}
+    ``rate`` (one rate, or one per attribute name; a name left out is never dropped): what the caption of the result
+    names is true of the image, and what it leaves open is "any"."""
+    rates = [rate.get(name, 0.0) if isinstance(rate, Mapping) else rate for name in DROPPABLE]
+    dropped = rng.random(len(DROPPABLE)) < np.asarray(rates)
+    return {name: open_value if drop else labels[name] for (name, open_value), drop in zip(DROPPABLE.items(), dropped)}
 
 
 def training_caption(
-    labels: Labels, rng: np.random.Generator, rate: float = CAPTION_DROPOUT, empty_rate: float = EMPTY_CAPTION_RATE
+    labels: Labels, rng: np.random.Generator, rate: DropoutRates = CAPTION_DROPOUT, empty_rate: float = EMPTY_CAPTION_RATE
 ) -> str:
     """A caption for a training image: "" at ``empty_rate``, else ``labels`` with attributes dropped at ``rate``."""
     return "" if rng.random() < empty_rate else caption(drop_attributes(labels, rng, rate))
