@@ -51,10 +51,9 @@ def _cutoff(scheduler, fraction: float) -> int:
 
 
 def _timesteps_of(scheduler, sigmas: Tensor) -> Tensor:
-    from .schedule import DiscreteModelSchedule
+    from .schedule import model_schedule
 
-    schedule = scheduler if isinstance(scheduler, DiscreteModelSchedule) else DiscreteModelSchedule.from_scheduler(scheduler)
-    return schedule.sigma_to_t(torch.as_tensor(sigmas, dtype=torch.float32).cpu())
+    return model_schedule(scheduler).sigma_to_t(torch.as_tensor(sigmas, dtype=torch.float32).cpu())
 
 
 def sigmas_from(sigmas: Tensor, scheduler, denoising_start: float) -> Tensor:

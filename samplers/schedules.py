@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Tuple
 
 from .checks import check_choice, check_number
 
@@ -78,6 +78,7 @@ def get_sigmas(
     sigma_min: Optional[float] = None,
     sigma_max: Optional[float] = None,
     rho: float = 7.0,
+    scheduler_options: Optional[Mapping[str, Any]] = None,
 ) -> Tuple[Tensor, float]:
     """Sigmas (``steps + 1`` values ending in 0) and the initial-noise scale for schedule ``name``.
 
@@ -86,10 +87,12 @@ def get_sigmas(
     without one sigma per step (DDIM, LCM, TCD, Heun...) the sigmas of its timesteps; the other
     schedules span ``[sigma_min, sigma_max]``, by default the model's trained range, and start
     from ``sigma_max`` (a flow model's from unit noise: its ``x`` at flow time 1 is the noise itself).
+    ``scheduler_options`` go to the scheduler's ``set_timesteps`` for "model" (``mu`` of a dynamically
+    shifted flow scheduler).
     """
     steps, sigma_min, sigma_max, rho = check_schedule(name, steps, sigma_min, sigma_max, scheduler, rho)
     if name == "model":
-        return _scheduler_sigmas(scheduler, steps)
+        return _scheduler_sigmas(scheduler, steps, scheduler_options or {})
     trained_low, trained_high = trained_sigma_range(scheduler)
     sigma_min = trained_low if sigma_min is None else sigma_min
     sigma_max = trained_high if sigma_max is None else sigma_max
@@ -102,13 +105,13 @@ def get_sigmas(
     return sigmas.float().cpu(), 1.0 if is_flow_matching(scheduler) else sigma_max
 
 
-def _scheduler_sigmas(scheduler, steps: int) -> Tuple[Tensor, float]:
+def _scheduler_sigmas(scheduler, steps: int, options: Mapping[str, Any]) -> Tuple[Tensor, float]:
     """The scheduler's own schedule for ``steps`` steps as k-diffusion sigmas, and the initial-noise scale."""
     import numpy as np
     import torch
 
     own = type(scheduler).from_config(scheduler.config)
-    own.set_timesteps(steps)
+    own.set_timesteps(steps, **options)
     sigmas = getattr(own, "sigmas", None)
     if isinstance(sigmas, torch.Tensor) and len(sigmas) == steps + 1:
         return sigmas.float().cpu(), float(getattr(own, "init_noise_sigma", 1.0))

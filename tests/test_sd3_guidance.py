@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
-    StableDiffusion3Img2ImgPipeline, StableDiffusion3PAGImg2ImgPipeline, StableDiffusion3PAGPipeline, StableDiffusion3Pipeline,
+    FlowMatchEulerDiscreteScheduler, StableDiffusion3Img2ImgPipeline, StableDiffusion3PAGImg2ImgPipeline,
+    StableDiffusion3PAGPipeline, StableDiffusion3Pipeline,
 )  # fmt: skip
 from PIL import Image
 
@@ -60,6 +61,22 @@ def test_kdiffusion_euler_equals_flow_match_euler(components):
     pipe = StableDiffusion3TPGPipeline(**components)
     scheduler_run = latents(pipe, do_nag=True, nag_scale=4.0)
     assert (latents(pipe, sampler="euler", do_nag=True, nag_scale=4.0) - scheduler_run).abs().max() <= 1e-5
+
+
+def dynamic_shifting(components):
+    """The components with a scheduler that shifts by the image's token count (``mu``, as Flux-style configs do)."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(components["scheduler"].config, use_dynamic_shifting=True)
+    return {**components, "scheduler": scheduler}
+
+
+def test_kdiffusion_euler_passes_mu_to_a_dynamically_shifted_scheduler(sd3_components):
+    pipe = StableDiffusion3TPGPipeline(**dynamic_shifting(sd3_components))
+    scheduler_run = latents(pipe)
+    assert (latents(pipe, sampler="euler") - scheduler_run).abs().max() <= 1e-5
+    assert (latents(pipe, sampler="euler", mu=2.0) - latents(pipe, mu=2.0)).abs().max() <= 1e-5
+    assert (latents(pipe, mu=2.0) - scheduler_run).abs().max() > 1e-3  # mu moved the schedule
+    img2img = StableDiffusion3TPGImg2ImgPipeline(**dynamic_shifting(sd3_components))
+    assert (image_latents(img2img, sampler="euler") - image_latents(img2img)).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("sampler", ["heun", "dpmpp_2m", "euler_ancestral", "dpmpp_sde"])

@@ -213,9 +213,10 @@ class ImageTaskMixin:
         """The k-diffusion start at ``sigma``: ``latents + sigma * noise`` (a flow family: ``(1 - t) latents + t noise``)."""
         return latents + noise * sigma
 
-    def task_sigmas(self, args: Dict[str, Any]) -> torch.Tensor:
+    def task_sigmas(self, args: Dict[str, Any], latent_shape: Tuple[int, ...]) -> torch.Tensor:
         """k-diffusion sigmas cut at ``strength`` (or from ``denoising_start``), then at ``denoising_end``."""
-        sigmas, _ = kdiffusion_sigmas(self.scheduler, {**args, "denoising_end": None})
+        options = self.timestep_options(args, latent_shape)
+        sigmas, _ = kdiffusion_sigmas(self.scheduler, {**args, "denoising_end": None}, options)
         if args["denoising_start"] is not None:
             sigmas = sigmas_from(sigmas, self.scheduler, args["denoising_start"])
         else:
@@ -254,9 +255,9 @@ class ImageToImageMixin(ImageTaskMixin):
         inputs.control = self.task_control(args, images, height, width, device)
         dtype = inputs.cond.prompt_embeds.dtype
         add_noise = args["denoising_start"] is None
+        latent_shape = (height // self.vae_scale_factor, width // self.vae_scale_factor)
         try:
             if args["sampler"] is None:
-                latent_shape = (height // self.vae_scale_factor, width // self.vae_scale_factor)
                 timesteps, _, begin_index = self.task_timesteps(args, device, latent_shape)
                 if latents is None:
                     latents = self.prepare_latents(
@@ -265,7 +266,7 @@ class ImageToImageMixin(ImageTaskMixin):
                     )  # fmt: skip
                 latents = self.scheduler_sample(args, terms, inputs, latents, timesteps, begin_index, device)
             else:
-                sigmas_k = self.task_sigmas(args)
+                sigmas_k = self.task_sigmas(args, latent_shape)
                 if latents is None:
                     init_latents = self.image_latents(init_image, batch, args["num_images_per_prompt"], dtype, device, generator)
                     x = init_latents.float()

@@ -151,7 +151,7 @@ class InpaintMixin(ImageTaskMixin):
         """The k-diffusion path: start at ``image_latents + noise * sigmas[0]`` (pure noise at strength 1),
         9-channel UNets get the mask channels, 4-channel ones the blend of ``InpaintModel``."""
         generator, height, width = args["generator"], args["height"], args["width"]
-        sigmas_k = self.task_sigmas(args)
+        sigmas_k = self.task_sigmas(args, (height // self.vae_scale_factor, width // self.vae_scale_factor))
         channels = self.vae.config.latent_channels
         _, noise, image_latents = self.prepare_latents(
             images, channels, height, width, dtype, device, generator, None, image=init_image, timestep=None,

@@ -28,13 +28,16 @@ def timesteps_until(scheduler, timesteps: Tensor, denoising_end: Optional[float]
     return timesteps[: int((timesteps >= cutoff).sum())]
 
 
-def kdiffusion_sigmas(scheduler, args: Dict[str, Any]) -> Tuple[Tensor, float]:
+def kdiffusion_sigmas(
+    scheduler, args: Dict[str, Any], scheduler_options: Optional[Dict[str, Any]] = None
+) -> Tuple[Tensor, float]:
     """Sigmas for a k-diffusion run and the initial-noise scale.
 
     ``sigmas`` or ``timesteps`` given: that schedule (a final 0 appended when missing), starting
     at its first sigma; else ``sigma_schedule`` over ``num_inference_steps`` ("model" by default:
     the scheduler's own sigmas and initial-noise scale, as diffusers' Euler uses them). Cut at
-    ``denoising_end``, whose latents are then still noisy, for a refiner.
+    ``denoising_end``, whose latents are then still noisy, for a refiner. ``scheduler_options`` go to
+    the scheduler's ``set_timesteps`` (``mu`` of a dynamically shifted flow scheduler).
     """
     schedule = model_schedule(scheduler)
     if args["sigmas"] is not None or args["timesteps"] is not None:
@@ -48,7 +51,7 @@ def kdiffusion_sigmas(scheduler, args: Dict[str, Any]) -> Tuple[Tensor, float]:
     else:
         sigmas, init_noise_scale = samplers.get_sigmas(
             args["sigma_schedule"] or "model", args["num_inference_steps"], scheduler,
-            sigma_min=args["sigma_min"], sigma_max=args["sigma_max"],
+            sigma_min=args["sigma_min"], sigma_max=args["sigma_max"], scheduler_options=scheduler_options,
         )  # fmt: skip
     cutoff = denoising_end_cutoff(scheduler, args["denoising_end"])
     if cutoff is not None:

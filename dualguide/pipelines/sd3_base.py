@@ -125,9 +125,9 @@ class SD3FamilyMixin:
         """The flow-matching start at flow time ``sigma``: ``(1 - sigma) latents + sigma noise``."""
         return torch.lerp(latents, noise, sigma)
 
-    def task_sigmas(self, args: Dict[str, Any]) -> Tensor:
+    def task_sigmas(self, args: Dict[str, Any], latent_shape: Tuple[int, ...]) -> Tensor:
         """k-diffusion sigmas from the step SD3's ``get_timesteps`` starts at for ``strength``."""
-        sigmas, _ = kdiffusion_sigmas(self.scheduler, args)
+        sigmas, _ = kdiffusion_sigmas(self.scheduler, args, self.timestep_options(args, latent_shape))
         steps = len(sigmas) - 1
         return sigmas[int(max(steps - steps * args["strength"], 0)) :]
 

@@ -42,7 +42,7 @@ class TextToImageMixin:
             if args["sampler"] is None:
                 latents = self._scheduler_sample(args, terms, inputs, shape, device)
             else:
-                sigmas_k, init_noise_scale = kdiffusion_sigmas(self.scheduler, args)
+                sigmas_k, init_noise_scale = kdiffusion_sigmas(self.scheduler, args, self.timestep_options(args, shape))
                 noise = latents if latents is not None else randn_tensor(shape, generator=generator, device=device, dtype=self.backbone.dtype)
                 x = noise.to(device=device, dtype=torch.float32) * init_noise_scale
                 timestep_cond = self.guidance_timestep_cond(images, device, x.dtype)
