@@ -95,6 +95,18 @@ def test_compare_writes_one_labelled_grid(model_folder, tmp_path):
     assert list(panels)[:2] == ["no guidance", "CFG 4"] and any("TPG+NAG" in p for p in panels)
 
 
+def test_compare_with_a_nag_negative_adds_nag_with_cfg_off(model_folder, tmp_path):
+    argv = ["compare", "a circle", "--model", model_folder, "--out", tmp_path, "--steps", "1", "--nag-negative", "a red shape"]
+    assert run_cli(*argv) == 0
+    (grid,) = os.listdir(tmp_path)
+    image = Image.open(tmp_path / grid)
+    panels = json.loads(image.text["parameters"])["panels"]
+    assert image.size == (6 * 128, 128 + 16) and list(panels)[:3] == ["no guidance", "NAG 3 (CFG off)", "CFG 4"]
+    nag_alone, cfg = panels["NAG 3 (CFG off)"], panels["CFG 4"]
+    assert nag_alone["guidance_scale"] == 1.0 and nag_alone["do_nag"] and nag_alone["nag_negative_prompt"] == "a red shape"
+    assert not cfg["do_nag"] and not cfg.get("negative_prompt")  # CFG's negative stays empty: only NAG gets it
+
+
 def test_compare_gives_each_prompt_a_row(model_folder, tmp_path):
     prompts = ["a red circle", "a blue square"]
     assert run_cli("compare", *prompts, "--model", model_folder, "--out", tmp_path, "--steps", "1") == 0

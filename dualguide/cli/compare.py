@@ -13,7 +13,11 @@ from ..options import add_guidance_arguments, add_model_arguments, add_task_argu
 
 
 def add_parser(commands) -> None:
-    compare = commands.add_parser("compare", help="one labelled grid of the same seed under each guidance mode")
+    compare = commands.add_parser(
+        "compare", help="one labelled grid of the same seed under each guidance mode",
+        description="One labelled grid, a row per prompt: no guidance, CFG, CFG+TPG, CFG+NAG, CFG+TPG+NAG; with "
+        "--nag-negative also NAG with CFG off (the negative acting where CFG's cannot), with --with-pag CFG+PAG.",
+    )  # fmt: skip
     compare.add_argument("prompt", nargs="+", help="one grid row per prompt, all with the same seed")
     compare.add_argument("--with-pag", action="store_true", help="add a CFG+PAG panel")
     add_model_arguments(compare)
@@ -22,7 +26,8 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prepared = prepare(vars(args), images=len(args.prompt) * panel_count(args.with_pag), seeds=1)
+    panels = panel_count(args.with_pag, nag_alone=bool(args.nag_negative))
+    prepared = prepare(vars(args), images=len(args.prompt) * panels, seeds=1)
     modes = compare_modes(prepared.kwargs, args.with_pag)
     rows = [[generate_images(prepared.pipe, prompt, [args.seed], arguments, prepared.task)[0] for _, arguments in modes]
             for prompt in args.prompt]  # fmt: skip

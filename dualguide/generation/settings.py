@@ -71,19 +71,26 @@ def generators(seeds: Sequence[int]) -> List[object]:
     return [torch.Generator().manual_seed(seed) for seed in seeds]
 
 
-def panel_count(with_pag: bool) -> int:
-    """How many panels ``compare_modes`` gives: none, CFG, CFG+TPG, CFG+NAG, CFG+TPG+NAG, and CFG+PAG ``with_pag``."""
-    return 6 if with_pag else 5
+def panel_count(with_pag: bool, nag_alone: bool = False) -> int:
+    """How many panels ``compare_modes`` gives: none, CFG, CFG+TPG, CFG+NAG, CFG+TPG+NAG, NAG with CFG off
+    ``nag_alone`` and CFG+PAG ``with_pag``."""
+    return 5 + nag_alone + with_pag
 
 
 def compare_modes(kwargs: Mapping[str, object], with_pag: bool) -> List[Tuple[str, Dict[str, object]]]:
-    """The panels of a comparison: (label, pipeline arguments), all from the same settings and seed."""
+    """The panels of a comparison: (label, pipeline arguments), all from the same settings and seed.
+
+    With a NAG negative prompt, a "NAG (CFG off)" panel follows "no guidance": NAG's negative acting where
+    CFG's cannot, the NAG paper's headline use."""
     cfg, tpg = kwargs["guidance_scale"], kwargs["tpg_scale"]
     nag = kwargs["nag_scale"] if kwargs["do_nag"] else PANEL_SCALE
     pag = kwargs.get("pag_scale") or PANEL_SCALE
+    nag_alone = bool(kwargs.get("nag_negative_prompt"))
     off = dict(kwargs, guidance_scale=1.0, tpg_scale=0.0, pag_scale=0.0, do_nag=False)
-    modes = [
-        ("no guidance", off),
+    modes = [("no guidance", off)]
+    if nag_alone:
+        modes.append((f"NAG {nag:g} (CFG off)", dict(off, do_nag=True, nag_scale=nag)))
+    modes += [
         (f"CFG {cfg:g}", dict(off, guidance_scale=cfg)),
         (f"CFG+TPG {tpg:g}", dict(off, guidance_scale=cfg, tpg_scale=tpg)),
         (f"CFG+NAG {nag:g}", dict(off, guidance_scale=cfg, do_nag=True, nag_scale=nag)),
@@ -91,5 +98,5 @@ def compare_modes(kwargs: Mapping[str, object], with_pag: bool) -> List[Tuple[st
     ]
     if with_pag:
         modes.append((f"CFG+PAG {pag:g}", dict(off, guidance_scale=cfg, pag_scale=pag)))
-    assert len(modes) == panel_count(with_pag)
+    assert len(modes) == panel_count(with_pag, nag_alone)
     return modes
