@@ -234,6 +234,24 @@ def test_generated_images_equal_the_command_and_show_branch_strips(server, brows
 
 
 @needs_chromium
+def test_the_nag_example_sets_a_nag_negative_that_the_nag_modes_use(server, browser, tmp_path):
+    url, engine = server
+    page = open_page(browser, url)
+    prompt, negative, nag_negative = ui_settings.NAG_EXAMPLES["embedded"][0]
+    page.locator("#nag-examples").get_by_text(prompt).first.click()
+    page.wait_for_function(f"document.querySelector('#nag-negative textarea').value === {json.dumps(nag_negative)}")
+    assert page.input_value("#prompt textarea") == prompt and page.input_value("#negative textarea") == negative
+    checked = [name for name in ui_settings.MODES if page.locator(f'#modes input[name="{name}"]').is_checked()]
+    assert checked == list(ui_settings.NAG_EXAMPLE_MODES)
+    set_controls(page, seed=2, steps=3)
+    assert generate(page).startswith("Done: 4 image(s)")
+    for mode, png in zip(ui_settings.NAG_EXAMPLE_MODES, page_pngs(page)):
+        flags = ["--nag-negative", nag_negative] if "nag" in ui_settings.MODES[mode] else []
+        argv = ["generate", prompt, "--seed", "2", "--steps", "3", *mode_flags(mode), *flags]
+        assert_same_image(png, command_png(tmp_path, argv))
+
+
+@needs_chromium
 def test_two_pages_at_once_each_get_their_own_images(server, browser, tmp_path):
     url, engine = server
     first, second = open_page(browser, url), open_page(browser, url)

@@ -97,6 +97,9 @@ def build_app(engine: Engine) -> gr.Blocks:
                 with gr.Row():
                     generate = gr.Button("Generate", variant="primary", elem_id="generate")
                     cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+                gr.Examples(ui_settings.nag_examples(embedded=engine.model_option is None),
+                            [c["prompt"], c["negative"], c["nag_negative"], c["modes"]], elem_id="nag-examples",
+                            label="What NAG is for: a NAG negative prompt, acting with CFG off (NAG) and beside CFG")  # fmt: skip
             with gr.Column(scale=5):
                 status = gr.HTML(_status("Ready." if engine.ready else "Loading the model…"), elem_id="status")
                 finals = gr.Gallery(label="Final images (same seed)", columns=5, format="png", object_fit="contain",

@@ -42,6 +42,14 @@ MODES: Dict[str, Tuple[str, ...]] = {
 }
 DEFAULT_MODES = ("none", "CFG", "CFG+TPG", "CFG+NAG", "CFG+TPG+NAG")
 
+# What NAG is for: a negative prompt that NAG acts on with CFG off (where CFG's negative cannot act) and beside CFG.
+# Each example: (prompt, CFG negative, NAG negative); the embedded model's leave the colour open and negate one.
+NAG_EXAMPLE_MODES = ("none", "CFG", "CFG+NAG", "NAG")  # in the order of MODES, which is the order they run
+NAG_EXAMPLES = {
+    "embedded": (("a circle on a blue background", "", "a red shape"), ("a star on a white background", "", "a black shape")),
+    "checkpoint": (("a portrait photo of a man, studio light", "", "glasses"), ("a bowl of fruit on a table", "", "apples")),
+}
+
 
 class SettingsError(ValueError):
     """A control value the command would refuse; the message is shown in the page."""
@@ -115,6 +123,12 @@ def controls_from_settings(settings: Dict[str, object], pag_layers: str = DEFAUL
         if interval is not None:
             setattr(controls, f"{term}_interval", (float(interval[0]), float(interval[1])))
     return controls
+
+
+def nag_examples(embedded: bool) -> List[list]:
+    """The page's example rows ``[prompt, negative, nag_negative, modes]`` that show what NAG's negative does."""
+    rows = NAG_EXAMPLES["embedded" if embedded else "checkpoint"]
+    return [[prompt, negative, nag_negative, list(NAG_EXAMPLE_MODES)] for prompt, negative, nag_negative in rows]
 
 
 def _number(value) -> str:
