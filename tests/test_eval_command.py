@@ -16,6 +16,7 @@ from dualguide.evaluation.command import (
 )  # fmt: skip
 from dualguide.evaluation.statistics import paired_comparison
 from dualguide.toy.data import evaluation_prompts, negative_prompts
+from dualguide.toy.model import EMBEDDED_DIR
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -158,6 +159,15 @@ def test_negative_prompts_run_reports_the_negated_values(tmp_path):
     assert "Negative prompts:" in (out / "results.md").read_text()
 
 
+def test_toy_judge_measures_a_trained_model_folder_as_the_embedded_model(tmp_path):
+    modes = "none: cfg=1,negative-for=none; nag: nag=3,negative-for=nag"
+    common = ["--negative-prompts", 4, "--modes", modes, "--baseline", "none", *FAST]
+    assert run_cli("eval", *common, "--out", tmp_path / "embedded") == 0
+    assert run_cli("eval", *common, "--model", EMBEDDED_DIR, "--toy-judge", "--out", tmp_path / "folder") == 0
+    embedded, folder = (json.loads((tmp_path / run / "results.json").read_text())["modes"] for run in ("embedded", "folder"))
+    assert folder == embedded and "negated" in folder["nag"]  # the same images, judged the same way
+
+
 # Any checkpoint: CLIP score and KID against a reference folder
 
 
@@ -193,6 +203,7 @@ BAD = [
     (["--clip", "{tmp}"], "--clip {tmp} is not a CLIP model folder"),
     (["--reference", "{tmp}"], "--reference {tmp} holds no .png or .jpg images"),
     (["--model", "{model}"], "--embedded-prompts: the grammar is the embedded model's"),
+    (["--toy-judge"], "--toy-judge goes with --model"),
     (["--embedded-prompts", "6000"], "--embedded-prompts 6000: the grammar has 5040 distinct prompts"),
     (["--negative-prompts", "4"], "give one of PROMPTS (a .txt/.jsonl file), --embedded-prompts N or --negative-prompts N"),
     (["--modes", "cfg: cfg=4,negative-for=both"], "--modes: mode 'cfg': negative-for: expected one of cfg, nag, cfg+nag"),

@@ -17,6 +17,9 @@ def add_parser(commands) -> None:
     evaluate.add_argument("--modes", default=None, help='"NAME: KEY=VALUE,...; ..." keyed by generate flag names; a scale a mode does not set is '
                           "off; negative-for=cfg|nag|cfg+nag|none says which guidance gets each prompt's negative "
                           "(default: none, cfg, tpg, cfg+tpg, cfg+nag, cfg+tpg+nag, cfg+pag)")  # fmt: skip
+    evaluate.add_argument("--toy-judge", action="store_true",
+                          help="--model was trained by training/ on the embedded model's pictures: use its grammar prompts, "
+                          "its judge and its ground-truth renders, as for the embedded model (to compare a retrained model)")  # fmt: skip
     evaluate.add_argument("--baseline", default="cfg", help="the mode every other is compared with (default cfg)")
     evaluate.add_argument("--seeds", type=whole(1), default=2, help="images per prompt, the same seeds in every mode (>= 1, default 2)")
     evaluate.add_argument("--unconditional", type=whole(0), default=0, metavar="N", help="empty-prompt images per mode, for the unconditional KID")

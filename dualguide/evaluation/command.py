@@ -158,6 +158,11 @@ def mode_settings(args: argparse.Namespace, modes: Modes) -> Modes:
     return result
 
 
+def measured_by_judge(args: argparse.Namespace) -> bool:
+    """Whether the embedded model's judge measures the run: the embedded model, or ``--model`` with ``--toy-judge``."""
+    return args.model is None or args.toy_judge
+
+
 def grammar_prompts(args: argparse.Namespace, embedded: bool) -> List[Prompt]:
     """``--embedded-prompts N`` full prompts or ``--negative-prompts N`` (partial prompt, negative) pairs of the
     embedded model's grammar (fixed samples)."""
@@ -166,7 +171,8 @@ def grammar_prompts(args: argparse.Namespace, embedded: bool) -> List[Prompt]:
     flag = "--embedded-prompts" if args.negative_prompts is None else "--negative-prompts"
     count = args.embedded_prompts if args.negative_prompts is None else args.negative_prompts
     if not embedded:
-        raise UsageError(f"{flag}: the grammar is the embedded model's; with --model give PROMPTS")
+        raise UsageError(f"{flag}: the grammar is the embedded model's; with --model give PROMPTS (or --toy-judge for a "
+                         "model trained by training/)")
     distinct = len(SHAPES) * len(COLORS) * (len(COLORS) - 1) * len(SIZES) * (len(POSITIONS) + 1)
     limit = distinct if args.negative_prompts is None else MAX_NEGATIVE_PROMPTS
     if count > limit:
@@ -404,7 +410,9 @@ def evaluate(args: argparse.Namespace) -> int:
     check_output_folder(args.out)
     default_modes = DEFAULT_MODES if args.negative_prompts is None else NEGATIVE_MODES
     modes = mode_settings(args, parse_modes(args.modes or default_modes, args.baseline))
-    embedded = args.model is None
+    if args.toy_judge and args.model is None:
+        raise UsageError("--toy-judge goes with --model (the embedded model is measured by its judge anyway)")
+    embedded = measured_by_judge(args)
     prompts = read_prompts(args, embedded)
     if not embedded and args.clip is None:
         raise UsageError(f"--model {args.model}: give --clip PATH (a local CLIP model folder) to measure its images; "
@@ -438,7 +446,7 @@ def report(
     modes = list(images)
     size = images[args.baseline][0][0].size
     judge = None
-    if args.model is None:
+    if measured_by_judge(args):
         from ..toy.judge import ShapeJudge
         from .features import judge_features
 
