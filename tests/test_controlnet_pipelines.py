@@ -23,7 +23,7 @@ from dualguide import (
     build_tiny_sdxl,
 )
 from dualguide.tiny import build_tiny_controlnet
-from test_control import RowCounter
+from counting import rows_seen
 from test_ip_adapter import IMAGE_EMBED_DIM, tiny_ip_adapter_state_dict
 from test_task_pipelines import compare, picture, square_mask
 
@@ -117,11 +117,11 @@ def test_guess_mode_and_window_before_denoising_end_match_diffusers(components, 
 
 @pytest.mark.parametrize("guess_mode, control_rows", [(False, 2), (True, 1)])
 def test_controlnet_rows_per_step_with_cfg_and_tpg(ours, controlnet, unet, guess_mode, control_rows):
-    with RowCounter(controlnet) as control, RowCounter(unet) as unet_rows:
+    with rows_seen(controlnet) as control_seen, rows_seen(unet) as unet_rows:
         latents = run(ours["text2img"], **task_settings("text2img"), guess_mode=guess_mode, tpg_scale=3.0, num_inference_steps=2)
-    print(f"rows per step, CFG + TPG, guess_mode={guess_mode}: ControlNet {control.rows}, UNet {unet_rows.rows}")
-    assert control.rows == [control_rows] * 2  # uncond + cond (cond only in guess mode), never the TPG rows
-    assert unet_rows.rows == [3] * 2  # uncond, cond, TPG in one UNet call
+    print(f"rows per step, CFG + TPG, guess_mode={guess_mode}: ControlNet {control_seen}, UNet {unet_rows}")
+    assert control_seen == [control_rows] * 2  # uncond + cond (cond only in guess mode), never the TPG rows
+    assert unet_rows == [3] * 2  # uncond, cond, TPG in one UNet call
     assert torch.isfinite(latents).all()
 
 
@@ -175,9 +175,9 @@ def test_bad_input_fails_before_any_model_call(components, multi, ours, task, kw
     pipeline = build(StableDiffusionXLControlNetTPGPipeline, components, multi) if task == "multi" else ours[task]
     settings = {**task_settings("text2img" if task == "multi" else task), **kwargs}
     before = modules_snapshot(pipeline)
-    with RowCounter(pipeline.unet) as unet_rows, RowCounter(pipeline.controlnet) as control_rows, pytest.raises(error, match=name):
+    with rows_seen(pipeline.unet) as unet_rows, rows_seen(pipeline.controlnet) as control_rows, pytest.raises(error, match=name):
         run(pipeline, **settings)
-    assert unet_rows.rows == [] and control_rows.rows == []
+    assert unet_rows == [] and control_rows == []
     assert modules_snapshot(pipeline) == before
 
 
