@@ -26,9 +26,9 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    panels = panel_count(args.with_pag, nag_alone=bool(args.nag_negative))
-    prepared = prepare(vars(args), images=len(args.prompt) * panels, seeds=1)
-    modes = compare_modes(prepared.kwargs, args.with_pag)
+    nag_alone = bool(args.nag_negative)
+    prepared = prepare(vars(args), images=len(args.prompt) * panel_count(args.with_pag, nag_alone), seeds=1)
+    modes = compare_modes(prepared.kwargs, args.with_pag, nag_alone)
     rows = [[generate_images(prepared.pipe, prompt, [args.seed], arguments, prepared.task)[0] for _, arguments in modes]
             for prompt in args.prompt]  # fmt: skip
     os.makedirs(args.out, exist_ok=True)

@@ -77,15 +77,16 @@ def panel_count(with_pag: bool, nag_alone: bool = False) -> int:
     return 5 + nag_alone + with_pag
 
 
-def compare_modes(kwargs: Mapping[str, object], with_pag: bool) -> List[Tuple[str, Dict[str, object]]]:
+def compare_modes(
+    kwargs: Mapping[str, object], with_pag: bool, nag_alone: bool = False
+) -> List[Tuple[str, Dict[str, object]]]:
     """The panels of a comparison: (label, pipeline arguments), all from the same settings and seed.
 
-    With a NAG negative prompt, a "NAG (CFG off)" panel follows "no guidance": NAG's negative acting where
-    CFG's cannot, the NAG paper's headline use."""
+    ``nag_alone`` (the command gives it for a NAG negative prompt): a "NAG (CFG off)" panel follows "no
+    guidance", NAG's negative acting where CFG's cannot, the NAG paper's headline use."""
     cfg, tpg = kwargs["guidance_scale"], kwargs["tpg_scale"]
     nag = kwargs["nag_scale"] if kwargs["do_nag"] else PANEL_SCALE
     pag = kwargs.get("pag_scale") or PANEL_SCALE
-    nag_alone = bool(kwargs.get("nag_negative_prompt"))
     off = dict(kwargs, guidance_scale=1.0, tpg_scale=0.0, pag_scale=0.0, do_nag=False)
     modes = [("no guidance", off)]
     if nag_alone:
