@@ -10,7 +10,7 @@ from dualguide.toy.data import (
     COLORS, OPEN_ATTRIBUTES, SHAPES, caption, drop_attributes, evaluation_prompts, grammar_words, negated_labels,
     negative_prompts, parse_prompt, random_labels, training_caption, tuning_prompts,
 )  # fmt: skip
-from training.train_unet import dropout_rates, step_captions
+from training.train_unet import dropout_rates, parse_args, step_captions
 
 FULL = {"shape": "star", "color": "red", "background": "blue", "size": "small", "position": "left"}
 
@@ -58,6 +58,8 @@ def test_per_attribute_dropout_rates():
     assert dropout_rates("0.3") == 0.3
     with pytest.raises(argparse.ArgumentTypeError, match="unknown attribute 'colour'; valid: color, shape"):
         dropout_rates("0.25,colour=0.1")
+    with pytest.raises(argparse.ArgumentTypeError, match=r"shape rate must be a finite number in \[0, 1\], got -0.1"):
+        dropout_rates("0.25,shape=-0.1")
     rng = np.random.default_rng(0)
     dropped = [drop_attributes(FULL, rng, rates) for _ in range(4000)]
     assert 0.08 < np.mean([labels["shape"] == "" for labels in dropped]) < 0.12
@@ -81,6 +83,12 @@ def test_training_captions_are_true_of_the_image_and_sometimes_empty():
             assert all(named[k] in ("", labels[k]) for k in OPEN_ATTRIBUTES)
             partial += any(named[k] == "" for k in OPEN_ATTRIBUTES)
     assert 0.5 < partial / len(captions) < 0.65  # 1 - 0.75**3 = 0.58 of the captions leave something open
+
+
+def test_a_caption_dropout_outside_0_1_is_refused_naming_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--caption-dropout", "1.5"])
+    assert "argument --caption-dropout: rate must be a finite number in [0, 1], got 1.5" in capsys.readouterr().err
 
 
 def test_step_captions_depend_on_seed_and_step_only():

@@ -35,6 +35,8 @@ from dualguide.toy.model import (
     tokenize,
 )  # fmt: skip
 
+from samplers.checks import check_number
+
 from . import common
 
 MAX_WEIGHTS_BYTES = 30_000_000
@@ -175,16 +177,20 @@ def export(parts: dict, folder: Path, recommended: dict) -> int:
 
 
 def dropout_rates(text: str) -> DropoutRates:
-    """``--caption-dropout``: "0.25" (every attribute) or "0.25,shape=0.1" (a default rate, then overrides)."""
+    """``--caption-dropout``: "0.25" (every attribute) or "0.25,shape=0.1" (a default rate, then overrides), each
+    rate in [0, 1]."""
     default, *overrides = text.split(",")
-    if not overrides:
-        return float(default)
-    rates = dict.fromkeys(DROPPABLE, float(default))
-    for item in overrides:
-        name, _, value = item.partition("=")
-        if name not in DROPPABLE:
-            raise argparse.ArgumentTypeError(f"unknown attribute {name!r}; valid: {', '.join(DROPPABLE)}")
-        rates[name] = float(value)
+    try:
+        if not overrides:
+            return check_number(float(default), "rate", 0.0, 1.0)
+        rates = dict.fromkeys(DROPPABLE, check_number(float(default), "rate", 0.0, 1.0))
+        for item in overrides:
+            name, _, value = item.partition("=")
+            if name not in DROPPABLE:
+                raise ValueError(f"unknown attribute {name!r}; valid: {', '.join(DROPPABLE)}")
+            rates[name] = check_number(float(value), f"{name} rate", 0.0, 1.0)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     return rates
 
 
