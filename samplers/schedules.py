@@ -22,11 +22,16 @@ def is_flow_matching(scheduler) -> bool:
     return getattr(scheduler, "alphas_cumprod", None) is None and "FlowMatch" in type(scheduler).__name__
 
 
-def trained_sigma_range(scheduler) -> Tuple[float, float]:
-    """The smallest and largest sigma of the checkpoint's training schedule (a flow model's shifted flow times)."""
+def trained_sigma_range(scheduler, scheduler_options: Optional[Mapping[str, Any]] = None) -> Tuple[float, float]:
+    """The smallest and largest sigma of the checkpoint's training schedule (a flow model's shifted flow times;
+    a dynamically shifted one's shifted by the ``mu`` of ``scheduler_options``, as its ``set_timesteps`` shifts)."""
     if is_flow_matching(scheduler):
         fresh = type(scheduler).from_config(scheduler.config)
-        return float(fresh.sigma_min), float(fresh.sigma_max)
+        ends = (fresh.sigma_min, fresh.sigma_max)
+        mu = (scheduler_options or {}).get("mu")
+        if fresh.config.get("use_dynamic_shifting") and mu is not None:
+            ends = [fresh.time_shift(mu, 1.0, end) for end in ends]
+        return float(ends[0]), float(ends[1])
     trained = ((1 - scheduler.alphas_cumprod) / scheduler.alphas_cumprod).sqrt()
     return float(trained.min()), float(trained.max())
 
@@ -39,13 +44,14 @@ def check_schedule(
     scheduler=None,
     rho: float = 7.0,
     steps_name: str = "steps",
+    scheduler_options: Optional[Mapping[str, Any]] = None,
 ) -> Tuple[int, Optional[float], Optional[float], float]:
     """Validate a schedule request; returns ``(steps, sigma_min, sigma_max, rho)`` as Python numbers.
 
     ``steps`` is a positive integer (numpy integers too); ``sigma_min`` / ``sigma_max`` are
     finite and positive, only for "karras" and "exponential", and with ``scheduler`` given
-    ``0 < sigma_min < sigma_max`` is checked with the model's trained range filling in the
-    one not given.
+    ``0 < sigma_min < sigma_max`` is checked with the model's trained range (shifted by
+    ``scheduler_options``' ``mu``) filling in the one not given.
     """
     check_schedule_name(name)
     steps = check_number(steps, steps_name, 1, integer=True)
@@ -60,7 +66,7 @@ def check_schedule(
     if scheduler is not None and (getattr(scheduler, "alphas_cumprod", None) is not None or is_flow_matching(scheduler)) and (
         low is None or high is None
     ):
-        trained_low, trained_high = trained_sigma_range(scheduler)
+        trained_low, trained_high = trained_sigma_range(scheduler, scheduler_options)
         low = trained_low if low is None else low
         high = trained_high if high is None else high
     if low is not None and high is not None and not low < high:
@@ -87,13 +93,15 @@ def get_sigmas(
     without one sigma per step (DDIM, LCM, TCD, Heun...) the sigmas of its timesteps; the other
     schedules span ``[sigma_min, sigma_max]``, by default the model's trained range, and start
     from ``sigma_max`` (a flow model's from unit noise: its ``x`` at flow time 1 is the noise itself).
-    ``scheduler_options`` go to the scheduler's ``set_timesteps`` for "model" (``mu`` of a dynamically
-    shifted flow scheduler).
+    ``scheduler_options`` go to the scheduler's ``set_timesteps`` for "model"; ``mu`` of a dynamically
+    shifted flow scheduler also shifts the trained range, as diffusers' own Karras / exponential sigmas do.
     """
-    steps, sigma_min, sigma_max, rho = check_schedule(name, steps, sigma_min, sigma_max, scheduler, rho)
+    steps, sigma_min, sigma_max, rho = check_schedule(
+        name, steps, sigma_min, sigma_max, scheduler, rho, scheduler_options=scheduler_options
+    )
     if name == "model":
         return _scheduler_sigmas(scheduler, steps, scheduler_options or {})
-    trained_low, trained_high = trained_sigma_range(scheduler)
+    trained_low, trained_high = trained_sigma_range(scheduler, scheduler_options)
     sigma_min = trained_low if sigma_min is None else sigma_min
     sigma_max = trained_high if sigma_max is None else sigma_max
     from k_diffusion import sampling

@@ -49,3 +49,17 @@ def test_schedules(pipe):
     assert exponential[0] == pytest.approx(5.0) and torch.all(exponential[:-2] > exponential[1:-1])
     with pytest.raises(ValueError, match="sigma_min"):
         samplers.get_sigmas("karras", 4, pipe.scheduler, sigma_min=3.0, sigma_max=2.0)
+
+
+@pytest.mark.parametrize("schedule", ["karras", "exponential"])
+def test_karras_and_exponential_follow_a_dynamically_shifted_flow_scheduler(schedule):
+    # diffusers shifts such a scheduler's range by the call's mu, then spaces it: the k-diffusion schedules must too.
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ours_from = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    theirs = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, **{f"use_{schedule}_sigmas": True})
+    theirs.set_timesteps(6, mu=1.5)
+    ours, start = samplers.get_sigmas(schedule, 6, ours_from, scheduler_options={"mu": 1.5})
+    assert torch.allclose(ours, theirs.sigmas, atol=1e-6) and start == 1.0
+    unshifted, _ = samplers.get_sigmas(schedule, 6, ours_from)
+    assert ours[-2] > 2 * unshifted[-2]  # mu 1.5 lifts the smallest sigma e^1.5-fold
