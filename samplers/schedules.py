@@ -50,8 +50,8 @@ def check_schedule(
 
     ``steps`` is a positive integer (numpy integers too); ``sigma_min`` / ``sigma_max`` are
     finite and positive, only for "karras" and "exponential", and with ``scheduler`` given
-    ``0 < sigma_min < sigma_max`` is checked with the model's trained range (shifted by
-    ``scheduler_options``' ``mu``) filling in the one not given.
+    the model's trained range (shifted by ``scheduler_options``' ``mu``) fills in the one not
+    given, both returned, and ``0 < sigma_min < sigma_max`` is checked.
     """
     check_schedule_name(name)
     steps = check_number(steps, steps_name, 1, integer=True)
@@ -74,7 +74,7 @@ def check_schedule(
             f"need 0 < sigma_min < sigma_max, got sigma_min={low:g}, sigma_max={high:g}"
             + ("" if sigma_min is not None and sigma_max is not None else " (the other from the model's trained range)")
         )
-    return steps, sigma_min, sigma_max, rho
+    return steps, low, high, rho
 
 
 def get_sigmas(
@@ -101,9 +101,10 @@ def get_sigmas(
     )
     if name == "model":
         return _scheduler_sigmas(scheduler, steps, scheduler_options or {})
-    trained_low, trained_high = trained_sigma_range(scheduler, scheduler_options)
-    sigma_min = trained_low if sigma_min is None else sigma_min
-    sigma_max = trained_high if sigma_max is None else sigma_max
+    if sigma_min is None or sigma_max is None:
+        raise ValueError(
+            f"sigma_schedule={name!r}: {type(scheduler).__name__} has no trained sigma range; give sigma_min and sigma_max"
+        )
     from k_diffusion import sampling
 
     if name == "karras":

@@ -51,6 +51,16 @@ def test_schedules(pipe):
         samplers.get_sigmas("karras", 4, pipe.scheduler, sigma_min=3.0, sigma_max=2.0)
 
 
+def test_karras_on_a_scheduler_without_a_trained_range_needs_both_ends():
+    class NoRange:  # neither alphas_cumprod nor flow-matching sigmas
+        config: dict = {}
+
+    with pytest.raises(ValueError, match="NoRange has no trained sigma range; give sigma_min and sigma_max"):
+        samplers.get_sigmas("karras", 4, NoRange(), sigma_max=10.0)
+    sigmas, start = samplers.get_sigmas("karras", 4, NoRange(), sigma_min=0.1, sigma_max=10.0)
+    assert sigmas[0] == pytest.approx(10.0) and sigmas[-2] == pytest.approx(0.1) and start == 10.0
+
+
 @pytest.mark.parametrize("schedule", ["karras", "exponential"])
 def test_karras_and_exponential_follow_a_dynamically_shifted_flow_scheduler(schedule):
     # diffusers shifts such a scheduler's range by the call's mu, then spaces it: the k-diffusion schedules must too.
