@@ -40,7 +40,9 @@ POSITION_PHRASES: Dict[str, str] = {
     "center": "in the center",
 }  # fmt: skip
 EMPTY_CAPTION_RATE = 0.1
-CAPTION_DROPOUT = 0.25  # rate at which a training caption leaves out each of colour, shape, background, size, position
+CAPTION_DROPOUT: Mapping[str, float] = {  # rate at which a training caption leaves out each attribute (the v2 weights')
+    "color": 0.2, "shape": 0.1, "background": 0.2, "size": 0.1, "position": 0.1,
+}  # fmt: skip
 OPEN_ATTRIBUTES = ("color", "shape", "background")  # the attributes a prompt can leave open ("" in its labels)
 ANY_SHAPE = "shape"  # the noun of a caption whose shape is open
 SUPERSAMPLING = 4
