@@ -364,6 +364,8 @@ def test_screenshot_for_the_readme(server, browser):
     page = open_page(browser, url, width=1500)
     set_controls(page, prompt="a red circle on the right on a green background", seed=1, steps=12)
     assert generate(page).startswith("Done")
+    page.eval_on_selector_all("#finals img", "images => images.forEach(i => { i.loading = 'eager'; })")  # gradio's are lazy
+    page.wait_for_function("[...document.querySelectorAll('#finals img')].every(i => i.complete && i.naturalWidth > 0)")
     page.locator("#python").evaluate("element => element.style.display = 'none'")
     shot = Image.open(io.BytesIO(page.screenshot(full_page=True))).convert("RGB")
     shot.quantize(256, Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(os.environ["DUALGUIDE_UI_SCREENSHOT"], optimize=True)

@@ -44,12 +44,12 @@ DEFAULT_MODES = ("none", "CFG", "CFG+TPG", "CFG+NAG", "CFG+TPG+NAG")
 
 # What NAG is for: a negative prompt that NAG acts on with CFG off (where CFG's negative cannot act) and beside CFG.
 # Each example: (prompt, CFG negative, NAG negative); the embedded model's leave the colour open and negate one
-# colour with a prompt of its grammar.
+# colour with a partial prompt of its grammar ("a black shape": any black shape).
 NAG_EXAMPLE_MODES = ("none", "CFG", "CFG+NAG", "NAG")  # in the order of MODES, which is the order they run
 NAG_EXAMPLES = {
     "embedded": (
-        ("a circle on a blue background", "", "a red circle on a blue background"),
-        ("a star on a white background", "", "a black star on a white background"),
+        ("a star on a white background", "", "a black shape"),
+        ("a square on a green background", "", "a red shape"),
     ),
     "checkpoint": (("a portrait photo of a man, studio light", "", "glasses"), ("a bowl of fruit on a table", "", "apples")),
 }
