@@ -51,7 +51,7 @@ def check_schedule(
     ``steps`` is a positive integer (numpy integers too); ``sigma_min`` / ``sigma_max`` are
     finite and positive, only for "karras" and "exponential", and with ``scheduler`` given
     the model's trained range (shifted by ``scheduler_options``' ``mu``) fills in the one not
-    given, both returned, and ``0 < sigma_min < sigma_max`` is checked.
+    given (a scheduler without one needs both), both returned, and ``0 < sigma_min < sigma_max`` is checked.
     """
     check_schedule_name(name)
     steps = check_number(steps, steps_name, 1, integer=True)
@@ -63,9 +63,12 @@ def check_schedule(
             raise ValueError("sigma_min / sigma_max apply to the karras and exponential schedules, not to 'model'")
         return steps, sigma_min, sigma_max, rho
     low, high = sigma_min, sigma_max
-    if scheduler is not None and (getattr(scheduler, "alphas_cumprod", None) is not None or is_flow_matching(scheduler)) and (
-        low is None or high is None
-    ):
+    if scheduler is not None and (low is None or high is None):
+        if getattr(scheduler, "alphas_cumprod", None) is None and not is_flow_matching(scheduler):
+            raise ValueError(
+                f"sigma_schedule={name!r}: {type(scheduler).__name__} has no trained sigma range; "
+                "give sigma_min and sigma_max"
+            )
         trained_low, trained_high = trained_sigma_range(scheduler, scheduler_options)
         low = trained_low if low is None else low
         high = trained_high if high is None else high
@@ -101,10 +104,6 @@ def get_sigmas(
     )
     if name == "model":
         return _scheduler_sigmas(scheduler, steps, scheduler_options or {})
-    if sigma_min is None or sigma_max is None:
-        raise ValueError(
-            f"sigma_schedule={name!r}: {type(scheduler).__name__} has no trained sigma range; give sigma_min and sigma_max"
-        )
     from k_diffusion import sampling
 
     if name == "karras":

@@ -75,8 +75,9 @@ def test_an_open_colour_means_any_colour(embedded):
     grounds = ("blue", "white", "green", "yellow")
     prompts = [f"a {shape} on a {ground} background" for shape in SHAPES[:4] for ground in grounds]
     images = _images(embedded, tpg_scale=0.0, prompts=prompts)
-    colours = Counter(judged["color"] for judged in ShapeJudge.load().predict(images))
-    result = adherence(images, prompts)
+    judge = ShapeJudge.load()
+    colours = Counter(judged["color"] for judged in judge.predict(images))
+    result = adherence(images, prompts, judge)
     print(f"open colour: {result}, colours {colours.most_common()}")
     assert result.shape >= 0.8 and result.background >= 0.9
     assert len(colours) >= 6 and max(colours.values()) <= len(prompts) // 3
