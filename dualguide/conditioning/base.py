@@ -16,22 +16,29 @@ PromptLike = Optional[Union[str, Sequence[str]]]
 
 @dataclass(frozen=True)
 class Conditioning:
-    """What a UNet is conditioned on, one row per image.
+    """What a backbone (UNet or transformer) is conditioned on, one row per image.
 
-    SDXL rows carry all three tensors; Stable Diffusion 1.x / 2.x rows only ``prompt_embeds``
-    (``pooled_embeds`` and ``time_ids`` None). ``attention_mask`` ``[B, L]`` (1 keep, 0 hide) hides the padding windows of rows whose prompts
-    need fewer windows than the longest of their batch, so that each row gets what it gets alone;
-    ``image_embeds`` are the IP-Adapter image embeddings (one tensor per adapter).
+    SDXL rows carry all three tensors; Stable Diffusion 1.x / 2.x and Chroma rows only ``prompt_embeds``
+    (``pooled_embeds`` and ``time_ids`` None); SD3 and Flux rows ``prompt_embeds`` and ``pooled_embeds``.
+    ``attention_mask`` ``[B, L]`` (1 keep, 0 hide) hides the padding windows of rows whose prompts need fewer
+    windows than the longest of their batch, so that each row gets what it gets alone (Chroma: T5's padding);
+    ``image_embeds`` are the IP-Adapter image embeddings (one tensor per adapter). ``to(dtype=...)`` casts the
+    embeddings only: the mask and ``guidance`` keep their dtype (``guidance`` float32, as diffusers' Flux pipelines
+    pass it; the transformer casts it to its hidden states' dtype itself, so a cast here would change nothing).
     """
 
     prompt_embeds: Tensor  # [B, L, D]: the text encoders' hidden states (SDXL: both, concatenated)
-    pooled_embeds: Optional[Tensor] = None  # [B, P]: SDXL's text_encoder_2 pooled projection
+    pooled_embeds: Optional[Tensor] = None  # [B, P]: pooled text embeds (SDXL: text_encoder_2's projection; Flux: CLIP's)
     time_ids: Optional[Tensor] = None  # [B, 6]: SDXL's original size, crop top-left, target size
     attention_mask: Optional[Tensor] = None  # [B, L]
     image_embeds: Optional[List[Tensor]] = None
+    guidance: Optional[Tensor] = None  # [B]: the distilled guidance scale of a guidance-embedding model (Flux.1 dev), one per row
 
     def __post_init__(self) -> None:
-        tensors = {"prompt_embeds": self.prompt_embeds, "pooled_embeds": self.pooled_embeds, "time_ids": self.time_ids}
+        if self.guidance is not None and self.guidance.ndim != 1:
+            raise ValueError(f"Conditioning: guidance must be one scale per row, [B], got shape {list(self.guidance.shape)}")
+        tensors = {"prompt_embeds": self.prompt_embeds, "pooled_embeds": self.pooled_embeds, "time_ids": self.time_ids,
+                   "guidance": self.guidance}  # fmt: skip
         sizes = {name: t.shape[0] for name, t in tensors.items() if t is not None}
         if len(set(sizes.values())) != 1:
             raise ValueError(
@@ -55,13 +62,14 @@ class Conditioning:
         return Conditioning(
             function(self.prompt_embeds), optional(self.pooled_embeds), optional(self.time_ids),
             optional(self.attention_mask), None if self.image_embeds is None else [function(e) for e in self.image_embeds],
+            optional(self.guidance),
         )  # fmt: skip
 
     def to(self, device=None, dtype=None) -> "Conditioning":
+        """These rows on ``device``, their embeddings in ``dtype``; the mask and ``guidance`` keep their dtype."""
         moved = self._map(lambda t: t.to(device=device, dtype=dtype))
-        if self.attention_mask is None:
-            return moved
-        return replace(moved, attention_mask=self.attention_mask.to(device=device))
+        kept = {name: getattr(self, name).to(device=device) for name in ("attention_mask", "guidance") if getattr(self, name) is not None}
+        return replace(moved, **kept) if kept else moved
 
     def select(self, rows: slice) -> "Conditioning":
         """The rows ``rows`` (views, no copy)."""
@@ -76,7 +84,10 @@ class Conditioning:
 
     @staticmethod
     def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
-        """Rows of ``parts`` one after another (a part without a mask keeps every token)."""
+        """Rows of ``parts`` one after another (a part without a mask keeps every token); ``guidance`` must be
+        given for every part or none."""
+        if len({p.guidance is None for p in parts}) > 1:
+            raise ValueError("Conditioning.cat: guidance is given for some parts and not others; give every row its guidance scale")
         masks = None
         if any(p.attention_mask is not None for p in parts):
             masks = torch.cat([p.prompt_embeds.new_ones(p.prompt_embeds.shape[:2]) if p.attention_mask is None else p.attention_mask for p in parts])
@@ -87,7 +98,9 @@ class Conditioning:
             tensors = [getattr(p, field) for p in parts]
             return None if any(t is None for t in tensors) else torch.cat(tensors)
 
-        return Conditioning(torch.cat([p.prompt_embeds for p in parts]), stacked("pooled_embeds"), stacked("time_ids"), masks, images)
+        return Conditioning(
+            torch.cat([p.prompt_embeds for p in parts]), stacked("pooled_embeds"), stacked("time_ids"), masks, images, stacked("guidance")
+        )
 
 
 # Text encoding touches state the pipelines of several threads share: a fast tokenizer keeps its padding and
