@@ -33,12 +33,13 @@ class Conditioning:
     attention_mask: Optional[Tensor] = None  # [B, L]
     image_embeds: Optional[List[Tensor]] = None
     guidance: Optional[Tensor] = None  # [B]: the distilled guidance scale of a guidance-embedding model (Flux.1 dev), one per row
+    reference_latents: Optional[Tensor] = None  # [B, C, h, w]: Flux Kontext's reference image latents, never guided
 
     def __post_init__(self) -> None:
         if self.guidance is not None and self.guidance.ndim != 1:
             raise ValueError(f"Conditioning: guidance must be one scale per row, [B], got shape {list(self.guidance.shape)}")
         tensors = {"prompt_embeds": self.prompt_embeds, "pooled_embeds": self.pooled_embeds, "time_ids": self.time_ids,
-                   "guidance": self.guidance}  # fmt: skip
+                   "guidance": self.guidance, "reference_latents": self.reference_latents}  # fmt: skip
         sizes = {name: t.shape[0] for name, t in tensors.items() if t is not None}
         if len(set(sizes.values())) != 1:
             raise ValueError(
@@ -62,7 +63,7 @@ class Conditioning:
         return Conditioning(
             function(self.prompt_embeds), optional(self.pooled_embeds), optional(self.time_ids),
             optional(self.attention_mask), None if self.image_embeds is None else [function(e) for e in self.image_embeds],
-            optional(self.guidance),
+            optional(self.guidance), optional(self.reference_latents),
         )  # fmt: skip
 
     def to(self, device=None, dtype=None) -> "Conditioning":
@@ -99,7 +100,8 @@ class Conditioning:
             return None if any(t is None for t in tensors) else torch.cat(tensors)
 
         return Conditioning(
-            torch.cat([p.prompt_embeds for p in parts]), stacked("pooled_embeds"), stacked("time_ids"), masks, images, stacked("guidance")
+            torch.cat([p.prompt_embeds for p in parts]), stacked("pooled_embeds"), stacked("time_ids"), masks, images, stacked("guidance"),
+            stacked("reference_latents"),
         )
 
 
