@@ -1,0 +1,133 @@
+"""The Modular Diffusers guiders on a tiny SDXL built in code: parity with the project's pipeline, diffusers' CFG guider,
+the UNet left as it was, and bad input refused before any backbone call."""
+
+import pytest
+import torch
+from conftest import SIZE, unet_snapshot
+from counting import rows_seen
+from diffusers.guiders import ClassifierFreeGuidance
+from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
+
+from dualguide.callstate import current_call
+from dualguide.guiders import TokenPerturbationGuidance
+from dualguide.hooks import installed_count
+from dualguide.pipelines.guided import seeds_from
+
+PROMPT = "a red circle"
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def modular(components):
+    """diffusers' modular SDXL with the tiny components (no hub: the blocks' components are all given)."""
+    pipeline = StableDiffusionXLAutoBlocks().init_pipeline()
+    pipeline.update_components(**components)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def run_modular(pipeline, guider, seed=0, **kwargs):
+    pipeline.update_components(guider=guider)
+    settings = dict(prompt=PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(seed))
+    return pipeline(**settings, **kwargs, output="latents")
+
+
+def run_pipeline(pipe, seed=0, **kwargs):
+    settings = dict(prompt=PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE, output_type="latent")
+    return pipe(generator=torch.Generator().manual_seed(seed), **settings, **kwargs).images
+
+
+def pipeline_seed(seed: int, unet) -> int:
+    """The permutation seed ``StableDiffusionXLTPGPipeline`` takes from ``generator=torch.Generator().manual_seed(seed)``:
+    ``seeds_from`` of the generator after the initial noise (diffusers draws it first, [1, 4, h, w] here)."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.randn((1, unet.config.in_channels, SIZE // 2, SIZE // 2), generator=generator)
+    return seeds_from(generator)
+
+
+def test_tpg_guider_equals_pipeline(modular, pipe, unet):
+    guider = TokenPerturbationGuidance(guidance_scale=5.0, tpg_scale=3.0, guidance_rescale=0.7, seed=pipeline_seed(0, unet))
+    before = unet_snapshot(unet)
+    with rows_seen(unet) as rows:
+        latents = run_modular(modular, guider)
+    assert rows == [1] * 3 * STEPS  # diffusers' loop: one call per branch (cond, uncond, tpg)
+    assert unet_snapshot(unet) == before and current_call() is None
+    assert not any(installed_count(m) for m in unet.modules())
+    expected = run_pipeline(pipe, guidance_scale=5.0, guidance_rescale=0.7, tpg_scale=3.0)
+    assert (latents - expected).abs().max() <= 1e-4
+    without_tpg = run_pipeline(pipe, guidance_scale=5.0, guidance_rescale=0.7, tpg_scale=0.0)
+    assert (latents - without_tpg).abs().max() > 0.1  # the TPG branch moved it
+    # Another seed draws other permutations; the same seed gives the same run again (the streams restart).
+    assert (run_modular(modular, guider.new(seed=1)) - latents).abs().max() > 1e-3
+    assert torch.equal(run_modular(modular, guider), latents)
+
+
+def test_tpg_scale_zero_is_cfg(modular):
+    expected = run_modular(modular, ClassifierFreeGuidance(guidance_scale=5.0, guidance_rescale=0.5))
+    guider = TokenPerturbationGuidance(guidance_scale=5.0, tpg_scale=0.0, guidance_rescale=0.5, tpg_layers="d99")
+    assert guider.num_conditions == 2
+    assert (run_modular(modular, guider) - expected).abs().max() <= 1e-6
+
+
+def test_tpg_window_and_layers(modular, pipe, unet):
+    """TPG on some layers for the first two steps of three equals the pipeline's tpg_interval (0, 2/3) there."""
+    guider = TokenPerturbationGuidance(guidance_scale=4.0, tpg_scale=2.0, tpg_layers="d2-d5,m1", tpg_stop=0.7, seed=pipeline_seed(3, unet))
+    with rows_seen(unet) as rows:
+        latents = run_modular(modular, guider, seed=3)
+    assert rows == [1] * (3 + 3 + 2)
+    expected = run_pipeline(pipe, seed=3, guidance_scale=4.0, tpg_scale=2.0, tpg_applied_layers_index="d2-d5,m1", tpg_interval=(0.0, 0.7))
+    assert (latents - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "options, parameter",
+    [
+        (dict(tpg_layers="d2-x"), "tpg_layers"),
+        (dict(tpg_layers=[]), "tpg_layers"),
+        (dict(tpg_scale=-1.0), "tpg_scale"),
+        (dict(tpg_scale=float("nan")), "tpg_scale"),
+        (dict(tpg_start=0.6, tpg_stop=0.5), "tpg_start"),
+        (dict(start=0.6, stop=0.5), "start"),
+        (dict(guidance_rescale=1.5), "guidance_rescale"),
+    ],
+)
+def test_bad_settings_refused_on_construction(options, parameter):
+    with pytest.raises(ValueError, match=parameter):
+        TokenPerturbationGuidance(**options)
+
+
+@pytest.mark.parametrize("seed", [True, "0", [], [1, "2"]])
+def test_bad_seed_refused(seed):
+    with pytest.raises(TypeError, match="seed"):
+        TokenPerturbationGuidance(seed=seed)
+
+
+@pytest.mark.parametrize(
+    "options, parameter",
+    [(dict(tpg_layers="d2-d30"), "tpg_layers"), (dict(seed=[1, 2]), "seed")],
+)
+def test_bad_input_refused_before_any_backbone_call(modular, unet, options, parameter):
+    before = unet_snapshot(unet)
+    with rows_seen(unet) as rows, pytest.raises(ValueError, match=parameter):
+        run_modular(modular, TokenPerturbationGuidance(**options))
+    assert rows == [] and unet_snapshot(unet) == before
+
+
+def test_raising_branch_call_leaves_no_state(unet):
+    """A TPG branch whose backbone call raises resets its call state and hooks; ``cleanup_models`` removes the rest."""
+    guider = TokenPerturbationGuidance(guidance_scale=1.0, tpg_layers="d6-d9")
+    before = unet_snapshot(unet)
+    guider.set_state(step=0, num_inference_steps=2, timestep=torch.tensor(999))
+    cond = torch.zeros(1, 77, 64)
+    branches = guider.prepare_inputs({"prompt_embeds": (cond, None)})
+    assert [getattr(b, "__guidance_identifier__") for b in branches] == ["pred_cond", "pred_cond_tpg"]
+    guider.prepare_models(unet)
+    guider.cleanup_models(unet)
+    guider.prepare_models(unet)  # the TPG branch
+    assert installed_count(unet.down_blocks[2].attentions[0].transformer_blocks[2]) == 1  # d6
+    with pytest.raises(Exception):
+        unet(torch.zeros(1, 4, 16, 16), 999, encoder_hidden_states=cond)  # no added_cond_kwargs: raises inside
+    assert current_call() is None
+    assert not any(installed_count(m) for m in unet.modules())
+    guider.cleanup_models(unet)
+    assert unet_snapshot(unet) == before
