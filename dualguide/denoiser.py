@@ -8,6 +8,7 @@ loops that follow a diffusers scheduler.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from contextlib import contextmanager
@@ -25,11 +26,13 @@ from .control import ControlNetInput, control_residuals
 from .families import CallExtras, ModelFamily, family_of
 from .guidance import guided_prediction, rescale_guidance
 from .hooks import HookSites, Installation, guidance_hooks
+from .memory import add_line, halved_rows, is_out_of_memory
 from .nag import negative_key_value
 from .rows import BRANCH_ORDER, CallRows, Seeds, TokenPermutations, plan_calls
 from .schedule import DiscreteModelSchedule, FlowMatchSchedule, model_schedule
 from .sharing import PrefixSharing, call_template, narrow_rows, shared_call, widen_rows
 
+logger = logging.getLogger(__name__)
 
 
 def _check_heads(attns, heads) -> None:
@@ -39,6 +42,16 @@ def _check_heads(attns, heads) -> None:
     bad = [h for h in heads if h >= available]
     if bad:
         raise ValueError(f"selected_heads {bad} out of range: the selected PAG layers have heads 0-{available - 1}")
+
+
+def _repeated(negative, times: int):
+    """NAG's negative (prompt embeds, or a family's whole negative Conditioning) repeated for ``times`` branches."""
+    return Conditioning.cat([negative] * times) if isinstance(negative, Conditioning) else negative.repeat(times, 1, 1)
+
+
+def _rows(negative, rows: slice):
+    """The rows ``rows`` of NAG's negative (prompt embeds or a Conditioning)."""
+    return negative.select(rows) if isinstance(negative, Conditioning) else negative[rows]
 
 
 def to_denoised(x: Tensor, sigma: Tensor, output: Tensor, prediction_type: str) -> Tensor:
@@ -322,15 +335,16 @@ class GuidedDenoiser:
             raise TypeError(f"cond must be a dualguide.Conditioning, got {type(cond).__name__}")
         if self.cfg.enabled and not isinstance(uncond, Conditioning):
             raise ValueError("uncond (a Conditioning) is required while guidance_scale > 1")
-        if self.nag is not None and not isinstance(nag_negative, Tensor):
-            raise ValueError("nag_negative (prompt embeds [B, L, D]) is required while nag_scale > 1")
+        if self.nag is not None and not isinstance(nag_negative, (Tensor, Conditioning)):
+            raise ValueError("nag_negative (prompt embeds [B, L, D], or a Conditioning for Flux) is required while nag_scale > 1")
         for name, value in (("cond", cond), ("uncond", uncond)):
             if isinstance(value, Conditioning):
                 self.family.check_conditioning(value, name)
                 if value.batch_size != x.shape[0]:
                     raise ValueError(f"{name} has batch size {value.batch_size}, x has {x.shape[0]}")
-        if isinstance(nag_negative, Tensor) and nag_negative.shape[0] != x.shape[0]:
-            raise ValueError(f"nag_negative has batch size {nag_negative.shape[0]}, x has {x.shape[0]}")
+        negative_rows = nag_negative.batch_size if isinstance(nag_negative, Conditioning) else getattr(nag_negative, "shape", (None,))[0]
+        if nag_negative is not None and negative_rows != x.shape[0]:
+            raise ValueError(f"nag_negative has batch size {negative_rows}, x has {x.shape[0]}")
         if self.permutations.per_image and self.tpg is not None and len(self.permutations.seeds) != x.shape[0]:
             raise ValueError(f"{len(self.permutations.seeds)} per-image seeds for a batch of {x.shape[0]} images")
 
@@ -345,7 +359,7 @@ class GuidedDenoiser:
         if branches not in self._batch_cache:
             dtype = self.model_dtype
             stacked = Conditioning.cat([uncond if name == "uncond" else cond for name in branches]).to(dtype=dtype)
-            negative = None if nag_negative is None else nag_negative.to(dtype=dtype).repeat(len(branches), 1, 1)
+            negative = None if nag_negative is None else _repeated(nag_negative.to(dtype=dtype), len(branches))
             self._batch_cache[branches] = (stacked, negative)
         return self._batch_cache[branches]
 
@@ -356,7 +370,7 @@ class GuidedDenoiser:
             return None
         key = (id(negative), rows.start, rows.stop, guided.start, guided.stop)
         if key not in self._batch_cache:
-            call_negative = negative[rows][guided]
+            call_negative = _rows(_rows(negative, rows), guided)
             fixed = not self.family.nag_negative_rows
             cache = {attn: negative_key_value(attn, call_negative) for attn in self._nag_attns} if fixed else {}
             settings = self.nag
@@ -398,15 +412,47 @@ class GuidedDenoiser:
         return int((levels[:-1] > level * (1 + 1e-6)).sum()), len(levels) - 1
 
     def _run_unet(self, model_input: Tensor, timesteps: Tensor, branches, cond, uncond, nag_negative, residuals=None) -> Tensor:
+        """The backbone output of every row of the step, in calls of at most ``max_batch_rows`` rows.
+
+        A call that runs out of memory (``dualguide.memory``) reruns the step in calls of half as many rows, down to
+        one; the split that worked stays for the rest of the run, with one warning naming it. Other errors propagate."""
         batch = model_input.shape[0]
         model_input = model_input.to(self.model_dtype).repeat(len(branches), 1, 1, 1)
         timesteps = timesteps.repeat(len(branches))
         timestep_cond = None if self.timestep_cond is None else self.timestep_cond.repeat(len(branches), 1)
         stacked, negative = self._step_inputs(branches, cond, uncond, nag_negative)
-        self.permutations.new_step()
+        self.permutations.new_step()  # once per step: a rerun after running out of memory keeps the step's permutations
         permutations = self._step_permutations(model_input[:batch]) if "tpg" in branches else {}
+        rows = len(branches) * batch
+        size = rows if self.max_batch_rows is None else min(self.max_batch_rows, rows)
+        failed = None
+        while True:
+            try:
+                outputs = self._backbone_calls(
+                    plan_calls(branches, batch, size), branches, permutations, model_input, timesteps, stacked, negative,
+                    timestep_cond, residuals,
+                )  # fmt: skip
+                break
+            except Exception as error:
+                if not is_out_of_memory(error):
+                    raise
+                if size == 1:
+                    add_line(error, f"dualguide: out of memory even with one row per backbone call (a step needs {rows} rows)")
+                    raise
+            # Retried outside the handler, so that the failed attempt's tensors (held by the traceback) are freed.
+            failed, size = size, halved_rows(size)
+        if failed is not None:
+            self.max_batch_rows = size
+            logger.warning(
+                "dualguide: out of memory in a backbone call of %d rows; this run goes on with max_batch_rows=%d "
+                "(%d calls per step, slower; pass max_batch_rows=%d to start there)", failed, size, -(-rows // size), size,
+            )  # fmt: skip
+        return outputs
+
+    def _backbone_calls(self, calls, branches, permutations, model_input, timesteps, stacked, negative, timestep_cond, residuals) -> Tensor:
+        """The backbone output of the step's rows over ``calls`` (``plan_calls``)."""
+        batch = model_input.shape[0] // len(branches)
         outputs = []
-        calls = plan_calls(branches, batch, self.max_batch_rows)
         with self._call_hooks():
             for rows, call_rows in calls:
                 call = self._guided_call(call_rows, permutations, self._call_nag(negative, rows, call_rows.guided))
