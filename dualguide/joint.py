@@ -19,7 +19,7 @@ guidance for the module go to the wrapped processor unchanged.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -74,8 +74,8 @@ def guided_joint_attention(attn, image: Tensor, text: Tensor, rows: CallRows, pa
     value = torch.cat([attention.split_heads(attn, attn.to_v(image)), attention.split_heads(attn, attn.add_v_proj(text))], dim=2)
     heads = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
     if pag is not None:
-        for perturbed in _pag_rows(rows, count, nag is not None):
-            heads[perturbed] = _perturbed_heads(query[perturbed], key[perturbed], value[perturbed], heads[perturbed], image.shape[1], pag)
+        for perturbed in pag_rows(rows, count, nag is not None):
+            heads[perturbed] = perturbed_heads(query[perturbed], key[perturbed], value[perturbed], heads[perturbed], slice(0, image.shape[1]), pag)
     merged = attention.merge_heads(heads).to(query.dtype)
     tokens = image.shape[1]
     image_out, text_out = merged[:, :tokens], merged[:, tokens:]
@@ -94,24 +94,18 @@ def _added_heads(attn, projected: Tensor, norm: Optional[nn.Module]) -> Tensor:
     return heads if norm is None else norm(heads)
 
 
-def _pag_rows(rows: CallRows, count: int, with_nag: bool):
-    """The PAG rows, and with NAG their negative partners (after the ``count`` rows, in guided-row order)."""
-    perturbed = rows.rows("pag")
-    if perturbed is None:
-        return []
-    if not with_nag:
-        return [perturbed]
-    offset = count + perturbed.start - rows.guided.start
-    return [perturbed, slice(offset, offset + perturbed.stop - perturbed.start)]
+def pag_rows(rows: CallRows, count: int, with_nag: bool) -> List[slice]:
+    """The PAG rows, and with NAG their negative partners (``CallRows.with_partners``)."""
+    return rows.with_partners("pag", count if with_nag else None)
 
 
-def _perturbed_heads(query: Tensor, key: Tensor, value: Tensor, plain: Tensor, image_tokens: int, pag: PAGCall) -> Tensor:
-    """Attention heads with the image-image block of the map replaced by the identity (PAG), blended with the
-    ``plain`` heads by ``beta`` on the selected heads (SoftPAG)."""
+def perturbed_heads(query: Tensor, key: Tensor, value: Tensor, plain: Tensor, image: slice, pag: PAGCall) -> Tensor:
+    """Attention heads ``[rows, heads, tokens, dim]`` with the image-image block of the map (the tokens ``image``)
+    replaced by the identity (PAG), blended with the ``plain`` heads by ``beta`` on the selected heads (SoftPAG)."""
     total = query.shape[2]
     mask = torch.zeros(total, total, dtype=query.dtype, device=query.device)
-    mask[:image_tokens, :image_tokens] = float("-inf")
-    mask[:image_tokens, :image_tokens].fill_diagonal_(0)
+    mask[image, image] = float("-inf")
+    mask[image, image].fill_diagonal_(0)
     perturbed = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
     if pag.beta < 1.0:
         perturbed = torch.lerp(plain, perturbed, pag.beta)

@@ -3,8 +3,8 @@
 UNets: the diffusers ``BasicTransformerBlock`` modules in ``unet.named_modules()``
 order, grouped by the first component of their name (``down_blocks`` -> d,
 ``mid_block`` -> m, ``up_blocks`` -> u) and numbered within each group, as the
-official TPG code does. MMDiT transformers (SD3): j0-jN, the joint blocks in order
-(the family adapter lists them).
+official TPG code does. MMDiT transformers (SD3): j0-jN, the joint blocks in order; Flux / Chroma:
+j0-jN over the double-stream blocks and s0-sM over the single-stream blocks (the family adapter lists them).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from torch import nn
 
 GROUP_PREFIX = {"down_blocks": "d", "mid_block": "m", "up_blocks": "u"}
 LayerSpec = Union[str, Sequence[str]]
-_ID = re.compile(r"^([dmuj])(\d+)(?:-(?:\1)?(\d+))?$")
-PREFIX_ORDER = "dmuj"
+_ID = re.compile(r"^([dmujs])(\d+)(?:-(?:\1)?(\d+))?$")
+PREFIX_ORDER = "dmujs"
 
 
 def transformer_blocks(unet: nn.Module) -> Dict[str, Tuple[str, nn.Module]]:

@@ -25,23 +25,30 @@ def shuffle_tokens(module: nn.Module, args: tuple, kwargs: dict):
     permutation = None if tpg is None else tpg.permutations.get(module)
     if permutation is None:
         return None
-    rows = call.rows.slices["tpg"]
     positional = bool(args)
     hidden_states = args[0] if positional else kwargs["hidden_states"]
     if permutation.shape[-1] != hidden_states.shape[1]:
         raise RuntimeError(f"TPG: a block got {hidden_states.shape[1]} tokens, its permutation has {permutation.shape[-1]}")
+    # A Flux single-stream block's image rows carry NAG's negative partners after the call's rows: they are shuffled too.
+    count = call.rows.count
+    for rows in call.rows.with_partners("tpg", count if hidden_states.shape[0] > count else None):
+        hidden_states = _shuffled(hidden_states, rows, permutation)
+    if positional:
+        return (hidden_states, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden_states}
+
+
+def _shuffled(hidden_states: Tensor, rows: slice, permutation: Tensor) -> Tensor:
+    """``hidden_states`` with the tokens of ``rows`` permuted (in place at inference)."""
     selected = hidden_states[rows]
     if permutation.ndim == 1:
         shuffled = selected[:, permutation]
     else:
         shuffled = torch.gather(selected, 1, permutation[:, :, None].expand(-1, -1, selected.shape[-1]))
     if torch.is_grad_enabled() and hidden_states.requires_grad:
-        hidden_states = torch.cat([hidden_states[: rows.start], shuffled, hidden_states[rows.stop :]])
-    else:
-        hidden_states[rows] = shuffled
-    if positional:
-        return (hidden_states, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden_states}
+        return torch.cat([hidden_states[: rows.start], shuffled, hidden_states[rows.stop :]])
+    hidden_states[rows] = shuffled
+    return hidden_states
 
 
 class PerturbedSelfAttnProcessor:

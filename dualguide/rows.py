@@ -33,6 +33,22 @@ class CallRows:
     def rows(self, branch: str) -> Optional[slice]:
         return self.slices.get(branch)
 
+    def with_partners(self, branch: str, count: Optional[int] = None) -> List[slice]:
+        """The rows of ``branch`` ([] when absent) and, for a joint attention whose NAG carries one extra text row per
+        guided row after the call's ``count`` rows (None: no such rows), those extra partners, in guided-row order."""
+        own = self.slices.get(branch)
+        if own is None:
+            return []
+        if count is None:
+            return [own]
+        offset = count + own.start - self.guided.start
+        return [own, slice(offset, offset + own.stop - own.start)]
+
+    @property
+    def count(self) -> int:
+        """How many rows the call has."""
+        return max(rows.stop for rows in self.slices.values())
+
     def images_of(self, branch: str) -> slice:
         """Image indices of ``branch``'s rows in this call (its rows when no split was planned)."""
         rows = self.slices[branch]

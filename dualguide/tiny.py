@@ -296,3 +296,52 @@ def build_tiny_sd3(layout: str = "sd3", seed: int = 0, sample_size: int = 16, nu
         tokenizer_3=tokenizer_3,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
     )
+
+
+FLUX_VARIANTS = ("dev", "schnell", "kontext")
+FLUX_TEXT_DIM = SD3_TEXT_DIM  # T5's width = the transformer's joint_attention_dim
+FLUX_VAE_SCALING = dict(scaling_factor=0.3611, shift_factor=0.1159)  # Flux's VAE: latents = (z - shift) * scaling
+
+
+def tiny_flux_transformer_config(variant: str = "dev", num_layers: int = 19, num_single_layers: int = 38) -> dict:
+    """FluxTransformer2DModel config with Flux.1's depth (19 double-stream blocks j0-j18, 38 single-stream blocks
+    s0-s37, so the default layers exist), 2 heads of 16 (rotary axes 4 + 6 + 6), 16 latent channels packed 2x2 (64 in),
+    the guidance embedding of ``"dev"`` and ``"kontext"`` (none on ``"schnell"``)."""
+    if variant not in FLUX_VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(FLUX_VARIANTS)}, got {variant!r}")
+    return dict(
+        patch_size=1, in_channels=64, out_channels=None, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=FLUX_TEXT_DIM, pooled_projection_dim=32,
+        guidance_embeds=variant != "schnell", axes_dims_rope=(4, 6, 6),
+    )  # fmt: skip
+
+
+def flux_scheduler_config(variant: str = "dev") -> dict:
+    """Flux.1's ``FlowMatchEulerDiscreteScheduler``: shift 3 with dynamic shifting (dev, Kontext); schnell's fixed shift 1."""
+    if variant == "schnell":
+        return dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+    return dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
+
+
+def build_tiny_flux(variant: str = "dev", seed: int = 0, sample_size: int = 16, num_layers: int = 19, num_single_layers: int = 38) -> dict:
+    """Random-weight Flux.1 components keyed like ``FluxPipeline``'s arguments (``variant`` ``"dev"``, ``"schnell"``
+    or ``"kontext"``, for ``FluxKontextPipeline``). ``sample_size`` is the latent side (the tiny VAE's factor is 2, so
+    Flux's 2x2 packing needs an even side). Text: a CLIP of width 32 (pooled) and a T5 of width 96."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    config = tiny_flux_transformer_config(variant, num_layers, num_single_layers)
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**config)
+    vae = _tiny_vae(sample_size, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **FLUX_VAE_SCALING)
+    tokenizer_2 = tiny_t5_tokenizer()
+    return dict(
+        transformer=transformer.eval(),
+        vae=vae,
+        text_encoder=CLIPTextModel(_tiny_text_config(77)).eval(),
+        text_encoder_2=_tiny_t5_encoder(len(tokenizer_2)),
+        tokenizer=tiny_tokenizer(),
+        tokenizer_2=tokenizer_2,
+        scheduler=FlowMatchEulerDiscreteScheduler(**flux_scheduler_config(variant)),
+    )

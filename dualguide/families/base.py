@@ -42,6 +42,9 @@ class ModelFamily(ABC):
     # How NAG's negative enters: False, fixed K/V of the negative text in every cross-attention (computed once per
     # run, UNets); True, extra text-stream rows, one per guided row, appended by ``call`` (MMDiT joint attention).
     nag_negative_rows: bool = False
+    # Whether NAG's negative carries pooled embeds of its own (Flux: its rows' ``temb``), given as
+    # ``nag_negative_prompt_2`` / ``nag_negative_pooled_prompt_embeds`` beside the negative text.
+    pooled_nag_negative: bool = False
 
     @abstractmethod
     def matches(self, model: nn.Module) -> bool:
