@@ -1,6 +1,8 @@
 """The Modular Diffusers guiders on a tiny SDXL built in code: parity with the project's pipeline, diffusers' CFG guider,
 the UNet left as it was, and bad input refused before any backbone call."""
 
+import json
+
 import pytest
 import torch
 from conftest import SIZE, unet_snapshot
@@ -9,7 +11,7 @@ from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
 
 from dualguide.callstate import current_call
-from dualguide.guiders import TokenPerturbationGuidance
+from dualguide.guiders import NormalizedAttentionGuidance, TokenPerturbationGuidance
 from dualguide.hooks import installed_count
 from dualguide.pipelines.guided import seeds_from
 
@@ -131,3 +133,94 @@ def test_raising_branch_call_leaves_no_state(unet):
     assert not any(installed_count(m) for m in unet.modules())
     guider.cleanup_models(unet)
     assert unet_snapshot(unet) == before
+
+
+@pytest.fixture(scope="module")
+def negative():
+    """A NAG negative's prompt embeds, one row, the tiny text encoders' width."""
+    return torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("guidance_scale", [5.0, 1.0])
+def test_nag_guider_equals_pipeline(modular, pipe, unet, negative, guidance_scale):
+    guider = NormalizedAttentionGuidance(guidance_scale=guidance_scale, guidance_rescale=0.7, nag_negative_prompt_embeds=negative)
+    before = unet_snapshot(unet)
+    with rows_seen(unet) as rows:
+        latents = run_modular(modular, guider)
+    assert rows == [1] * (2 if guidance_scale > 1 else 1) * STEPS  # NAG adds no branch
+    assert unet_snapshot(unet) == before and current_call() is None
+    assert not any(installed_count(m) for m in unet.modules())
+    settings = dict(guidance_scale=guidance_scale, guidance_rescale=0.7, tpg_scale=0.0)
+    expected = run_pipeline(pipe, do_nag=True, nag_negative_prompt_embeds=negative, **settings)
+    assert (latents - expected).abs().max() <= 1e-4
+    assert (latents - run_pipeline(pipe, **settings)).abs().max() > 0.1  # NAG moved it
+
+
+def test_nag_window_equals_pipeline_nag_end(modular, pipe, negative):
+    guider = NormalizedAttentionGuidance(guidance_scale=3.0, nag_scale=4.0, nag_tau=2.0, nag_alpha=0.25, nag_stop=0.5,
+                                         nag_negative_prompt_embeds=negative)  # fmt: skip
+    latents = run_modular(modular, guider, seed=2)
+    expected = run_pipeline(pipe, seed=2, guidance_scale=3.0, tpg_scale=0.0, do_nag=True, nag_scale=4.0, nag_tau=2.0, nag_alpha=0.25,
+                            nag_end=0.5, nag_negative_prompt_embeds=negative)  # fmt: skip
+    assert (latents - expected).abs().max() <= 1e-4
+    assert (latents - run_modular(modular, guider.new(nag_stop=1.0), seed=2)).abs().max() > 1e-3  # the window matters
+
+
+@pytest.mark.parametrize(
+    "options, parameter",
+    [
+        (dict(nag_scale=float("inf")), "nag_scale"),
+        (dict(nag_tau=0.0), "nag_tau"),
+        (dict(nag_alpha=1.5), "nag_alpha"),
+        (dict(nag_start=0.8, nag_stop=0.2), "nag_start"),
+        (dict(nag_negative_prompt_embeds=torch.zeros(77, 64)), "nag_negative_prompt_embeds"),
+    ],
+)
+def test_bad_nag_settings_refused_on_construction(options, parameter):
+    with pytest.raises(ValueError, match=parameter):
+        NormalizedAttentionGuidance(**options)
+
+
+@pytest.mark.parametrize("embeds", [None, torch.zeros(2, 77, 64), torch.zeros(1, 77, 32)])
+def test_bad_nag_negative_refused_before_any_backbone_call(modular, unet, embeds):
+    before = unet_snapshot(unet)
+    with rows_seen(unet) as rows, pytest.raises(ValueError, match="nag_negative_prompt_embeds"):
+        run_modular(modular, NormalizedAttentionGuidance(nag_negative_prompt_embeds=embeds))
+    assert rows == [] and unet_snapshot(unet) == before
+
+
+def test_nag_refuses_a_family_with_negative_rows(negative):
+    from diffusers import SD3Transformer2DModel
+
+    from dualguide.tiny import tiny_sd3_transformer_config
+
+    transformer = SD3Transformer2DModel(**tiny_sd3_transformer_config())
+    guider = NormalizedAttentionGuidance(guidance_scale=1.0, nag_negative_prompt_embeds=negative)
+    guider.set_state(step=0, num_inference_steps=2, timestep=torch.tensor(999))
+    guider.prepare_inputs({"prompt_embeds": (torch.zeros(1, 77, 64), None)})
+    with pytest.raises(ValueError, match="Stable Diffusion 3"):
+        guider.prepare_models(transformer)
+    assert not any(installed_count(m) for m in transformer.modules())
+
+
+TPG_SETTINGS = dict(guidance_scale=4.5, tpg_scale=2.5, tpg_layers="d2-d5", tpg_start=0.1, tpg_stop=0.9, guidance_rescale=0.3, seed=[7, 8],
+                    start=0.2, stop=0.8, enabled=False)  # fmt: skip
+NAG_SETTINGS = dict(guidance_scale=4.5, nag_scale=2.5, nag_tau=1.5, nag_alpha=0.75, nag_use_l1=False, nag_start=0.1, nag_stop=0.9,
+                    guidance_rescale=0.3, start=0.2, stop=0.8, enabled=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind, settings", [(TokenPerturbationGuidance, TPG_SETTINGS), (NormalizedAttentionGuidance, NAG_SETTINGS)])
+def test_config_round_trip(modular, tmp_path, negative, kind, settings):
+    runtime = {"nag_negative_prompt_embeds": negative} if kind is NormalizedAttentionGuidance else {}
+    guider = kind(**settings, **runtime)
+    guider.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "guider_config.json").read_text())
+    assert {name: saved[name] for name in settings} == settings and "nag_negative_prompt_embeds" not in saved
+    loaded = kind.from_pretrained(tmp_path, **runtime)
+    assert type(loaded) is kind and {name: loaded.config[name] for name in settings} == settings
+    assert loaded.new().config == guider.config
+    if runtime:
+        assert loaded.nag_negative_prompt_embeds is negative and loaded.new().nag_negative_prompt_embeds is negative
+        assert kind.from_pretrained(tmp_path).nag_negative_prompt_embeds is None
+    modular.update_components(guider=loaded)
+    assert modular.guider is loaded
