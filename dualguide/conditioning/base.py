@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import threading
 from dataclasses import dataclass, replace
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -160,6 +160,27 @@ def nag_negative_texts(batch: int, nag_negative_prompt: PromptLike, negative_pro
         source, parameter = "", "nag_negative_prompt"
     prompt_batch_size(source, parameter)
     return as_list(source, batch, parameter)
+
+
+def nag_negative_texts_per_encoder(
+    batch: int, nag_negative_prompt: PromptLike, negative_prompt: PromptLike, negative_others: Sequence[Tuple[PromptLike, str]],
+    nag_others: Optional[Sequence[Tuple[PromptLike, str]]] = None,
+) -> List[Optional[List[str]]]:  # fmt: skip
+    """NAG's negative texts for each text encoder, ``[texts, texts_2, ...]``, as the official NAG SD3 and Flux
+    pipelines choose them: the first ``nag_negative_texts``; the others, ``(text, parameter)`` pairs, go with the
+    text chosen: ``negative_others`` (``negative_prompt_2``, ...) with ``negative_prompt``, else ``nag_others``
+    (``nag_negative_prompt_2``, ...; None for a pipeline without them). None where not given: diffusers then
+    encodes the first text there too."""
+    from_negative = nag_negative_prompt is None and negative_prompt is not None
+    others = negative_others if from_negative else nag_others or [(None, name) for _, name in negative_others]
+    first = nag_negative_texts(batch, nag_negative_prompt, negative_prompt)
+    return [first] + [None if text is None else as_list(text, batch, name) for text, name in others]
+
+
+def reuses_cfg_negative(nag_negative_prompt: PromptLike, negative_prompt: PromptLike, cfg_negative: Optional[object]) -> bool:
+    """The official NAG SD3 and Flux pipelines' rule: without ``nag_negative_prompt``, a ``negative_prompt`` that CFG
+    encoded (``cfg_negative``: what CFG encoded, None without CFG) is NAG's negative as CFG encoded it."""
+    return nag_negative_prompt is None and negative_prompt is not None and cfg_negative is not None
 
 
 def check_max_sequence_length(max_sequence_length: int) -> None:

@@ -9,8 +9,8 @@ from typing import Optional, Tuple
 from torch import Tensor
 
 from .base import (
-    Conditioning, PromptLike, as_list, check_max_sequence_length, nag_negative_texts, one_encoding_at_a_time,
-    prompt_batch_size, rows_per_image,
+    Conditioning, PromptLike, check_max_sequence_length, nag_negative_texts_per_encoder, one_encoding_at_a_time,
+    prompt_batch_size, reuses_cfg_negative, rows_per_image,
 )  # fmt: skip
 
 
@@ -81,17 +81,14 @@ def encode_sd3_nag_negative(
     check_max_sequence_length(max_sequence_length)
     if nag_negative_prompt_embeds is not None:
         embeds, parameter = nag_negative_prompt_embeds, "nag_negative_prompt_embeds"
-    elif nag_negative_prompt is None and negative_prompt is not None and negative_prompt_embeds is not None:
+    elif reuses_cfg_negative(nag_negative_prompt, negative_prompt, negative_prompt_embeds):
         embeds, parameter = negative_prompt_embeds, "negative_prompt_embeds"
     else:
-        prompts = nag_negative_texts(batch, nag_negative_prompt, negative_prompt)
-        from_negative = nag_negative_prompt is None and negative_prompt is not None
-        others = [
-            None if text is None or not from_negative else as_list(text, batch, name)
-            for text, name in ((negative_prompt_2, "negative_prompt_2"), (negative_prompt_3, "negative_prompt_3"))
-        ]
+        prompts, prompts_2, prompts_3 = nag_negative_texts_per_encoder(
+            batch, nag_negative_prompt, negative_prompt, [(negative_prompt_2, "negative_prompt_2"), (negative_prompt_3, "negative_prompt_3")]
+        )
         embeds = pipe.encode_prompt(
-            prompt=prompts, prompt_2=others[0], prompt_3=others[1], device=device,
+            prompt=prompts, prompt_2=prompts_2, prompt_3=prompts_3, device=device,
             num_images_per_prompt=num_images_per_prompt, do_classifier_free_guidance=False, clip_skip=clip_skip,
             max_sequence_length=max_sequence_length, lora_scale=lora_scale,
         )[0]  # fmt: skip
