@@ -224,3 +224,29 @@ def test_config_round_trip(modular, tmp_path, negative, kind, settings):
         assert kind.from_pretrained(tmp_path).nag_negative_prompt_embeds is None
     modular.update_components(guider=loaded)
     assert modular.guider is loaded
+
+
+def test_other_threads_calls_pass_through(unet):
+    """While a TPG branch is open, a call of the same UNet from another thread is a plain call; the branch's is not."""
+    import threading
+
+    inputs = dict(encoder_hidden_states=torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(1)),
+                  added_cond_kwargs={"text_embeds": torch.zeros(1, 32), "time_ids": torch.tensor([[32.0, 32, 0, 0, 32, 32]])})  # fmt: skip
+    sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = unet(sample, 999, **inputs).sample
+        guider = TokenPerturbationGuidance(guidance_scale=1.0)
+        guider.set_state(step=0, num_inference_steps=2, timestep=torch.tensor(999))
+        guider.prepare_inputs({"prompt_embeds": (inputs["encoder_hidden_states"], None)})
+        guider.prepare_models(unet)
+        guider.cleanup_models(unet)
+        guider.prepare_models(unet)  # the TPG branch
+        other = []
+        thread = threading.Thread(target=lambda: other.append(unet(sample, 999, **inputs).sample))
+        thread.start()
+        thread.join()
+        perturbed = unet(sample, 999, **inputs).sample
+        guider.cleanup_models(unet)
+    assert torch.equal(other[0], plain)
+    assert (perturbed - plain).abs().max() > 1e-3
+    assert not any(installed_count(m) for m in unet.modules()) and current_call() is None

@@ -11,6 +11,7 @@ that runs when the call raises too; the hooks go in the same hook, or at ``close
 
 from __future__ import annotations
 
+import threading
 from contextlib import ExitStack
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -37,10 +38,12 @@ def backbone_sample(args: tuple, kwargs: dict) -> Tensor:
 
 class BranchCall:
     """The guidance of one branch's backbone call: ``sites`` installed on ``model`` until ``close``, and the state
-    ``make_call(latents)`` in force during the next call of ``model``, reset after it whether it returns or raises."""
+    ``make_call(latents)`` in force during the next call of ``model`` in this thread, reset after it whether it returns
+    or raises. Calls of ``model`` from other threads pass through untouched."""
 
     def __init__(self, model: nn.Module, sites: HookSites, make_call: Callable[[Tensor], GuidedCall]) -> None:
         self._make_call = make_call
+        self._thread = threading.get_ident()
         self._stack = ExitStack()
         try:
             self._stack.enter_context(guidance_hooks(sites))
@@ -53,10 +56,12 @@ class BranchCall:
             raise
 
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._stack.enter_context(guided_call(self._make_call(backbone_sample(args, kwargs))))
+        if threading.get_ident() == self._thread:
+            self._stack.enter_context(guided_call(self._make_call(backbone_sample(args, kwargs))))
 
     def _exit(self, module: nn.Module, args: tuple, output) -> None:
-        self._stack.close()
+        if threading.get_ident() == self._thread:
+            self._stack.close()
 
     def close(self) -> None:
         """Reset the call state and remove every hook (idempotent)."""
