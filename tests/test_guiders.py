@@ -250,3 +250,37 @@ def test_other_threads_calls_pass_through(unet):
     assert torch.equal(other[0], plain)
     assert (perturbed - plain).abs().max() > 1e-3
     assert not any(installed_count(m) for m in unet.modules()) and current_call() is None
+
+
+def test_tpg_guider_on_sd3_equals_pipeline():
+    """SD3 through its family adapter: diffusers' modular SD3 core denoise step, entered with the project pipeline's
+    prompt embeds, equals StableDiffusion3TPGPipeline with CFG + TPG (its default j2-j8)."""
+    from diffusers.modular_pipelines import StableDiffusion3AutoBlocks
+
+    from dualguide import StableDiffusion3TPGPipeline
+    from dualguide.tiny import build_tiny_sd3
+
+    parts = build_tiny_sd3("sd3")
+    transformer = parts["transformer"]
+    pipe = StableDiffusion3TPGPipeline(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    embeds = pipe.encode_prompt(prompt=PROMPT, prompt_2=None, prompt_3=None, do_classifier_free_guidance=True, max_sequence_length=16)
+    embeds = dict(zip(["prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds"], embeds))
+    denoise = StableDiffusion3AutoBlocks().sub_blocks["denoise"].init_pipeline()
+    denoise.update_components(transformer=transformer, scheduler=parts["scheduler"])
+    denoise.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    torch.randn((1, transformer.config.in_channels, SIZE // 2, SIZE // 2), generator=generator)
+    denoise.update_components(guider=TokenPerturbationGuidance(guidance_scale=5.0, tpg_scale=3.0, seed=seeds_from(generator)))
+    before = unet_snapshot(transformer)
+    with rows_seen(transformer) as rows:
+        # Without a VAE the step takes diffusers' factor 8: 4 * SIZE pixels are the pipeline's SIZE // 2 latents.
+        latents = denoise(**embeds, num_inference_steps=STEPS, height=4 * SIZE, width=4 * SIZE, generator=torch.Generator().manual_seed(0),
+                          output="latents")  # fmt: skip
+    assert rows == [1] * 3 * STEPS and unet_snapshot(transformer) == before
+    expected = pipe(**embeds, num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(0),
+                    output_type="latent", guidance_scale=5.0, tpg_scale=3.0).images  # fmt: skip
+    assert (latents - expected).abs().max() <= 1e-4
+    without_tpg = pipe(**embeds, num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(0),
+                       output_type="latent", guidance_scale=5.0, tpg_scale=0.0).images  # fmt: skip
+    assert (latents - without_tpg).abs().max() > 0.1
