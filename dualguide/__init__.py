@@ -44,6 +44,7 @@ _EXPORTS = {
     "StableDiffusionXLControlNetTPGInpaintPipeline": "pipelines",
     "StableDiffusionTPGPipeline": "pipelines",
     "StableDiffusion3TPGPipeline": "pipelines",
+    "FluxTPGPipeline": "pipelines",
     "StableDiffusion3TPGImg2ImgPipeline": "pipelines",
     "StableDiffusionTPGImg2ImgPipeline": "pipelines",
     "StableDiffusionTPGInpaintPipeline": "pipelines",

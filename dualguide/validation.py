@@ -169,7 +169,7 @@ def _check_scalars(pipe, args: Dict[str, Any]) -> None:
     for name, optional in PIPELINE_BOOLS.items():
         if name in args:
             args[name] = check_bool(args[name], name, optional)
-    factor = pipe.vae_scale_factor
+    factor = getattr(pipe, "size_multiple", pipe.vae_scale_factor)  # Flux packs 2x2 latents: twice the VAE factor
     for name in PIPELINE_SIZES:
         args[name] = check_size(args[name], name, factor, pipe.default_sample_size * factor)
     for name, top in PIPELINE_MAXIMA.items():
@@ -296,9 +296,13 @@ def _check_tensors(pipe, args: Dict[str, Any], batch: int) -> None:
             f"nag_negative_prompt_embeds has batch {nag_embeds.shape[0]}; expected {batch} (one per prompt) "
             f"or {images} (one per image)"
         )
-    factor = pipe.vae_scale_factor
-    shape = (images, pipe.backbone.config.in_channels, args["height"] // factor, args["width"] // factor)
-    meaning = "(batch * num_images_per_prompt, unet in_channels, height // vae_scale_factor, width // vae_scale_factor)"
+    packed = getattr(pipe, "packed_latents_shape", None)  # Flux takes its latents packed into 2x2 patch tokens
+    if packed is not None:
+        shape, meaning = packed(images, args["height"], args["width"])
+    else:
+        factor = pipe.vae_scale_factor
+        shape = (images, pipe.backbone.config.in_channels, args["height"] // factor, args["width"] // factor)
+        meaning = "(batch * num_images_per_prompt, unet in_channels, height // vae_scale_factor, width // vae_scale_factor)"
     check_tensor(args["latents"], "latents", shape, meaning)
     args["generator"] = check_generator(args["generator"], "generator", images)
     _check_ip_adapter(pipe, args)

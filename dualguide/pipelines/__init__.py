@@ -24,6 +24,7 @@ _EXPORTS = {
     "StableDiffusionControlNetTPGInpaintPipeline": "sd_controlnet",
     "StableDiffusion3TPGPipeline": "sd3_text2img",
     "StableDiffusion3TPGImg2ImgPipeline": "sd3_img2img",
+    "FluxTPGPipeline": "flux_text2img",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)

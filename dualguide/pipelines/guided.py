@@ -92,6 +92,7 @@ class GuidedSamplingMixin:
     _callback_tensor_inputs = list(CALLBACK_TENSOR_INPUTS)
     _softpag: Optional[SoftPAGSettings] = None
     _nag_defaults: Dict[str, Any] = {}
+    family_nag_defaults: Dict[str, Any] = {}  # a family's official NAG settings over SDXL's (Flux: alpha 0.25, L2)
 
     @property
     def backbone(self):
@@ -117,7 +118,7 @@ class GuidedSamplingMixin:
         pag_scale = args["pag_scale"]
         if pag_scale is None:
             pag_scale = 3.0 if softpag is not None else 0.0
-        nag_settings = {**NAG_DEFAULTS, **self._nag_defaults}
+        nag_settings = {**NAG_DEFAULTS, **self.family_nag_defaults, **self._nag_defaults}
         nag_settings.update({k: args[k] for k in NAG_DEFAULTS if args.get(k) is not None})
         nag_interval = args["nag_interval"] if args["nag_interval"] is not None else (0.0, nag_settings["nag_end"])
         # Guidance-distilled UNets (LCM) take the scale as an embedding instead of uncond rows, as in diffusers.

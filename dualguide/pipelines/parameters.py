@@ -56,6 +56,8 @@ def guidance_parameters(family: ModelFamily) -> List[inspect.Parameter]:
         ("nag_use_l1", Optional[bool], None),
         ("nag_negative_prompt", Optional[Union[str, List[str]]], None),
         ("nag_negative_prompt_embeds", Optional[torch.Tensor], None),
+        *([("nag_negative_prompt_2", Optional[Union[str, List[str]]], None), ("nag_negative_pooled_prompt_embeds", Optional[torch.Tensor], None)]
+          if family.pooled_nag_negative else []),
         ("nag_end", Optional[float], None),
         ("cfg_interval", IntervalLike, None),
         ("tpg_interval", IntervalLike, None),

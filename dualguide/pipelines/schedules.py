@@ -37,12 +37,15 @@ def kdiffusion_sigmas(
     at its first sigma; else ``sigma_schedule`` over ``num_inference_steps`` ("model" by default:
     the scheduler's own sigmas and initial-noise scale, as diffusers' Euler uses them). Cut at
     ``denoising_end``, whose latents are then still noisy, for a refiner. ``scheduler_options`` go to
-    the scheduler's ``set_timesteps`` (``mu`` of a dynamically shifted flow scheduler).
+    the scheduler's ``set_timesteps`` (``mu`` of a dynamically shifted flow scheduler; Flux's ``sigmas``, which then
+    stand for the call's and are shifted by the scheduler as in diffusers' Flux pipelines).
     """
     schedule = model_schedule(scheduler)
-    if args["sigmas"] is not None or args["timesteps"] is not None:
-        if args["sigmas"] is not None:
-            sigmas = torch.as_tensor(args["sigmas"], dtype=torch.float32).reshape(-1)
+    # A family that hands its sigmas to the scheduler (Flux: unshifted, the scheduler shifts them) has them in the options.
+    given = None if "sigmas" in (scheduler_options or {}) else args["sigmas"]
+    if given is not None or args["timesteps"] is not None:
+        if given is not None:
+            sigmas = torch.as_tensor(given, dtype=torch.float32).reshape(-1)
         else:
             sigmas = schedule.t_to_sigma(torch.as_tensor(args["timesteps"], dtype=torch.float32).reshape(-1))
         if float(sigmas[-1]) != 0.0:
