@@ -29,10 +29,9 @@ from torch import Tensor, nn
 from ..callstate import current_call
 from ..conditioning import Conditioning
 from ..defaults import DEFAULT_LAYERS
-from ..flux_joint import FluxGuidanceProcessor, output_rows, single_block_inputs
+from ..flux_joint import FluxGuidanceProcessor, output_rows, reference_tokens, shuffle_generated_tokens, single_block_inputs
 from ..hooks import HookSites
 from ..joint import image_stream_temb
-from ..perturb import shuffle_tokens
 from .base import Blocks, CallExtras, ModelFamily
 
 _blocks: "weakref.WeakKeyDictionary[nn.Module, Blocks]" = weakref.WeakKeyDictionary()
@@ -130,22 +129,23 @@ class FluxFamily(ModelFamily):
         height, width = sample.shape[-2:]
         tokens = pack_latents(sample)
         ids = image_ids(height, width, sample.device, sample.dtype)
-        reference = cond.reference_latents
+        generated, reference = tokens.shape[1], cond.reference_latents
         if reference is not None:
             tokens = torch.cat([tokens, pack_latents(reference.to(sample.dtype))], dim=1)
             ids = torch.cat([ids, image_ids(*reference.shape[-2:], sample.device, sample.dtype, index=1)])
         inputs = self.text_inputs(model, cond, timesteps)
         text = inputs["encoder_hidden_states"]
-        output = model(
-            hidden_states=tokens,
-            timestep=inputs.pop("timestep").to(sample.dtype) / 1000,
-            txt_ids=torch.zeros(text.shape[1], 3, device=sample.device, dtype=sample.dtype),
-            img_ids=ids,
-            joint_attention_kwargs=None if extras.attention_kwargs is None else dict(extras.attention_kwargs),
-            return_dict=False,
-            **inputs,
-        )[0]
-        return unpack_latents(output[:, : (height // 2) * (width // 2)], height, width)
+        with reference_tokens(tokens.shape[1] - generated):
+            output = model(
+                hidden_states=tokens,
+                timestep=inputs.pop("timestep").to(sample.dtype) / 1000,
+                txt_ids=torch.zeros(text.shape[1], 3, device=sample.device, dtype=sample.dtype),
+                img_ids=ids,
+                joint_attention_kwargs=None if extras.attention_kwargs is None else dict(extras.attention_kwargs),
+                return_dict=False,
+                **inputs,
+            )[0]
+        return unpack_latents(output[:, :generated], height, width)
 
     def hook_plan(
         self, model: nn.Module, tpg_modules: Iterable[nn.Module], pag_attns: Iterable[nn.Module], nag_attns: Iterable[nn.Module]
@@ -156,7 +156,7 @@ class FluxFamily(ModelFamily):
         transformer = unwrap_module(model)
         singles = list(transformer.single_transformer_blocks)
         single_attns = {block.attn for block in singles}
-        pre_hooks = [(block, shuffle_tokens) for block in tpg_modules]
+        pre_hooks = [(block, shuffle_generated_tokens) for block in tpg_modules]
         if nag_attns or single_attns.intersection(pag_attns):
             pre_hooks += [(block, single_block_inputs) for block in singles]
         if nag_attns:
