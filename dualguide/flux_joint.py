@@ -17,10 +17,6 @@ text and image ids are applied to queries and keys in both.
   the double blocks' image-stream norms take the image rows' own ``temb`` (``joint.image_stream_temb``).
 * PAG (the joint semantics used for SD3): the PAG rows' image tokens attend to themselves only among the image
   tokens; image-text, text-image and text-text attention stay.
-* Kontext's reference-image tokens follow the generated image tokens in the image stream (``reference_tokens``
-  says how many for the call running now). They are never guided: TPG permutes the generated tokens only
-  (``shuffle_generated_tokens``), PAG's identity covers the generated tokens' block of the map, NAG extrapolates
-  the generated tokens' outputs only.
 
 ``FluxGuidanceProcessor`` wraps diffusers' ``FluxAttnProcessor``; calls without guidance for the module go to the
 wrapped processor unchanged.
@@ -28,9 +24,8 @@ wrapped processor unchanged.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -40,41 +35,10 @@ from . import attention
 from .callstate import NAGCall, PAGCall, current_call
 from .guidance import nag_extrapolate
 from .joint import pag_rows, perturbed_heads
-from .perturb import shuffle_tokens
 from .rows import CallRows
 
 # The text tokens of the single-stream block running now (its attention sees only the concatenated tokens).
 _TEXT_TOKENS: ContextVar[int] = ContextVar("dualguide_flux_text_tokens", default=0)
-# Kontext's reference-image tokens after the generated image tokens in the transformer call running now.
-_REFERENCE_TOKENS: ContextVar[int] = ContextVar("dualguide_flux_reference_tokens", default=0)
-
-
-@contextmanager
-def reference_tokens(count: int) -> Iterator[None]:
-    """The transformer call inside carries ``count`` reference-image tokens after its generated image tokens."""
-    token = _REFERENCE_TOKENS.set(count)
-    try:
-        yield
-    finally:
-        _REFERENCE_TOKENS.reset(token)
-
-
-def _generated(image_tokens: Tensor) -> Tensor:
-    """The generated image tokens of ``[rows, tokens, C]`` image tokens (a view): all but the trailing reference ones."""
-    return image_tokens[:, : image_tokens.shape[1] - _REFERENCE_TOKENS.get()]
-
-
-def shuffle_generated_tokens(module: nn.Module, args: tuple, kwargs: dict):
-    """TPG's forward pre-hook on a Flux block (``perturb.shuffle_tokens``) on the generated image tokens only;
-    Kontext's reference tokens after them enter the block as they are."""
-    if not _REFERENCE_TOKENS.get():
-        return shuffle_tokens(module, args, kwargs)
-    hidden_states = kwargs["hidden_states"]
-    shuffled = shuffle_tokens(module, args, {**kwargs, "hidden_states": _generated(hidden_states)})
-    if shuffled is None:
-        return None
-    generated = shuffled[1]["hidden_states"]
-    return args, {**kwargs, "hidden_states": torch.cat([generated, hidden_states[:, generated.shape[1] :]], dim=1)}
 
 
 def single_block_inputs(module: nn.Module, args: tuple, kwargs: dict):
@@ -116,14 +80,14 @@ class FluxGuidanceProcessor:
             return self.call_previous(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=image_rotary_emb, **kwargs)
         from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-        if type(self.previous) is not FluxAttnProcessor or attention_mask is not None or getattr(attn, "fused_projections", False):
+        if type(self.previous) is not FluxAttnProcessor or getattr(attn, "fused_projections", False):
             raise RuntimeError(
                 f"PAG and NAG on Flux attention work with diffusers' FluxAttnProcessor and unfused projections, this "
                 f"attention has {type(self.previous).__name__}; restore it with pipe.transformer.set_attn_processor(FluxAttnProcessor())"
             )
         if encoder_hidden_states is None:
-            return guided_single_attention(attn, hidden_states, _TEXT_TOKENS.get(), image_rotary_emb, call.rows, pag, nag)
-        return guided_double_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb, call.rows, pag, nag)
+            return guided_single_attention(attn, hidden_states, _TEXT_TOKENS.get(), image_rotary_emb, call.rows, pag, nag, attention_mask)
+        return guided_double_attention(attn, hidden_states, encoder_hidden_states, image_rotary_emb, call.rows, pag, nag, attention_mask)
 
 
 def _heads(attn, projected: Tensor, norm: Optional[nn.Module]) -> Tensor:
@@ -133,33 +97,33 @@ def _heads(attn, projected: Tensor, norm: Optional[nn.Module]) -> Tensor:
 
 
 def _attend(attn, query: Tensor, key: Tensor, value: Tensor, rotary, text_tokens: int, rows: CallRows, count: int,
-            pag: Optional[PAGCall], with_nag: bool) -> Tensor:  # fmt: skip
+            pag: Optional[PAGCall], with_nag: bool, mask: Optional[Tensor] = None) -> Tensor:  # fmt: skip
     """Rotary embeddings, attention over ``[text, image]`` tokens (PAG on the PAG rows and their NAG partners), heads
-    merged: ``[rows, tokens, inner]``."""
+    merged: ``[rows, tokens, inner]``. ``mask`` (Chroma's ``[rows, 1, tokens, tokens]``) goes to the attention as the
+    wrapped processor hands it: a float mask is added to the scores, a boolean one hides."""
     from diffusers.models.embeddings import apply_rotary_emb
 
     if rotary is not None:
         query = apply_rotary_emb(query, rotary, sequence_dim=1)
         key = apply_rotary_emb(key, rotary, sequence_dim=1)
     query, key, value = (t.transpose(1, 2) for t in (query, key, value))
-    heads = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+    heads = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
     if pag is not None:
-        image = slice(text_tokens, query.shape[2] - _REFERENCE_TOKENS.get())  # the generated tokens
+        image = slice(text_tokens, query.shape[2])
         for perturbed in pag_rows(rows, count, with_nag):
-            heads[perturbed] = perturbed_heads(query[perturbed], key[perturbed], value[perturbed], heads[perturbed], image, pag)
+            row_mask = None if mask is None else mask[perturbed]
+            heads[perturbed] = perturbed_heads(query[perturbed], key[perturbed], value[perturbed], heads[perturbed], image, pag, row_mask)
     return heads.transpose(1, 2).flatten(2, 3).to(query.dtype)
 
 
 def _guide(image_out: Tensor, rows: CallRows, count: int, nag: NAGCall) -> None:
-    """NAG on the guided rows' generated image-token outputs against their partners' (after ``count``), in place (L2 or
-    L1 as set); Kontext's reference tokens keep their outputs."""
-    generated = _generated(image_out)
-    positive = generated[rows.guided]
-    nag_extrapolate(positive, generated[count:], nag.scale, nag.tau, nag.alpha, nag.use_l1, out=positive)
+    """NAG on the guided rows' image-token outputs against their partners' (after ``count``), in place (L2 or L1 as set)."""
+    positive = image_out[rows.guided]
+    nag_extrapolate(positive, image_out[count:], nag.scale, nag.tau, nag.alpha, nag.use_l1, out=positive)
 
 
 def guided_double_attention(attn, image: Tensor, text: Tensor, rotary, rows: CallRows, pag: Optional[PAGCall],
-                            nag: Optional[NAGCall]) -> Tuple[Tensor, Tensor]:  # fmt: skip
+                            nag: Optional[NAGCall], mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:  # fmt: skip
     """``FluxAttnProcessor``'s double-stream arithmetic with PAG and NAG. ``image``: ``[R, N, C]``; ``text``:
     ``[R, L, C]``, or ``[R + G, L, C]`` with NAG (the negative text of the ``G`` guided rows last). Returns
     ``(image output [R], text output [R (+ G)])``."""
@@ -171,7 +135,7 @@ def guided_double_attention(attn, image: Tensor, text: Tensor, rotary, rows: Cal
     query = torch.cat([_heads(attn, attn.add_q_proj(text), attn.norm_added_q), _heads(attn, attn.to_q(image), attn.norm_q)], dim=1)
     key = torch.cat([_heads(attn, attn.add_k_proj(text), attn.norm_added_k), _heads(attn, attn.to_k(image), attn.norm_k)], dim=1)
     value = torch.cat([_heads(attn, attn.add_v_proj(text), None), _heads(attn, attn.to_v(image), None)], dim=1)
-    merged = _attend(attn, query, key, value, rotary, text.shape[1], rows, count, pag, nag is not None)
+    merged = _attend(attn, query, key, value, rotary, text.shape[1], rows, count, pag, nag is not None, mask)
     text_out, image_out = merged[:, : text.shape[1]], merged[:, text.shape[1] :]
     if nag is not None:
         _guide(image_out, rows, count, nag)
@@ -180,7 +144,7 @@ def guided_double_attention(attn, image: Tensor, text: Tensor, rotary, rows: Cal
 
 
 def guided_single_attention(attn, tokens: Tensor, text_tokens: int, rotary, rows: CallRows, pag: Optional[PAGCall],
-                            nag: Optional[NAGCall]) -> Tensor:  # fmt: skip
+                            nag: Optional[NAGCall], mask: Optional[Tensor] = None) -> Tensor:  # fmt: skip
     """``FluxAttnProcessor``'s single-stream arithmetic with PAG and NAG. ``tokens``: ``[R (+ G), L + N, C]``, the
     text tokens first; with NAG the ``G`` partner rows last, whose image-token outputs become their guided row's."""
     count = rows.count
@@ -188,7 +152,7 @@ def guided_single_attention(attn, tokens: Tensor, text_tokens: int, rotary, rows
     if with_nag and tokens.shape[0] != count + rows.guided.stop - rows.guided.start:
         raise RuntimeError(f"NAG: a single-stream block has {tokens.shape[0]} rows for {count} rows; expected one negative row per guided row")
     query, key, value = _heads(attn, attn.to_q(tokens), attn.norm_q), _heads(attn, attn.to_k(tokens), attn.norm_k), _heads(attn, attn.to_v(tokens), None)
-    merged = _attend(attn, query, key, value, rotary, text_tokens, rows, count, pag, with_nag)
+    merged = _attend(attn, query, key, value, rotary, text_tokens, rows, count, pag, with_nag, mask)
     if with_nag:
         image_out = merged[:, text_tokens:]
         _guide(image_out, rows, count, nag)

@@ -99,13 +99,20 @@ def pag_rows(rows: CallRows, count: int, with_nag: bool) -> List[slice]:
     return rows.with_partners("pag", count if with_nag else None)
 
 
-def perturbed_heads(query: Tensor, key: Tensor, value: Tensor, plain: Tensor, image: slice, pag: PAGCall) -> Tensor:
+def perturbed_heads(query: Tensor, key: Tensor, value: Tensor, plain: Tensor, image: slice, pag: PAGCall,
+                    attention_mask: Optional[Tensor] = None) -> Tensor:  # fmt: skip
     """Attention heads ``[rows, heads, tokens, dim]`` with the image-image block of the map (the tokens ``image``)
-    replaced by the identity (PAG), blended with the ``plain`` heads by ``beta`` on the selected heads (SoftPAG)."""
+    replaced by the identity (PAG), blended with the ``plain`` heads by ``beta`` on the selected heads (SoftPAG).
+    ``attention_mask`` (``[rows, 1, tokens, tokens]``, Chroma's) applies as in the plain attention: a float mask is
+    added to the scores, a boolean one hides."""
     total = query.shape[2]
     mask = torch.zeros(total, total, dtype=query.dtype, device=query.device)
     mask[image, image] = float("-inf")
     mask[image, image].fill_diagonal_(0)
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill(~attention_mask, float("-inf"))
+        mask = mask + attention_mask
     perturbed = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
     if pag.beta < 1.0:
         perturbed = torch.lerp(plain, perturbed, pag.beta)
