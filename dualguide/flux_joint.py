@@ -17,6 +17,10 @@ text and image ids are applied to queries and keys in both.
   the double blocks' image-stream norms take the image rows' own ``temb`` (``joint.image_stream_temb``).
 * PAG (the joint semantics used for SD3): the PAG rows' image tokens attend to themselves only among the image
   tokens; image-text, text-image and text-text attention stay.
+* Kontext's reference-image tokens follow the generated image tokens in the image stream (``reference_tokens``
+  says how many for the call running now). They are never guided: TPG permutes the generated tokens only
+  (``shuffle_generated_tokens``), PAG's identity covers the generated tokens' block of the map, NAG extrapolates
+  the generated tokens' outputs only.
 
 ``FluxGuidanceProcessor`` wraps diffusers' ``FluxAttnProcessor``; calls without guidance for the module go to the
 wrapped processor unchanged.
@@ -24,8 +28,9 @@ wrapped processor unchanged.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +40,41 @@ from . import attention
 from .callstate import NAGCall, PAGCall, current_call
 from .guidance import nag_extrapolate
 from .joint import pag_rows, perturbed_heads
+from .perturb import shuffle_tokens
 from .rows import CallRows
 
 # The text tokens of the single-stream block running now (its attention sees only the concatenated tokens).
 _TEXT_TOKENS: ContextVar[int] = ContextVar("dualguide_flux_text_tokens", default=0)
+# Kontext's reference-image tokens after the generated image tokens in the transformer call running now.
+_REFERENCE_TOKENS: ContextVar[int] = ContextVar("dualguide_flux_reference_tokens", default=0)
+
+
+@contextmanager
+def reference_tokens(count: int) -> Iterator[None]:
+    """The transformer call inside carries ``count`` reference-image tokens after its generated image tokens."""
+    token = _REFERENCE_TOKENS.set(count)
+    try:
+        yield
+    finally:
+        _REFERENCE_TOKENS.reset(token)
+
+
+def _generated(image_tokens: Tensor) -> Tensor:
+    """The generated image tokens of ``[rows, tokens, C]`` image tokens (a view): all but the trailing reference ones."""
+    return image_tokens[:, : image_tokens.shape[1] - _REFERENCE_TOKENS.get()]
+
+
+def shuffle_generated_tokens(module: nn.Module, args: tuple, kwargs: dict):
+    """TPG's forward pre-hook on a Flux block (``perturb.shuffle_tokens``) on the generated image tokens only;
+    Kontext's reference tokens after them enter the block as they are."""
+    if not _REFERENCE_TOKENS.get():
+        return shuffle_tokens(module, args, kwargs)
+    hidden_states = kwargs["hidden_states"]
+    shuffled = shuffle_tokens(module, args, {**kwargs, "hidden_states": _generated(hidden_states)})
+    if shuffled is None:
+        return None
+    generated = shuffled[1]["hidden_states"]
+    return args, {**kwargs, "hidden_states": torch.cat([generated, hidden_states[:, generated.shape[1] :]], dim=1)}
 
 
 def single_block_inputs(module: nn.Module, args: tuple, kwargs: dict):
@@ -109,7 +145,7 @@ def _attend(attn, query: Tensor, key: Tensor, value: Tensor, rotary, text_tokens
     query, key, value = (t.transpose(1, 2) for t in (query, key, value))
     heads = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
     if pag is not None:
-        image = slice(text_tokens, query.shape[2])
+        image = slice(text_tokens, query.shape[2] - _REFERENCE_TOKENS.get())  # the generated tokens
         for perturbed in pag_rows(rows, count, with_nag):
             row_mask = None if mask is None else mask[perturbed]
             heads[perturbed] = perturbed_heads(query[perturbed], key[perturbed], value[perturbed], heads[perturbed], image, pag, row_mask)
@@ -117,9 +153,11 @@ def _attend(attn, query: Tensor, key: Tensor, value: Tensor, rotary, text_tokens
 
 
 def _guide(image_out: Tensor, rows: CallRows, count: int, nag: NAGCall) -> None:
-    """NAG on the guided rows' image-token outputs against their partners' (after ``count``), in place (L2 or L1 as set)."""
-    positive = image_out[rows.guided]
-    nag_extrapolate(positive, image_out[count:], nag.scale, nag.tau, nag.alpha, nag.use_l1, out=positive)
+    """NAG on the guided rows' generated image-token outputs against their partners' (after ``count``), in place (L2 or
+    L1 as set); Kontext's reference tokens keep their outputs."""
+    generated = _generated(image_out)
+    positive = generated[rows.guided]
+    nag_extrapolate(positive, generated[count:], nag.scale, nag.tau, nag.alpha, nag.use_l1, out=positive)
 
 
 def guided_double_attention(attn, image: Tensor, text: Tensor, rotary, rows: CallRows, pag: Optional[PAGCall],
