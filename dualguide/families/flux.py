@@ -20,7 +20,7 @@ every attention, double and single, with the official NAG Flux semantics (``dual
 from __future__ import annotations
 
 import weakref
-from typing import Dict, FrozenSet, Iterable, List
+from typing import Dict, FrozenSet, Iterable, List, Tuple
 
 import torch
 from diffusers.utils.torch_utils import unwrap_module
@@ -107,8 +107,9 @@ class FluxFamily(ModelFamily):
         if cond.image_embeds is not None or cond.attention_mask is not None:
             raise ValueError(f"{name}: IP-Adapter image embeds and attention masks are not supported on Flux yet")
 
-    def text_inputs(self, model: nn.Module, cond: Conditioning, timesteps: Tensor) -> Dict[str, object]:
-        """The transformer's text-side keyword inputs for the rows of ``cond`` (with NAG: its extra negative rows)."""
+    def text_inputs(self, model: nn.Module, cond: Conditioning, timesteps: Tensor, image_tokens: int) -> Dict[str, object]:
+        """The transformer's text-side keyword inputs for the rows of ``cond`` (with NAG: its extra negative rows);
+        ``image_tokens``: the image stream's length (Chroma's attention mask covers it)."""
         text, pooled, guidance = cond.prompt_embeds, cond.pooled_embeds, cond.guidance
         if unwrap_module(model).config.guidance_embeds and guidance is None:
             raise ValueError("a Flux transformer with a guidance embedding (Flux.1 dev) needs each row's guidance in its Conditioning")
@@ -133,7 +134,7 @@ class FluxFamily(ModelFamily):
         if reference is not None:
             tokens = torch.cat([tokens, pack_latents(reference.to(sample.dtype))], dim=1)
             ids = torch.cat([ids, image_ids(*reference.shape[-2:], sample.device, sample.dtype, index=1)])
-        inputs = self.text_inputs(model, cond, timesteps)
+        inputs = self.text_inputs(model, cond, timesteps, tokens.shape[1])
         text = inputs["encoder_hidden_states"]
         with reference_tokens(tokens.shape[1] - generated):
             output = model(
@@ -150,20 +151,26 @@ class FluxFamily(ModelFamily):
     def hook_plan(
         self, model: nn.Module, tpg_modules: Iterable[nn.Module], pag_attns: Iterable[nn.Module], nag_attns: Iterable[nn.Module]
     ) -> HookSites:
-        """TPG's pre-hook on each block; PAG and NAG in the attentions' wrapper; the single blocks' pre-hook (text length,
-        NAG's widened image stream) when either acts; with NAG, the double blocks' image-stream ``temb`` and the output rows."""
+        """TPG's and the single stream's hooks (``stream_hooks``); PAG and NAG in the attentions' wrapper; with NAG, the
+        double blocks' image-stream ``temb`` and the output rows."""
         pag_attns, nag_attns = list(pag_attns), list(nag_attns)
         transformer = unwrap_module(model)
-        singles = list(transformer.single_transformer_blocks)
-        single_attns = {block.attn for block in singles}
-        pre_hooks = [(block, shuffle_generated_tokens) for block in tpg_modules]
-        if nag_attns or single_attns.intersection(pag_attns):
-            pre_hooks += [(block, single_block_inputs) for block in singles]
+        single_attns = {block.attn for block in transformer.single_transformer_blocks}
+        single_guided = bool(nag_attns or single_attns.intersection(pag_attns))
+        pre_hooks, post_hooks = self.stream_hooks(transformer, list(tpg_modules), single_guided)
         if nag_attns:
             pre_hooks += [(block.norm1, image_stream_temb) for block in transformer.transformer_blocks]
             pre_hooks.append((transformer.norm_out, output_rows))
         wrapped = dict.fromkeys([*pag_attns, *nag_attns])
-        return HookSites(tuple(pre_hooks), tuple((attn, FluxGuidanceProcessor) for attn in wrapped))
+        return HookSites(tuple(pre_hooks), tuple((attn, FluxGuidanceProcessor) for attn in wrapped), tuple(post_hooks))
+
+    def stream_hooks(self, transformer: nn.Module, tpg_modules: List[nn.Module], single_guided: bool) -> Tuple[list, list]:
+        """``(pre-hooks, forward hooks)`` of TPG on ``tpg_modules`` and, when PAG or NAG acts in a single block
+        (``single_guided``), of the single stream: each single block's pre-hook (text length, NAG's widened image stream)."""
+        pre_hooks = [(block, shuffle_generated_tokens) for block in tpg_modules]
+        if single_guided:
+            pre_hooks += [(block, single_block_inputs) for block in transformer.single_transformer_blocks]
+        return pre_hooks, []
 
     def hook_sites(self, model: nn.Module) -> HookSites:
         blocks = [block for _, block in _flux_blocks(model).values()]
