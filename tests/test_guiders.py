@@ -28,39 +28,60 @@ def modular(components):
     return pipeline
 
 
+def generator(seed):
+    """A seeded generator, or one per image for a list of seeds."""
+    if isinstance(seed, list):
+        return [torch.Generator().manual_seed(s) for s in seed]
+    return torch.Generator().manual_seed(seed)
+
+
 def run_modular(pipeline, guider, seed=0, **kwargs):
     pipeline.update_components(guider=guider)
-    settings = dict(prompt=PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(seed))
-    return pipeline(**settings, **kwargs, output="latents")
+    images = len(seed) if isinstance(seed, list) else 1
+    settings = dict(prompt=PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE, num_images_per_prompt=images)
+    return pipeline(**settings, **kwargs, generator=generator(seed), output="latents")
 
 
 def run_pipeline(pipe, seed=0, **kwargs):
-    settings = dict(prompt=PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE, output_type="latent")
-    return pipe(generator=torch.Generator().manual_seed(seed), **settings, **kwargs).images
+    images = len(seed) if isinstance(seed, list) else 1
+    settings = dict(prompt=PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE, num_images_per_prompt=images, output_type="latent")
+    return pipe(generator=generator(seed), **settings, **kwargs).images
 
 
-def pipeline_seed(seed: int, unet) -> int:
-    """The permutation seed ``StableDiffusionXLTPGPipeline`` takes from ``generator=torch.Generator().manual_seed(seed)``:
-    ``seeds_from`` of the generator after the initial noise (diffusers draws it first, [1, 4, h, w] here)."""
-    generator = torch.Generator().manual_seed(seed)
-    torch.randn((1, unet.config.in_channels, SIZE // 2, SIZE // 2), generator=generator)
-    return seeds_from(generator)
+def pipeline_seed(seed, unet):
+    """The permutation seed(s) ``StableDiffusionXLTPGPipeline`` takes from ``generator(seed)``: ``seeds_from`` of each
+    generator after the initial noise (diffusers draws it first, [1, 4, h, w] per generator here)."""
+    if isinstance(seed, list):
+        return [pipeline_seed(s, unet) for s in seed]
+    drawn = generator(seed)
+    torch.randn((1, unet.config.in_channels, SIZE // 2, SIZE // 2), generator=drawn)
+    return seeds_from(drawn)
 
 
-def test_tpg_guider_equals_pipeline(modular, pipe, unet):
-    guider = TokenPerturbationGuidance(guidance_scale=5.0, tpg_scale=3.0, guidance_rescale=0.7, seed=pipeline_seed(0, unet))
+@pytest.mark.parametrize(
+    "guidance_scale, rescale, seed",
+    [(5.0, 0.7, 0), (1.0, 0.0, 0), (5.0, 0.0, [0, 1])],
+    ids=["cfg-rescale", "tpg-alone", "per-image-seeds"],
+)
+def test_tpg_guider_equals_pipeline(modular, pipe, unet, guidance_scale, rescale, seed):
+    guider = TokenPerturbationGuidance(guidance_scale=guidance_scale, tpg_scale=3.0, guidance_rescale=rescale, seed=pipeline_seed(seed, unet))
+    images = len(seed) if isinstance(seed, list) else 1
     before = unet_snapshot(unet)
     with rows_seen(unet) as rows:
-        latents = run_modular(modular, guider)
-    assert rows == [1] * 3 * STEPS  # diffusers' loop: one call per branch (cond, uncond, tpg)
+        latents = run_modular(modular, guider, seed)
+    assert rows == [images] * (3 if guidance_scale > 1 else 2) * STEPS  # diffusers' loop: one call per branch
     assert unet_snapshot(unet) == before and current_call() is None
     assert not any(installed_count(m) for m in unet.modules())
-    expected = run_pipeline(pipe, guidance_scale=5.0, guidance_rescale=0.7, tpg_scale=3.0)
-    assert (latents - expected).abs().max() <= 1e-4
-    without_tpg = run_pipeline(pipe, guidance_scale=5.0, guidance_rescale=0.7, tpg_scale=0.0)
-    assert (latents - without_tpg).abs().max() > 0.1  # the TPG branch moved it
-    # Another seed draws other permutations; the same seed gives the same run again (the streams restart).
-    assert (run_modular(modular, guider.new(seed=1)) - latents).abs().max() > 1e-3
+    settings = dict(guidance_scale=guidance_scale, guidance_rescale=rescale)
+    assert (latents - run_pipeline(pipe, seed, tpg_scale=3.0, **settings)).abs().max() <= 1e-4
+    assert (latents - run_pipeline(pipe, seed, tpg_scale=0.0, **settings)).abs().max() > 0.1  # the TPG branch moved it
+
+
+def test_tpg_seed(modular):
+    """Another seed draws other permutations; the same seed gives the same run again (the streams restart)."""
+    guider = TokenPerturbationGuidance(guidance_scale=1.0, seed=5)
+    latents = run_modular(modular, guider)
+    assert (run_modular(modular, guider.new(seed=6)) - latents).abs().max() > 1e-3
     assert torch.equal(run_modular(modular, guider), latents)
 
 
@@ -269,18 +290,16 @@ def test_tpg_guider_on_sd3_equals_pipeline():
     denoise = StableDiffusion3AutoBlocks().sub_blocks["denoise"].init_pipeline()
     denoise.update_components(transformer=transformer, scheduler=parts["scheduler"])
     denoise.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    torch.randn((1, transformer.config.in_channels, SIZE // 2, SIZE // 2), generator=generator)
-    denoise.update_components(guider=TokenPerturbationGuidance(guidance_scale=5.0, tpg_scale=3.0, seed=seeds_from(generator)))
+    denoise.update_components(guider=TokenPerturbationGuidance(guidance_scale=5.0, tpg_scale=3.0, seed=pipeline_seed(0, transformer)))
     before = unet_snapshot(transformer)
     with rows_seen(transformer) as rows:
         # Without a VAE the step takes diffusers' factor 8: 4 * SIZE pixels are the pipeline's SIZE // 2 latents.
-        latents = denoise(**embeds, num_inference_steps=STEPS, height=4 * SIZE, width=4 * SIZE, generator=torch.Generator().manual_seed(0),
+        latents = denoise(**embeds, num_inference_steps=STEPS, height=4 * SIZE, width=4 * SIZE, generator=generator(0),
                           output="latents")  # fmt: skip
     assert rows == [1] * 3 * STEPS and unet_snapshot(transformer) == before
-    expected = pipe(**embeds, num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(0),
+    expected = pipe(**embeds, num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=generator(0),
                     output_type="latent", guidance_scale=5.0, tpg_scale=3.0).images  # fmt: skip
     assert (latents - expected).abs().max() <= 1e-4
-    without_tpg = pipe(**embeds, num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=torch.Generator().manual_seed(0),
+    without_tpg = pipe(**embeds, num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=generator(0),
                        output_type="latent", guidance_scale=5.0, tpg_scale=0.0).images  # fmt: skip
     assert (latents - without_tpg).abs().max() > 0.1
