@@ -303,3 +303,31 @@ def test_tpg_guider_on_sd3_equals_pipeline():
     without_tpg = pipe(**embeds, num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=generator(0),
                        output_type="latent", guidance_scale=5.0, tpg_scale=0.0).images  # fmt: skip
     assert (latents - without_tpg).abs().max() > 0.1
+
+
+def test_block_state_inputs(negative):
+    """The loops that hand the guider their block state (Wan, Z-Image, LTX) get the same branches, checked the same way."""
+    from diffusers.modular_pipelines.modular_pipeline import BlockState
+
+    cond, uncond = torch.ones(2, 7, 64), torch.zeros(2, 7, 64)
+    state = BlockState(prompt_embeds=cond, negative_prompt_embeds=uncond)
+    fields = {"encoder_hidden_states": ("prompt_embeds", "negative_prompt_embeds")}
+    guider = TokenPerturbationGuidance(guidance_scale=3.0, seed=[1, 2])
+    guider.set_state(step=0, num_inference_steps=4, timestep=torch.tensor(999))
+    batches = guider.prepare_inputs_from_block_state(state, fields)
+    assert [(getattr(b, "__guidance_identifier__"), b.encoder_hidden_states is cond) for b in batches] == [
+        ("pred_cond", True), ("pred_uncond", False), ("pred_cond_tpg", True)
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="seed has 1 per-image seeds but the batch has 2"):
+        guider.new(seed=[1]).prepare_inputs_from_block_state(state, fields)
+    with pytest.raises(ValueError, match="nag_negative_prompt_embeds has batch 1"):
+        NormalizedAttentionGuidance(nag_negative_prompt_embeds=negative).prepare_inputs_from_block_state(state, fields)
+
+
+@pytest.mark.parametrize("kind", [TokenPerturbationGuidance, NormalizedAttentionGuidance])
+def test_unknown_family_refused(kind, negative):
+    guider = kind(guidance_scale=1.0, **({"nag_negative_prompt_embeds": negative} if kind is NormalizedAttentionGuidance else {}))
+    guider.set_state(step=0, num_inference_steps=2, timestep=torch.tensor(999))
+    guider.prepare_inputs({"prompt_embeds": (torch.zeros(1, 77, 64), None)})
+    with pytest.raises(TypeError, match="no guidance adapter for a Linear"):
+        guider.prepare_models(torch.nn.Linear(2, 2))

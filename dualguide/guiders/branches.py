@@ -81,7 +81,7 @@ def check_window(start: float, stop: float, start_name: str, stop_name: str) -> 
     """Fractions of the run in [0, 1] with ``start <= stop``, as floats; ``ValueError`` naming the parameter otherwise."""
     start, stop = check_number(start, start_name, 0.0, 1.0), check_number(stop, stop_name, 0.0, 1.0)
     if start > stop:
-        raise ValueError(f"{start_name} ({start:g}) must not be after {stop_name} ({stop:g}): fractions of the run with {start_name} <= {stop_name}")
+        raise ValueError(f"{start_name} ({start:g}) must not be after {stop_name} ({stop:g}): fractions of the run, {start_name} <= {stop_name}")
     return start, stop
 
 
