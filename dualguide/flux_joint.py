@@ -166,13 +166,17 @@ def guided_double_attention(attn, image: Tensor, text: Tensor, rotary, rows: Cal
     ``[R, L, C]``, or ``[R + G, L, C]`` with NAG (the negative text of the ``G`` guided rows last). Returns
     ``(image output [R], text output [R (+ G)])``."""
     count = image.shape[0]
-    if nag is not None:
-        if rows.guided is None or text.shape[0] != count + rows.guided.stop - rows.guided.start:
-            raise RuntimeError(f"NAG: the text stream has {text.shape[0]} rows for {count} image rows; expected one negative row per guided row")
-        image = torch.cat([image, image[rows.guided]])
-    query = torch.cat([_heads(attn, attn.add_q_proj(text), attn.norm_added_q), _heads(attn, attn.to_q(image), attn.norm_q)], dim=1)
-    key = torch.cat([_heads(attn, attn.add_k_proj(text), attn.norm_added_k), _heads(attn, attn.to_k(image), attn.norm_k)], dim=1)
-    value = torch.cat([_heads(attn, attn.add_v_proj(text), None), _heads(attn, attn.to_v(image), None)], dim=1)
+    if nag is not None and (rows.guided is None or text.shape[0] != count + rows.guided.stop - rows.guided.start):
+        raise RuntimeError(f"NAG: the text stream has {text.shape[0]} rows for {count} image rows; expected one negative row per guided row")
+
+    def image_heads(projection: nn.Module, norm: Optional[nn.Module]) -> Tensor:
+        """The image tokens' heads, projected once; with NAG the guided rows' again for their negative partners."""
+        heads = _heads(attn, projection(image), norm)
+        return heads if nag is None else torch.cat([heads, heads[rows.guided]])
+
+    query = torch.cat([_heads(attn, attn.add_q_proj(text), attn.norm_added_q), image_heads(attn.to_q, attn.norm_q)], dim=1)
+    key = torch.cat([_heads(attn, attn.add_k_proj(text), attn.norm_added_k), image_heads(attn.to_k, attn.norm_k)], dim=1)
+    value = torch.cat([_heads(attn, attn.add_v_proj(text), None), image_heads(attn.to_v, None)], dim=1)
     merged = _attend(attn, query, key, value, rotary, text.shape[1], rows, count, pag, nag is not None, mask)
     text_out, image_out = merged[:, : text.shape[1]], merged[:, text.shape[1] :]
     if nag is not None:
