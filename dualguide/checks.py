@@ -68,7 +68,8 @@ def check_tensor(
         if len(actual) != len(shape) or any(e is not None and e != a for e, a in zip(shape, actual)):
             wanted = "(" + ", ".join("*" if e is None else str(e) for e in shape) + ")"
             raise ValueError(f"{name} must have shape {wanted}{' ' + meaning if meaning else ''}, got {actual}")
-    if finite and (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+    has_values = value.device.type != "meta"  # a meta tensor (FLOP counting) has a shape only
+    if finite and has_values and (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} holds NaN or infinite values")
     return value
 

@@ -186,6 +186,8 @@ def scheduler_levels(scheduler, timesteps: Tensor, begin_index: int = 0) -> Tens
     that step, so a step's level is found in it exactly; repeated levels of second-order schedulers
     count once."""
     sigmas = getattr(scheduler, "sigmas", None)
+    if timesteps.device.type == "meta":  # shapes only (FLOP counting): no levels to read, 1 .. 0 stand in for them
+        return torch.linspace(1.0, 0.0, len(timesteps) + 1)
     if not (isinstance(sigmas, Tensor) and len(sigmas) >= begin_index + len(timesteps)):
         sigmas = model_schedule(scheduler).t_to_sigma(timesteps.reshape(-1).float().cpu())
         begin_index = 0
