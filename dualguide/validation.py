@@ -170,8 +170,8 @@ def _check_scalars(pipe, args: Dict[str, Any]) -> None:
         if name in args:
             args[name] = check_bool(args[name], name, optional)
     factor = getattr(pipe, "size_multiple", pipe.vae_scale_factor)  # Flux packs 2x2 latents: twice the VAE factor
-    for name in PIPELINE_SIZES:
-        args[name] = check_size(args[name], name, factor, pipe.default_sample_size * factor)
+    for name in PIPELINE_SIZES:  # diffusers' default side: the sample size in latents times the VAE factor
+        args[name] = check_size(args[name], name, factor, pipe.default_sample_size * pipe.vae_scale_factor)
     for name, top in PIPELINE_MAXIMA.items():
         value = args.get(name)
         largest = max(value) if isinstance(value, list) else value

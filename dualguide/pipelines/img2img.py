@@ -204,6 +204,11 @@ class ImageTaskMixin:
         """``prepare_latents``' noise switch (SDXL's ``add_noise``: off from ``denoising_start``)."""
         return {"add_noise": add_noise}
 
+    def start_latents(self, image: torch.Tensor, timestep: torch.Tensor, batch: int, per_prompt: int, dtype, device, generator,
+                      add_noise: bool) -> torch.Tensor:  # fmt: skip
+        """The scheduler loop's first latents: ``image`` encoded and noised to ``timestep`` by diffusers' ``prepare_latents``."""
+        return self.prepare_latents(image, timestep, batch, per_prompt, dtype, device, generator, **self.noise_options(add_noise))
+
     def image_latents(self, image: torch.Tensor, batch: int, per_prompt: int, dtype, device, generator) -> torch.Tensor:
         """The VAE latents of the preprocessed ``image``, one row per image of the call, without noise."""
         return self.prepare_latents(image, None, batch, per_prompt, dtype, device, generator, add_noise=False)
@@ -225,8 +230,8 @@ class ImageTaskMixin:
 
     def task_timesteps(self, args: Dict[str, Any], device, latent_shape: Tuple[int, ...] = ()):
         """diffusers' timesteps: ``retrieve_timesteps`` then ``get_timesteps`` (strength / denoising_start)."""
-        options = self.timestep_options(args, latent_shape)
-        timesteps, steps = retrieve_timesteps(self.scheduler, args["num_inference_steps"], device, args["timesteps"], args["sigmas"], **options)
+        options = {"sigmas": args["sigmas"], **self.timestep_options(args, latent_shape)}  # a family's options may carry sigmas (Flux's)
+        timesteps, steps = retrieve_timesteps(self.scheduler, args["num_inference_steps"], device, args["timesteps"], **options)
         start = {} if args["denoising_start"] is None else {"denoising_start": args["denoising_start"]}  # not every task takes it
         timesteps, steps = self.get_timesteps(steps, args["strength"], device, **start)
         begin_index = getattr(self.scheduler, "begin_index", None) or 0
@@ -260,9 +265,8 @@ class ImageToImageMixin(ImageTaskMixin):
             if args["sampler"] is None:
                 timesteps, _, begin_index = self.task_timesteps(args, device, latent_shape)
                 if latents is None:
-                    latents = self.prepare_latents(
-                        init_image, timesteps[:1].repeat(images), batch, args["num_images_per_prompt"], dtype, device,
-                        generator, **self.noise_options(add_noise),
+                    latents = self.start_latents(
+                        init_image, timesteps[:1].repeat(images), batch, args["num_images_per_prompt"], dtype, device, generator, add_noise
                     )  # fmt: skip
                 latents = self.scheduler_sample(args, terms, inputs, latents, timesteps, begin_index, device)
             else:
