@@ -45,7 +45,6 @@ _EXPORTS = {
     "StableDiffusionTPGPipeline": "pipelines",
     "StableDiffusion3TPGPipeline": "pipelines",
     "FluxTPGPipeline": "pipelines",
-    "ChromaTPGPipeline": "pipelines",
     "FluxTPGImg2ImgPipeline": "pipelines",
     "FluxKontextTPGPipeline": "pipelines",
     "StableDiffusion3TPGImg2ImgPipeline": "pipelines",
