@@ -45,6 +45,7 @@ _EXPORTS = {
     "StableDiffusionTPGPipeline": "pipelines",
     "StableDiffusion3TPGPipeline": "pipelines",
     "FluxTPGPipeline": "pipelines",
+    "ChromaTPGPipeline": "pipelines",
     "FluxTPGImg2ImgPipeline": "pipelines",
     "FluxKontextTPGPipeline": "pipelines",
     "StableDiffusion3TPGImg2ImgPipeline": "pipelines",

@@ -345,3 +345,35 @@ def build_tiny_flux(variant: str = "dev", seed: int = 0, sample_size: int = 16, 
         tokenizer_2=tokenizer_2,
         scheduler=FlowMatchEulerDiscreteScheduler(**flux_scheduler_config(variant)),
     )
+
+
+def tiny_chroma_transformer_config(num_layers: int = 19, num_single_layers: int = 38) -> dict:
+    """ChromaTransformer2DModel config with Flux.1's depth (j0-j18, s0-s37, so the default layers exist), the tiny
+    Flux widths (2 heads of 16, rotary axes 4 + 6 + 6, 64 packed channels in, T5 width 96) and a small approximator
+    (16 input channels: the timestep's, the guidance's and the modulation index's sinusoids, 4 + 4 + 8; width 32, 2
+    layers) that makes every block's modulation from the timestep."""
+    return dict(
+        patch_size=1, in_channels=64, out_channels=None, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=FLUX_TEXT_DIM, axes_dims_rope=(4, 6, 6),
+        approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=2,
+    )  # fmt: skip
+
+
+def build_tiny_chroma(seed: int = 0, sample_size: int = 16) -> dict:
+    """Random-weight Chroma components keyed like ``ChromaPipeline``'s arguments: the transformer of
+    ``tiny_chroma_transformer_config``, Flux's 16-channel VAE scaling, a T5 of width 96 with the offline tokenizer
+    (Chroma has no CLIP) and Flux.1 dev's shifted flow-matching scheduler (Chroma1's: shift 3, dynamic shifting).
+    ``sample_size`` is the latent side (even, for the 2x2 packing)."""
+    from diffusers import ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(**tiny_chroma_transformer_config())
+    vae = _tiny_vae(sample_size, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False, **FLUX_VAE_SCALING)
+    tokenizer = tiny_t5_tokenizer()
+    return dict(
+        transformer=transformer.eval(),
+        vae=vae,
+        text_encoder=_tiny_t5_encoder(len(tokenizer)),
+        tokenizer=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**flux_scheduler_config("dev")),
+    )

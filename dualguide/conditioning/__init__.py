@@ -8,14 +8,14 @@ through diffusers' ``encode_prompt``, without windowing.
 """
 
 from .base import Conditioning, PromptLike, one_encoding_at_a_time, prompt_batch_size
-from .chroma import encode_chroma
+from .chroma import encode_chroma, encode_chroma_nag_negative
 from .flux import encode_flux, encode_flux_nag_negative
 from .sd import encode_sd
 from .sd3 import encode_sd3, encode_sd3_nag_negative
 from .sdxl import encode_nag_negative, encode_sdxl, time_ids
 
 __all__ = [
-    "Conditioning", "PromptLike", "encode_chroma", "encode_flux", "encode_flux_nag_negative", "encode_nag_negative",
-    "encode_sd", "encode_sd3", "encode_sd3_nag_negative", "encode_sdxl", "one_encoding_at_a_time", "prompt_batch_size",
-    "time_ids",
+    "Conditioning", "PromptLike", "encode_chroma", "encode_chroma_nag_negative", "encode_flux", "encode_flux_nag_negative",
+    "encode_nag_negative", "encode_sd", "encode_sd3", "encode_sd3_nag_negative", "encode_sdxl", "one_encoding_at_a_time",
+    "prompt_batch_size", "time_ids",
 ]  # fmt: skip

@@ -19,7 +19,10 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
-from .base import Conditioning, PromptLike, check_max_sequence_length, one_encoding_at_a_time, prompt_batch_size, rows_per_image
+from .base import (
+    Conditioning, PromptLike, check_max_sequence_length, nag_negative_texts, one_encoding_at_a_time, prompt_batch_size,
+    reuses_cfg_negative, rows_per_image,
+)  # fmt: skip
 
 
 @one_encoding_at_a_time
@@ -62,3 +65,22 @@ def encode_chroma(
         )
 
     return rows(embeds, mask, ""), rows(negative_embeds, negative_mask, "negative_") if with_negative else None
+
+
+def encode_chroma_nag_negative(
+    pipe, batch: int, num_images_per_prompt: int, nag_negative_prompt: PromptLike = None, negative_prompt: PromptLike = None,
+    cfg_negative: Optional[Conditioning] = None, *, device=None, lora_scale: Optional[float] = None, max_sequence_length: int = 512,
+) -> Conditioning:  # fmt: skip
+    """NAG's negative rows for Chroma (T5's embeds and mask), one per image. The NAG authors have no Chroma pipeline;
+    this is their Flux rule without the pooled embeds: ``nag_negative_prompt`` encoded; else, when ``negative_prompt``
+    was given, CFG's negative rows (``cfg_negative``: what ``encode_chroma`` made with ``with_negative``, None without
+    CFG) or, without CFG, ``negative_prompt`` encoded; else the encoded empty string. A string is used for every
+    prompt; a list needs one entry per prompt."""
+    if reuses_cfg_negative(nag_negative_prompt, negative_prompt, cfg_negative):
+        return cfg_negative
+    texts = nag_negative_texts(batch, nag_negative_prompt, negative_prompt)
+    negative, _ = encode_chroma(
+        pipe, texts, num_images_per_prompt=num_images_per_prompt, with_negative=False, device=device, lora_scale=lora_scale,
+        max_sequence_length=max_sequence_length,
+    )  # fmt: skip
+    return negative

@@ -1,4 +1,4 @@
-"""Model family adapters (``ModelFamily``): SDXL, Stable Diffusion 1.x / 2.x, SD3 / SD3.5 and Flux.1, and how to pick one."""
+"""Model family adapters (``ModelFamily``): SDXL, Stable Diffusion 1.x / 2.x, SD3 / SD3.5, Chroma and Flux.1, and how to pick one."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
 from .base import CallExtras, ModelFamily
+from .chroma import CHROMA
 from .flux import FLUX
 from .mmdit import SD3
 from .sd import SD
 from .sdxl import SDXL
 
-FAMILIES: Tuple[ModelFamily, ...] = (SDXL, SD, SD3, FLUX)
+# The more specific adapter first: Chroma's subclasses Flux's.
+FAMILIES: Tuple[ModelFamily, ...] = (SDXL, SD, SD3, CHROMA, FLUX)
 
 
 def supported_families() -> str:
@@ -31,11 +33,11 @@ def family_of(model: nn.Module) -> ModelFamily:
 
 
 def family_named(name: str) -> ModelFamily:
-    """The adapter called ``name`` (``"sdxl"``, ``"sd"``, ``"sd3"``, ``"flux"``); ``ValueError`` listing the names otherwise."""
+    """The adapter called ``name`` (``"sdxl"``, ``"sd"``, ``"sd3"``, ``"chroma"``, ``"flux"``); ``ValueError`` listing the names otherwise."""
     for family in FAMILIES:
         if family.name == name:
             return family
     raise ValueError(f"unknown model family {name!r}; choose one of {', '.join(f.name for f in FAMILIES)}")
 
 
-__all__ = ["FAMILIES", "FLUX", "CallExtras", "ModelFamily", "SD", "SD3", "SDXL", "family_named", "family_of", "supported_families"]
+__all__ = ["CHROMA", "FAMILIES", "FLUX", "CallExtras", "ModelFamily", "SD", "SD3", "SDXL", "family_named", "family_of", "supported_families"]

@@ -25,6 +25,7 @@ _EXPORTS = {
     "StableDiffusion3TPGPipeline": "sd3_text2img",
     "StableDiffusion3TPGImg2ImgPipeline": "sd3_img2img",
     "FluxTPGPipeline": "flux_text2img",
+    "ChromaTPGPipeline": "chroma_text2img",
     "FluxTPGImg2ImgPipeline": "flux_img2img",
     "FluxKontextTPGPipeline": "flux_kontext",
 }

@@ -96,12 +96,15 @@ class FluxFamilyMixin(SD3FamilyMixin):
             options["sigmas"] = None if config.get("use_flow_sigmas", False) else sigmas
         return options
 
-    def guidance_terms(self, args: Dict[str, Any]):
-        """True CFG at ``true_cfg_scale`` when a negative prompt is given (diffusers' rule); ``guidance_scale`` is the
-        distilled guidance embedding, not a term."""
+    def cfg_scale(self, args: Dict[str, Any]) -> float:
+        """True CFG's scale: ``true_cfg_scale`` when a negative prompt is given (diffusers' rule), else 1 (off);
+        ``guidance_scale`` is the distilled guidance embedding, not a term."""
         has_negative = args["negative_prompt"] is not None or args["negative_prompt_embeds"] is not None
-        cfg_scale = args["true_cfg_scale"] if has_negative else 1.0
-        cfg, tpg, pag, nag = super().guidance_terms({**args, "guidance_scale": cfg_scale})
+        return args["true_cfg_scale"] if has_negative else 1.0
+
+    def guidance_terms(self, args: Dict[str, Any]):
+        """CFG at ``cfg_scale``; NAG's end by the official NAG Flux rule unless ``nag_interval`` is given."""
+        cfg, tpg, pag, nag = super().guidance_terms({**args, "guidance_scale": self.cfg_scale(args)})
         if args["nag_interval"] is None:
             end = args["nag_end"] if args["nag_end"] is not None else self._nag_defaults.get("nag_end", 1.0)
             nag = replace(nag, interval=official_nag_interval(end))
