@@ -131,7 +131,7 @@ class BranchGuidance(BaseGuidance):
     def bind(self, model: nn.Module) -> None:
         """Resolve what the guidance needs of ``model`` (``ValueError`` / ``TypeError`` before any backbone call)."""
 
-    def branch_call(self, name: str, model: nn.Module) -> Optional[Tuple[HookSites, Callable[[Tensor], GuidedCall]]]:
+    def branch_call(self, name: str) -> Optional[Tuple[HookSites, Callable[[Tensor], GuidedCall]]]:
         return None
 
     # -- diffusers' guider contract ------------------------------------------------------------------
@@ -169,7 +169,7 @@ class BranchGuidance(BaseGuidance):
         self._close()
         self.bind(denoiser)
         index = self._count_prepared - 1
-        call = self.branch_call(self._branches[index], denoiser) if index < len(self._branches) else None
+        call = self.branch_call(self._branches[index]) if index < len(self._branches) else None
         if call is not None:
             self._open = BranchCall(denoiser, *call)
 

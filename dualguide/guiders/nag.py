@@ -145,7 +145,7 @@ class NormalizedAttentionGuidance(BranchGuidance):
             settings = self._settings
             self._call = NAGCall(attns, settings.scale, settings.tau, settings.alpha, settings.use_l1, negative, cache)
 
-    def branch_call(self, name: str, model: nn.Module) -> Optional[Tuple[HookSites, Callable[[Tensor], GuidedCall]]]:
+    def branch_call(self, name: str) -> Optional[Tuple[HookSites, Callable[[Tensor], GuidedCall]]]:
         return (self._sites, self._nag_call) if name == "pred_cond" and self._nag_enabled() else None
 
     def _nag_call(self, latents: Tensor) -> GuidedCall:

@@ -101,7 +101,7 @@ class TokenPerturbationGuidance(BranchGuidance):
         self._sites = family.hook_plan(model, self._tpg_blocks, (), ())
         self._family, self._model = family, model
 
-    def branch_call(self, name: str, model: nn.Module) -> Optional[Tuple[HookSites, Callable[[Tensor], GuidedCall]]]:
+    def branch_call(self, name: str) -> Optional[Tuple[HookSites, Callable[[Tensor], GuidedCall]]]:
         return (self._sites, self._tpg_call) if name == "pred_cond_tpg" else None
 
     def _tpg_call(self, latents: Tensor) -> GuidedCall:
