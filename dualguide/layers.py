@@ -72,9 +72,9 @@ def resolve_ids(blocks: Dict[str, Tuple[str, nn.Module]], spec: LayerSpec, param
     """Resolve a layer spec against ``blocks`` (layer id -> ``(module name, block)``) of one model.
 
     Raises ``ValueError`` naming ``parameter`` and the valid ranges for an id the model lacks
-    or for an empty selection. ``pag_applied_layers_index`` also takes diffusers' PAG layer names (``ids_of_names``).
+    or for an empty selection. ``NAMED_LAYERS_PARAMETERS`` also take diffusers' PAG layer names (``ids_of_names``).
     """
-    if parameter == NAMED_LAYERS_PARAMETER:
+    if parameter in NAMED_LAYERS_PARAMETERS:
         spec = ids_of_names(blocks, spec, parameter)
     ids = parse_layer_ids(spec, parameter)
     if not ids:
@@ -96,7 +96,9 @@ def resolve_layers(unet: nn.Module, spec: LayerSpec, parameter: str = "layers") 
 # diffusers' PAG layer names ("mid", "down_blocks.1", "mid_block.attentions.0", ...) for pag_applied_layers_index
 # --------------------------------------------------------------------------------------------
 
-NAMED_LAYERS_PARAMETER = "pag_applied_layers_index"  # the one parameter that also takes diffusers' PAG layer names
+NAMED_LAYERS_PARAMETER = "pag_applied_layers_index"  # the call's parameter that also takes diffusers' PAG layer names
+# ... and diffusers' own name for the pipelines' default of it (construction, ``set_pag_applied_layers``)
+NAMED_LAYERS_PARAMETERS = (NAMED_LAYERS_PARAMETER, "pag_applied_layers")
 NAME_FORMS = (
     "diffusers' PAG layer names, patterns searched in the self-attentions' module names "
     "('mid', 'down', 'up', 'down_blocks.1', 'mid_block.attentions.0', ...)"
@@ -118,9 +120,9 @@ def check_layer_name(name: str, parameter: str) -> str:
 
 
 def parse_layer_spec(spec: LayerSpec, parameter: str = "layers") -> List[str]:
-    """``parse_layer_ids``; for ``pag_applied_layers_index`` an item that is not ids is a diffusers PAG layer name,
+    """``parse_layer_ids``; for ``NAMED_LAYERS_PARAMETERS`` an item that is not ids is a diffusers PAG layer name,
     kept as it is (ids first, as ``"m0"`` is no module name). Order kept, repeats dropped."""
-    if parameter != NAMED_LAYERS_PARAMETER:
+    if parameter not in NAMED_LAYERS_PARAMETERS:
         return parse_layer_ids(spec, parameter)
     parsed: List[str] = []
     for item in [spec] if isinstance(spec, str) else list(spec):

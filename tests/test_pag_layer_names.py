@@ -157,5 +157,102 @@ def test_set_pag_applied_layers_without_a_unet_checks_the_form(components):
     text_only = StableDiffusionXLTPGPipeline(**{**components, "unet": None, "vae": None}, add_watermarker=False)
     text_only.set_pag_applied_layers(["mid", "m0"])
     assert text_only.pag_applied_layers == ["mid", "m0"]
-    with pytest.raises(ValueError, match=PAG):
+    with pytest.raises(ValueError, match="pag_applied_layers: '\\(\\(' is neither"):
         text_only.set_pag_applied_layers("((")
+
+
+# diffusers' PAG pipelines and the project's each: diffusers' fast tests build them with ``pag_applied_layers=``.
+DIFFUSERS_PAG_PAIRS = [
+    ("StableDiffusionXLTPGPipeline", "StableDiffusionXLPAGPipeline"),
+    ("StableDiffusionXLTPGImg2ImgPipeline", "StableDiffusionXLPAGImg2ImgPipeline"),
+    ("StableDiffusionXLTPGInpaintPipeline", "StableDiffusionXLPAGInpaintPipeline"),
+    ("StableDiffusionXLControlNetTPGPipeline", "StableDiffusionXLControlNetPAGPipeline"),
+    ("StableDiffusionXLControlNetTPGImg2ImgPipeline", "StableDiffusionXLControlNetPAGImg2ImgPipeline"),
+    ("StableDiffusionTPGPipeline", "StableDiffusionPAGPipeline"),
+    ("StableDiffusionTPGImg2ImgPipeline", "StableDiffusionPAGImg2ImgPipeline"),
+    ("StableDiffusionTPGInpaintPipeline", "StableDiffusionPAGInpaintPipeline"),
+    ("StableDiffusionControlNetTPGPipeline", "StableDiffusionControlNetPAGPipeline"),
+    ("StableDiffusionControlNetTPGInpaintPipeline", "StableDiffusionControlNetPAGInpaintPipeline"),
+]
+
+
+@pytest.mark.parametrize("ours, theirs", DIFFUSERS_PAG_PAIRS, ids=[pair[0] for pair in DIFFUSERS_PAG_PAIRS])
+def test_construction_takes_diffusers_pag_pipelines_parameters(ours, theirs):
+    import inspect
+
+    import diffusers
+
+    import dualguide
+
+    parameters = list(inspect.signature(getattr(dualguide, ours).__init__).parameters)
+    assert parameters == list(inspect.signature(getattr(diffusers, theirs).__init__).parameters)
+    assert parameters[-1] == "pag_applied_layers"
+    assert inspect.signature(getattr(dualguide, ours).__init__).parameters["pag_applied_layers"].default is None
+
+
+def test_pag_applied_layers_at_construction_is_the_calls_default(components, pipe):
+    built = StableDiffusionXLTPGPipeline(**components, add_watermarker=False, pag_applied_layers=["down_blocks.1", "m0"])
+    built.set_progress_bar_config(disable=True)
+    assert built.pag_applied_layers == ["down_blocks.1", "m0"]
+    before = unet_snapshot(built.unet)
+    by_default = generate(built, tpg_scale=0.0, pag_scale=2.0)
+    assert unet_snapshot(built.unet) == before
+    assert torch.equal(by_default, generate(pipe, tpg_scale=0.0, pag_scale=2.0, pag_applied_layers_index="d0-d3,m0"))
+    assert not torch.equal(by_default, generate(pipe, tpg_scale=0.0, pag_scale=2.0))
+    assert StableDiffusionXLTPGPipeline(**components, add_watermarker=False).pag_applied_layers == ["m0-m9"]
+    one = StableDiffusionXLTPGPipeline(**components, add_watermarker=False, pag_applied_layers="d0-d3,m0")  # diffusers: a str is one
+    assert one.pag_applied_layers == ["d0-d3,m0"]
+
+
+def test_pag_applied_layers_as_diffusers_fast_tests_use_it(components):
+    """diffusers' SDXL-PAG fast tests build the class with ``pag_applied_layers=["mid", "up", "down"]``: PAG off it is
+    plain SDXL; on, it is diffusers' PAG pipeline with those layers."""
+    from diffusers import StableDiffusionXLPAGPipeline, StableDiffusionXLPipeline
+
+    layers = ["mid", "up", "down"]
+    ours = StableDiffusionXLTPGPipeline(**components, add_watermarker=False, pag_applied_layers=layers)
+    theirs = StableDiffusionXLPAGPipeline(**components, add_watermarker=False, pag_applied_layers=layers)
+    for pipeline in (ours, theirs):
+        pipeline.set_progress_bar_config(disable=True)
+    assert ours.pag_applied_layers == theirs.pag_applied_layers == layers
+    run = dict(prompt="a red circle", num_inference_steps=3, height=64, width=64, output_type="latent", guidance_scale=5.0)
+    plain = StableDiffusionXLPipeline(**components, add_watermarker=False)(generator=torch.Generator().manual_seed(0), **run).images
+    off = ours(generator=torch.Generator().manual_seed(0), tpg_scale=0.0, pag_scale=0.0, **run).images
+    assert torch.allclose(off, plain, atol=1e-4)
+    on = ours(generator=torch.Generator().manual_seed(0), tpg_scale=0.0, pag_scale=3.0, **run).images
+    expected = theirs(generator=torch.Generator().manual_seed(0), pag_scale=3.0, **run).images
+    print(f"pag_applied_layers={layers}: max |ours - diffusers' PAG| = {(on - expected).abs().max().item():.2e}")
+    assert torch.allclose(on, expected, atol=1e-4)
+    assert not torch.allclose(on, off, atol=1e-2)
+
+
+def test_from_pretrained_takes_pag_applied_layers(model_folder, pipe):
+    loaded = StableDiffusionXLTPGPipeline.from_pretrained(model_folder, pag_applied_layers="down_blocks.1")
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.pag_applied_layers == ["down_blocks.1"]
+    expected = generate(pipe, tpg_scale=0.0, pag_scale=2.0, pag_applied_layers_index="d0-d3")
+    assert torch.equal(generate(loaded, tpg_scale=0.0, pag_scale=2.0), expected)
+    assert StableDiffusionXLTPGPipeline.from_pretrained(model_folder).pag_applied_layers == ["m0-m9"]
+
+
+@pytest.mark.parametrize(
+    "value, kind, message",
+    [
+        (["down_blocks.0"], ValueError, "pag_applied_layers: no transformer block of this model has a self-attention matching 'down_blocks.0'"),
+        (["m0", "d99"], ValueError, "pag_applied_layers: unknown layer id\\(s\\) d99"),
+        ("((", ValueError, "pag_applied_layers: '\\(\\(' is neither a layer id nor a valid PAG layer name"),
+        (3, TypeError, "pag_applied_layers must be layer ids"),
+    ],
+    ids=str,
+)
+def test_bad_pag_applied_layers_are_refused_naming_the_parameter(components, model_folder, value, kind, message):
+    with pytest.raises(kind, match=message):
+        StableDiffusionXLTPGPipeline(**components, add_watermarker=False, pag_applied_layers=value)
+    with pytest.raises(kind, match=message):
+        StableDiffusionXLTPGPipeline.from_pretrained(model_folder, pag_applied_layers=value)
+
+
+@pytest.mark.parametrize("value", ["((", 3, [None]], ids=str)
+def test_from_pretrained_refuses_a_malformed_value_before_loading(value):
+    with pytest.raises((ValueError, TypeError), match="pag_applied_layers"):
+        StableDiffusionXLTPGPipeline.from_pretrained("/nonexistent/model/folder", pag_applied_layers=value)

@@ -1,6 +1,8 @@
 """Stable Diffusion 1.x / 2.x pipelines: with the guidance terms off they equal diffusers' SD pipelines, and
 PAG on the mid block equals diffusers' SD PAG pipelines (tiny float32 models, few steps)."""
 
+import inspect
+
 import pytest
 import torch
 from diffusers import (
@@ -82,7 +84,7 @@ def task_inputs(task: str) -> dict:
 
 
 def build(cls, components, scheduler, **options):
-    names = set(cls.__init__.__code__.co_varnames[1 : cls.__init__.__code__.co_argcount]) | {"requires_safety_checker"}
+    names = set(inspect.signature(cls.__init__).parameters) | {"requires_safety_checker"}
     pipe = cls(**{k: v for k, v in components.items() if k in names}, **options)
     pipe.scheduler = SCHEDULERS[scheduler](components["scheduler"].config)
     pipe.set_progress_bar_config(disable=True)
