@@ -105,6 +105,15 @@ def test_kontext_euler_equals_the_scheduler_loop_in_one_call_per_step(kontext_co
     assert (kontext(pipe, sampler="euler", **options) - scheduled).abs().max() <= 1e-5
 
 
+def test_kontext_nag_ends_at_the_official_kontext_default(kontext_components):
+    """The official NAG Kontext pipeline's nag_end is 0.25: NAG guides the steps whose timestep t >= 750."""
+    pipe = FluxKontextTPGPipeline(**kontext_components)
+    with rows_seen(pipe.transformer.context_embedder) as text_rows:
+        kontext(pipe, tpg_scale=0.0, nag_scale=5.0, **nag_negative())
+    official = [2 if float(t) >= 750 else 1 for t in pipe.scheduler.timesteps]
+    assert text_rows == official and set(official) == {1, 2}
+
+
 class FirstBlock:
     """The first call's image tokens entering the first double block (after the guidance hooks, at its norm) and the
     image-token output of its attention."""

@@ -106,7 +106,8 @@ class FluxFamilyMixin(SD3FamilyMixin):
         """CFG at ``cfg_scale``; NAG's end by the official NAG Flux rule unless ``nag_interval`` is given."""
         cfg, tpg, pag, nag = super().guidance_terms({**args, "guidance_scale": self.cfg_scale(args)})
         if args["nag_interval"] is None:
-            end = args["nag_end"] if args["nag_end"] is not None else self._nag_defaults.get("nag_end", 1.0)
+            defaults = {**self.family_nag_defaults, **self._nag_defaults}  # apply_nag's settings over the pipeline's
+            end = args["nag_end"] if args["nag_end"] is not None else defaults.get("nag_end", 1.0)
             nag = replace(nag, interval=official_nag_interval(end))
         return cfg, tpg, pag, nag
 

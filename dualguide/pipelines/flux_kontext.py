@@ -6,7 +6,8 @@ rounded down to the packed latent multiple) and the reference ``image`` is resiz
 ``_auto_resize``: to the Kontext training resolution nearest its aspect ratio). Its VAE latents (the distribution's
 mode) ride in every row's Conditioning; the family adapter appends their tokens after the generated ones, and no
 guidance term perturbs or guides them. Unlike diffusers, a call without ``image`` is refused: that is text-to-image
-(``FluxTPGPipeline``)."""
+(``FluxTPGPipeline``). NAG stops at ``nag_end`` 0.25 unless told otherwise, the official NAG Kontext pipeline's
+default."""
 
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ class FluxKontextTPGPipeline(FluxFamilyMixin, TextToImageMixin, GuidedSamplingMi
     __call__ = guided_call(
         FluxKontextPipeline, FLUX, check_kontext_call, "text_to_image", "Edit the reference ``image`` as the prompt asks.",
     )  # fmt: skip
+    family_nag_defaults = {**FluxFamilyMixin.family_nag_defaults, "nag_end": 0.25}  # the official NAG Kontext pipeline's
 
     def encode_prompts(self, args: Dict[str, Any], cfg: CFG, device, lora_scale: Optional[float]) -> Tuple[Conditioning, Optional[Conditioning]]:
         """The Flux conditioning, every row with the reference image's latents."""
