@@ -153,6 +153,16 @@ def test_kontext_reference_tokens_are_never_permuted_or_guided(kontext_component
     for row in (0, 2):  # cond (NAG) and pag (PAG + NAG): the reference outputs stay, the generated ones move
         assert (guided_out[row, reference] - plain_out[0, reference]).abs().max() <= 1e-5, row
         assert (guided_out[row, generated] - plain_out[0, generated]).abs().max() > 1e-3, row
+    single = []  # a single-stream block's norm: the 16 text tokens, then the generated and the reference image tokens
+    handle = pipe.transformer.single_transformer_blocks[0].norm.register_forward_pre_hook(lambda _m, args: single.append(args[0].clone()))
+    try:
+        kontext(pipe, tpg_applied_layers_index="s0", num_inference_steps=1)
+    finally:
+        handle.remove()
+    cond_and_tpg = single[0][:, 16:]
+    assert torch.equal(cond_and_tpg[1, reference], cond_and_tpg[0, reference])
+    assert not torch.equal(cond_and_tpg[1, generated], cond_and_tpg[0, generated])
+    assert torch.equal(cond_and_tpg[1, generated].sort(dim=0).values, cond_and_tpg[0, generated].sort(dim=0).values)
 
 
 def test_kontext_without_image_fails_before_any_transformer_call(kontext_components):
