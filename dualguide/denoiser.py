@@ -83,8 +83,9 @@ class GuidedDenoiser:
     ``unet`` is (``dualguide.families.family_of``).
 
     ``share_prefix``: the TPG and PAG rows run as the cond row until their term's first perturbed block
-    (``dualguide.sharing``; the same output, fewer FLOPs) where the family can (UNets) and the step's rows
-    are in one backbone call; False runs every row through the whole backbone. A compiled UNet never shares.
+    (``dualguide.sharing``; the same output, fewer FLOPs) where the family can (UNets; SD3 and Flux without NAG's
+    extra text rows) and the step's rows are in one backbone call; False runs every row through the whole backbone.
+    A compiled UNet never shares.
     """
 
     def __init__(
@@ -399,7 +400,8 @@ class GuidedDenoiser:
         """``call`` (all rows of the step in one backbone call) with its shared prefix rows: the narrowed calls,
         laid out once per set of branches for the conditioning in use (``_batch_cache``)."""
         points = self._sharing.points(branches)
-        if not points:
+        # NAG's extra text rows (joint attention) have no narrowed layout: such calls run every row from the start.
+        if not points or (call.nag is not None and self.family.nag_negative_rows):
             return call
         key = ("prefix", branches, batch, id(call.nag), device)
         if key not in self._batch_cache:

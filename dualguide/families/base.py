@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Tuple
 
+from diffusers.utils.torch_utils import unwrap_module
 from torch import Tensor, nn
 
 from ..conditioning import Conditioning
@@ -92,7 +93,15 @@ class ModelFamily(ABC):
     def prefix_modules(self, model: nn.Module, names: Sequence[str]) -> List[Tuple[str, nn.Module]]:
         """``(name, module)`` of the coarsest modules of ``model`` that run entirely before the first of the blocks
         ``names`` (module names), whose output rows a perturbation there cannot change; [] (the default) when the
-        family does not share prefix rows (``dualguide.sharing``)."""
+        family does not share prefix rows (``dualguide.sharing``). By default the modules of ``run_order`` before the
+        first of ``names``."""
+        order = self.run_order(model)
+        first = min((order.index(name) for name in names if name in order), default=0)
+        return [(name, unwrap_module(model).get_submodule(name)) for name in order[:first]]
+
+    def run_order(self, model: nn.Module) -> List[str]:
+        """For a transformer family: the names of the row-wise modules of ``model`` in the order its forward runs them
+        (embedders, then blocks), which ``prefix_modules`` cuts at the first perturbed block; [] (the default): none."""
         return []
 
     def resolve(self, model: nn.Module, spec: LayerSpec, parameter: str) -> List[Tuple[str, nn.Module]]:

@@ -88,6 +88,11 @@ class FluxFamily(ModelFamily):
     def blocks(self, model: nn.Module) -> Blocks:
         return dict(_flux_blocks(model))
 
+    def run_order(self, model: nn.Module) -> List[str]:
+        """The image and text projections, the time (/ guidance) / pooled text embedding, the double- then the
+        single-stream blocks (the rotary embedding of the ids has no rows)."""
+        return ["x_embedder", "time_text_embed", "context_embedder", *(name for name, _ in _flux_blocks(model).values())]
+
     def tpg_module(self, block: nn.Module) -> nn.Module:
         return block
 

@@ -57,6 +57,10 @@ class MMDiTFamily(ModelFamily):
     def blocks(self, model: nn.Module) -> Blocks:
         return dict(_joint_blocks(model))
 
+    def run_order(self, model: nn.Module) -> List[str]:
+        """The patch and position embedding, the time / pooled text embedding, the text projection, the joint blocks."""
+        return ["pos_embed", "time_text_embed", "context_embedder", *(name for name, _ in _joint_blocks(model).values())]
+
     def tpg_module(self, block: nn.Module) -> nn.Module:
         return block
 
