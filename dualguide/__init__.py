@@ -54,6 +54,8 @@ _EXPORTS = {
     "StableDiffusionControlNetTPGPipeline": "pipelines",
     "StableDiffusionControlNetTPGImg2ImgPipeline": "pipelines",
     "StableDiffusionControlNetTPGInpaintPipeline": "pipelines",
+    "TokenPerturbationGuidance": "guiders",
+    "NormalizedAttentionGuidance": "guiders",
     "ModelFamily": "families",
     "family_of": "families",
     "family_named": "families",
