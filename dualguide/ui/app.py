@@ -7,7 +7,7 @@ import html
 import os
 import time
 import uuid
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home; before gradio is imported
 
@@ -17,6 +17,7 @@ from . import settings as ui_settings  # noqa: E402
 from .engine import Engine  # noqa: E402
 
 TITLE = "DualGuide guidance explorer"
+SESSIONS = 200  # pages whose state the server keeps, least recently used dropped (gradio's 10000 grows memory per visitor)
 CSS = """
 #status .dg-error { color: #b00020; font-weight: 600; }
 #status progress { width: 100%; height: 10px; }
@@ -204,11 +205,18 @@ def _controls(c: Dict[str, gr.components.Component], data) -> ui_settings.Contro
     return ui_settings.Controls(**fields)
 
 
-def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, concurrency: int = 2) -> str:
-    """Serve ``demo`` on ``host:port`` (never a public share link) without blocking; returns the local URL."""
-    demo.queue(default_concurrency_limit=concurrency)
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, concurrency: int = 2, max_queue: int = 16,
+           auth: Sequence[Tuple[str, str]] = ()) -> str:  # fmt: skip
+    """Serve ``demo`` on ``host:port`` (never a public share link) without blocking; returns the local URL.
+
+    ``concurrency`` runs at once, at most ``max_queue`` more waiting (a request past that is refused at once:
+    "This application is currently busy" in the page, ``QueueError`` in gradio_client); ``auth``: the users of
+    gradio's login page (none: no login).
+    """
+    demo.queue(default_concurrency_limit=concurrency, max_size=max_queue)
     demo.launch(
         server_name=host, server_port=port, share=False, prevent_thread_lock=True, quiet=True, show_error=False,
         ssr_mode=False, mcp_server=False, pwa=False, theme=_theme(), css=CSS, footer_links=[],
+        auth=list(auth) or None, auth_message=f"{TITLE}: log in" if auth else None, state_session_capacity=SESSIONS,
     )  # fmt: skip
     return demo.local_url
