@@ -6,7 +6,7 @@ would hide a real difference. In float32 the fallback's run equals the run with 
 """
 
 import logging
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import pytest
 import torch
@@ -143,3 +143,41 @@ def test_a_set_max_batch_rows_is_halved_from(pipe64, unsplit):
         latents = run(pipe64, max_batch_rows=3)
     assert tried == [3, 2, 2, 2, 2] + [2] * 8
     assert (latents - unsplit).abs().max().item() <= 1e-5
+
+
+def test_dualguide_batch_falls_back_the_same_way(model_folder, tmp_path, monkeypatch, caplog):
+    """``dualguide batch`` (as the ui) calls the pipeline, so its calls take the fallback: two images per call at CFG +
+    TPG (recommended.json) are 6 rows; past 3 rows the backbone runs out of memory, and the images equal a clean run's."""
+    import numpy as np
+    from PIL import Image
+
+    from dualguide import cli
+    from dualguide.generation import models
+    from dualguide.jobs import read_lines
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+
+    def batch(out):
+        assert cli.main(["batch", str(prompts), "--model", model_folder, "--out", str(out), "--seed", "5", "--batch-size", "2"]) == 0
+        entries, _ = read_lines(str(out / "manifest.jsonl"))
+        return {entry["id"]: np.asarray(Image.open(out / entry["file"]).convert("RGB")).astype(int) for entry in entries}
+
+    clean = batch(tmp_path / "clean")
+    tried, load_model, hooks = [], models.load_model, ExitStack()
+
+    def load_failing_over_3_rows(*args, **kwargs):
+        pipe = load_model(*args, **kwargs)
+        tried.append(hooks.enter_context(failing_over(pipe.unet, 3, out_of_memory)))
+        return pipe
+
+    monkeypatch.setattr(models, "load_model", load_failing_over_3_rows)
+    caplog.set_level(logging.WARNING)
+    with hooks:
+        split = batch(tmp_path / "split")
+    assert tried[0][:2] == [6, 3] and set(tried[0][2:]) == {3}
+    assert sorted(split) == sorted(clean) and len(clean) == 2
+    difference = max(np.abs(split[name] - clean[name]).max() for name in clean)
+    print(f"dualguide batch split to 3 rows per call: max PNG difference {difference}/255")
+    assert difference <= 1
+    assert len([record for record in caplog.records if "max_batch_rows=3" in record.getMessage()]) == 1
