@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Dict, List, Tuple
 
 import torch
-from diffusers.utils.torch_utils import unwrap_module
 from torch import Tensor, nn
 
 from ..callstate import current_call
@@ -100,7 +99,7 @@ class ChromaFamily(FluxFamily):
     def stream_hooks(self, transformer: nn.Module, tpg_modules: List[nn.Module], single_guided: bool) -> Tuple[list, list]:
         """TPG's pre-hooks (on a single block, the image tokens after the text only); when PAG or NAG acts in a single
         block, the single stream's preparation on the last double block's output (``joined_streams``)."""
-        singles = set(unwrap_module(transformer).single_transformer_blocks)
+        singles = set(transformer.single_transformer_blocks)
         pre_hooks = [(block, shuffle_joined_image_tokens if block in singles else shuffle_tokens) for block in tpg_modules]
         post_hooks = [(transformer.transformer_blocks[-1], joined_streams)] if single_guided else []
         return pre_hooks, post_hooks
