@@ -3,6 +3,8 @@ k-diffusion path equal to FlowMatchEulerDiscreteScheduler, T5's mask in the guid
 prompt itself changes nothing, PAG leaves the cond row as it is), TPG against a hook-free reference on double and
 single blocks, every mode one call per step, bad input before any call, processors and hooks restored."""
 
+import inspect
+
 import pytest
 import torch
 from diffusers import ChromaPipeline
@@ -55,6 +57,13 @@ def untouched(transformer, before) -> bool:
 
 def test_chroma_has_its_own_adapter(components):
     assert family_of(components["transformer"]) is CHROMA and not FLUX.matches(components["transformer"])
+
+
+def test_signature_is_chroma_pipelines_plus_the_guidance_parameters():
+    ours = inspect.signature(ChromaTPGPipeline.__call__).parameters
+    theirs = [name for name in inspect.signature(ChromaPipeline.__call__).parameters if name != "kwargs"]
+    assert list(ours)[: len(theirs)] == theirs and ours["guidance_scale"].default == 5.0
+    assert {"tpg_scale", "nag_scale", "nag_negative_prompt", "sampler"} <= set(ours) and "nag_negative_prompt_2" not in ours
 
 
 def test_terms_off_equal_diffusers(components, pipe):
@@ -185,7 +194,7 @@ def test_every_mode_is_one_transformer_call_per_step(pipe):
         (dict(prompt_attention_mask=torch.ones(1, 16, dtype=torch.long)), "prompt_attention_mask"),
         (dict(prompt_attention_mask=None), "prompt_attention_mask"),
         (dict(guidance_scale=4.0, negative_prompt="blurry", max_sequence_length=12), "max_sequence_length"),
-        (dict(height=34), "height"),
+        (dict(height=1), "height"),
     ],
 )
 def test_bad_input_fails_before_any_transformer_call(pipe, options, parameter):
