@@ -4,8 +4,6 @@ previews through ``callback_on_step_end``, cancellation within one step. No grad
 from __future__ import annotations
 
 import atexit
-import ctypes
-import functools
 import os
 import queue
 import shutil
@@ -229,9 +227,6 @@ class Engine:
                 self._cancel.pop(session, None)
                 self._progress.pop(session, None)
                 self.active -= 1
-                idle = self.active == 0
-            if idle:
-                release_freed_memory()
 
     def _work(self, runs, folder: str, cancel: threading.Event, events: "queue.Queue[Event]", preview_every: int, session: str) -> None:
         try:
@@ -313,25 +308,6 @@ class Engine:
             if self._preview_vae is None:
                 self._preview_vae = copy.deepcopy(vae).to(dtype=torch.float32)
             return self._preview_vae
-
-
-@functools.lru_cache(maxsize=None)
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except (OSError, AttributeError, TypeError):
-        return None
-
-
-def release_freed_memory() -> None:
-    """Give the heap that finished runs freed back to the system (glibc's ``malloc_trim``; elsewhere nothing).
-
-    Each run works in threads of its own, whose malloc arenas otherwise keep their freed pages: the server's
-    memory would ratchet up with every burst of users instead of returning to its idle size.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def decode_preview(vae, latents):
