@@ -130,7 +130,7 @@ class NormalizedAttentionGuidance(BranchGuidance):
                 raise ValueError(
                     f"NormalizedAttentionGuidance runs on backbones with a fixed NAG negative in their cross-attentions "
                     f"(Stable Diffusion XL, 1.x / 2.x); {family.title} takes the negative as extra text rows of its backbone "
-                    "call, which diffusers' loop makes: use dualguide's pipeline for it"
+                    "call, which diffusers' per-branch loop cannot make: run it through dualguide.guiders.one_forward(pipe) (the rows ride in its one call) or dualguide's pipeline"
                 )
             self._attns = family.nag_attentions(model)
             self._sites = family.hook_plan(model, (), (), self._attns)
