@@ -74,6 +74,24 @@ def test_true_cfg_equals_diffusers_in_one_call(components):
     assert (theirs - latents(FluxPipeline(**components))).abs().max() > 1e-3  # true CFG acted
 
 
+def test_sides_off_the_packing_are_resized_as_diffusers(dev_components):
+    ours = latents(FluxTPGPipeline(**dev_components), tpg_scale=0.0, height=34, width=30)
+    theirs = latents(FluxPipeline(**dev_components), height=34, width=30)
+    assert ours.shape == theirs.shape == (1, 8 * 7, 64)  # 4 px a token (VAE factor 2, 2 x 2 packing): 32 x 28
+    assert (ours - theirs).abs().max() <= 1e-4
+
+
+def test_step_end_callback_changing_guidance_scale_is_ignored_as_in_diffusers(dev_components):
+    def raise_scale(pipe, step, timestep, tensors):
+        pipe._guidance_scale += 1.0  # diffusers' Flux embeds guidance_scale once per run
+        return tensors
+
+    ours = latents(FluxTPGPipeline(**dev_components), tpg_scale=0.0, callback_on_step_end=raise_scale)
+    theirs = latents(FluxPipeline(**dev_components), callback_on_step_end=raise_scale)
+    assert (ours - theirs).abs().max() <= 1e-4
+    assert (theirs - latents(FluxPipeline(**dev_components))).abs().max() == 0
+
+
 def test_kdiffusion_euler_equals_flow_match_euler(components):
     pipe = FluxTPGPipeline(**components)
     options = dict(true_cfg_scale=3.0, nag_scale=4.0, **negative(), **nag_negative())
@@ -168,7 +186,7 @@ def _no_extras():
         (dict(max_sequence_length=600), "max_sequence_length"),
         (dict(nag_scale=5.0, nag_negative_prompt_embeds=torch.randn(2, 16, TEXT), nag_negative_pooled_prompt_embeds=torch.randn(2, 32)),
          "nag_negative_prompt_embeds"),
-        (dict(height=34), "height"),  # a multiple of the VAE factor 2, not of the packed 2 x 2
+        (dict(height=1), "height"),  # under the packed 2 x 2 (34 is resized to 32 with a warning, as FluxPipeline does)
     ],
 )
 def test_bad_input_fails_before_any_transformer_call(dev_components, options, parameter):

@@ -43,6 +43,7 @@ class ChromaFamilyMixin(FluxFamilyMixin):
     """Chroma parts of a guided pipeline; first in the pipeline's bases."""
 
     family = CHROMA
+    guidance_scale_is_cfg = True  # ChromaPipeline's CFG scale, which a step-end callback may change
 
     def cfg_scale(self, args: Dict[str, Any]) -> float:
         """``ChromaPipeline``'s CFG: ``guidance_scale`` (on above 1), with or without a negative prompt."""

@@ -10,6 +10,7 @@ SD3's (``SD3FamilyMixin``)."""
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import replace
 from typing import Any, Dict, Optional, Tuple
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
+from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
@@ -27,11 +29,20 @@ from ..families.flux import pack_latents, unpack_latents
 from ..validation import check_pipeline_call
 from .sd3_base import SD3FamilyMixin
 
+logger = logging.get_logger(__name__)
+
 
 def check_flux_call(pipe, args: Dict[str, Any]) -> Dict[str, Any]:
     """``check_pipeline_call`` with Flux's rules: NAG on when ``nag_scale > 1`` and ``do_nag`` is not given (the official
-    NAG Flux pipeline has no ``do_nag``); no IP-Adapter yet; T5's ``max_sequence_length`` at most 512."""
+    NAG Flux pipeline has no ``do_nag``); no IP-Adapter yet; T5's ``max_sequence_length`` at most 512; ``height`` and
+    ``width`` rounded down to a multiple of ``size_multiple`` with a warning, as diffusers' Flux pipelines resize them."""
     args = dict(args)
+    side = pipe.size_multiple
+    for name in ("height", "width"):
+        value = args.get(name)
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > side and value % side:
+            logger.warning(f"{name} has to be divisible by {side} but is {value}; it is resized to {value - value % side}")
+            args[name] = int(value - value % side)
     if args["do_nag"] is None and args["nag_scale"] is not None and args["nag_scale"] > 1:
         args["do_nag"] = True
     for name in ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image", "negative_ip_adapter_image_embeds"):
@@ -53,6 +64,7 @@ class FluxFamilyMixin(SD3FamilyMixin):
 
     family = FLUX
     family_nag_defaults = {"nag_alpha": 0.25, "nag_use_l1": False}  # the official NAG Flux pipeline's
+    guidance_scale_is_cfg = False  # the distilled guidance embedding, set once per run as in FluxPipeline; CFG is true_cfg_scale
     # diffusers' Flux names, plus the x0 prediction of the step: guided and per branch.
     _callback_tensor_inputs = ["latents", "prompt_embeds", "denoised", "denoised_uncond", "denoised_cond", "denoised_tpg", "denoised_pag"]
 

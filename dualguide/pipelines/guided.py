@@ -104,6 +104,12 @@ class GuidedSamplingMixin:
         """The guidance-scale embedding width of a guidance-distilled UNet (LCM: ``time_cond_proj_dim``), else None."""
         return getattr(self.backbone.config, "time_cond_proj_dim", None)
 
+    @property
+    def guidance_scale_is_cfg(self) -> bool:
+        """Whether ``pipe._guidance_scale`` is the CFG scale, so that a ``callback_on_step_end`` changing it changes CFG's;
+        not for a guidance-distilled backbone, which embeds it once per run (LCM), as in diffusers."""
+        return self.guidance_embedding_dim is None
+
     def timestep_options(self, args: Dict[str, Any], shape: Tuple[int, ...]) -> Dict[str, Any]:
         """Extra ``set_timesteps`` arguments of the scheduler for latents of ``shape`` (none for UNet families)."""
         return {}

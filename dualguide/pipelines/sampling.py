@@ -127,8 +127,8 @@ class StepEvents:
         if changes["uncond"]:
             self.inputs.uncond = replace(uncond, **changes["uncond"])
         scale = float(self.pipe._guidance_scale)
-        # A guidance-distilled UNet embeds the scale once per run (timestep_cond), as in diffusers.
-        if scale != self._guidance_scale and self.pipe.guidance_embedding_dim is None:
+        # A guidance-distilled backbone embeds the scale once per run (LCM's timestep_cond, Flux's guidance), as in diffusers.
+        if scale != self._guidance_scale and self.pipe.guidance_scale_is_cfg:
             self._guidance_scale = scale
             if scale > 1.0 and self.inputs.uncond is None:
                 raise ValueError(
