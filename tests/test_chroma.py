@@ -171,7 +171,6 @@ def test_every_mode_is_one_transformer_call_per_step(pipe):
     modes = {
         "tpg": (dict(tpg_scale=3.0), 2),
         "cfg + tpg on double and single blocks": (dict(guidance_scale=4.0, tpg_applied_layers_index="j5,s3", **negative()), 3),
-        "nag": (dict(tpg_scale=0.0, nag_scale=5.0, nag_negative_prompt="ugly"), 1),
         "cfg + tpg + pag + nag": (dict(guidance_scale=4.0, pag_scale=2.0, nag_scale=5.0, **negative()), 4),
     }
     plain = latents(pipe, tpg_scale=0.0)
