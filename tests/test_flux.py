@@ -81,6 +81,15 @@ def test_sides_off_the_packing_are_resized_as_diffusers(dev_components):
     assert (ours - theirs).abs().max() <= 1e-4
 
 
+def test_negative_embeds_of_another_length_refused_with_true_cfg_ignored_without(dev_components):
+    pipe = FluxTPGPipeline(**dev_components)
+    shorter = dict(negative_prompt_embeds=torch.randn(1, 12, TEXT), negative_pooled_prompt_embeds=torch.randn(1, 32))
+    with rows_seen(pipe.transformer) as rows, pytest.raises(ValueError, match="must have the same shape when passed directly"):
+        latents(pipe, tpg_scale=0.0, true_cfg_scale=2.0, **shorter)
+    assert rows == []
+    assert (latents(pipe, tpg_scale=0.0, true_cfg_scale=1.0, **shorter) - latents(pipe, tpg_scale=0.0)).abs().max() == 0
+
+
 def test_step_end_callback_changing_guidance_scale_is_ignored_as_in_diffusers(dev_components):
     def raise_scale(pipe, step, timestep, tensors):
         pipe._guidance_scale += 1.0  # diffusers' Flux embeds guidance_scale once per run

@@ -22,6 +22,7 @@ from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
+from ..checks import is_number
 from ..conditioning import Conditioning, encode_flux, encode_flux_nag_negative
 from ..config import CFG, Interval
 from ..families import FLUX
@@ -48,7 +49,28 @@ def check_flux_call(pipe, args: Dict[str, Any]) -> Dict[str, Any]:
     for name in ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image", "negative_ip_adapter_image_embeds"):
         if args.get(name) is not None:
             raise ValueError(f"{name} is not supported by the guided Flux pipelines yet; leave it None")
+    check_negative_embeds_shape(pipe, args)
     return check_pipeline_call(pipe, args)
+
+
+def check_negative_embeds_shape(pipe, args: Dict[str, Any]) -> None:
+    """``negative_prompt_embeds`` of another shape than ``prompt_embeds``: refused with diffusers' Flux message when CFG
+    uses them (their rows join the prompt's in the one call), dropped with their pooled embeds when neither CFG nor NAG
+    does, as diffusers' Flux pipelines ignore a negative without true CFG (NAG reusing them is left to the shared check)."""
+    embeds, negative = args.get("prompt_embeds"), args.get("negative_prompt_embeds")
+    if not (isinstance(embeds, Tensor) and isinstance(negative, Tensor)) or embeds.shape == negative.shape:
+        return
+    scale = pipe.cfg_scale(args)
+    if is_number(scale) and scale > 1:
+        raise ValueError(
+            f"prompt_embeds and negative_prompt_embeds must have the same shape when passed directly (CFG stacks their rows "
+            f"in one transformer call), got {tuple(embeds.shape)} and {tuple(negative.shape)}"
+        )
+    nag_on = args["do_nag"] if args["do_nag"] is not None else pipe._nag_defaults.get("do_nag", False)
+    if is_number(scale) and not nag_on:
+        for name in ("negative_prompt_embeds", "negative_pooled_prompt_embeds", "negative_prompt_attention_mask"):
+            if name in args:
+                args[name] = None
 
 
 def official_nag_interval(nag_end: float) -> Interval:
