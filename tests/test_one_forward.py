@@ -13,7 +13,7 @@ from dualguide.guiders import NormalizedAttentionGuidance, TokenPerturbationGuid
 from dualguide.hooks import installed_count
 
 PROMPT = "a red circle"
-STEPS = 3
+STEPS = 2
 
 
 def generator(seed=0):
@@ -47,11 +47,11 @@ def sdxl_guider(mode, negative):
     if mode == "cfg":
         return ClassifierFreeGuidance(guidance_scale=5.0, guidance_rescale=0.5)
     if mode == "cfg+tpg":
-        return TokenPerturbationGuidance(guidance_scale=5.0, tpg_scale=3.0, guidance_rescale=0.7, tpg_layers="d2-d5,m1", tpg_stop=0.7, seed=4)
-    return NormalizedAttentionGuidance(guidance_scale=5.0, nag_scale=4.0, guidance_rescale=0.7, nag_stop=0.7, nag_negative_prompt_embeds=negative)
+        return TokenPerturbationGuidance(guidance_scale=5.0, tpg_scale=3.0, guidance_rescale=0.7, tpg_layers="d2-d5,m1", tpg_stop=0.5, seed=4)
+    return NormalizedAttentionGuidance(guidance_scale=5.0, nag_scale=4.0, guidance_rescale=0.7, nag_stop=0.5, nag_negative_prompt_embeds=negative)
 
 
-@pytest.mark.parametrize("mode, branches", [("cfg", [2] * 3), ("cfg+tpg", [3, 3, 2]), ("cfg+nag", [2] * 3)])
+@pytest.mark.parametrize("mode, branches", [("cfg", [2] * STEPS), ("cfg+tpg", [3, 2]), ("cfg+nag", [2] * STEPS)])
 def test_sdxl_one_forward_equals_per_branch_loop(modular, packed, unet, negative, mode, branches):
     guider = sdxl_guider(mode, negative)
     with rows_seen(unet) as per_branch:

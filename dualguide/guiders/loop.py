@@ -203,7 +203,7 @@ def one_forward(pipe: ModularPipeline) -> ModularPipeline:
     components = {name: value for name, value in pipe.components.items() if name in packed._component_specs}
     packed._component_specs.update({name: pipe.get_component_spec(name) for name in components})
     packed.register_components(**components)
-    packed.update_components(**{spec.name: getattr(pipe, spec.name) for spec in pipe._config_specs.values() if hasattr(pipe, spec.name)})
+    packed.update_components(**{name: pipe.config[name] for name in pipe._config_specs if name in pipe.config})
     if hasattr(pipe, "_progress_bar_config"):
         packed.set_progress_bar_config(**pipe._progress_bar_config)
     return packed
