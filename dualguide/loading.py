@@ -1,6 +1,7 @@
-"""Load the guided pipeline of a model's family (SDXL, Stable Diffusion 1.x / 2.x, Stable Diffusion 3 / 3.5) from a
-hub id, a local folder or a single-file checkpoint (.safetensors; pickle-based files only when allowed; none yet
-for SD3), and the ``recommended.json`` sampling settings a model folder may hold beside its weights. ``detect_family`` tells the family without loading anything."""
+"""Load the guided pipeline of a model's family (SDXL, Stable Diffusion 1.x / 2.x, Stable Diffusion 3 / 3.5, Flux.1,
+Chroma) from a hub id, a local folder or a single-file checkpoint (.safetensors; pickle-based files only when allowed;
+none yet for the transformer families), and the ``recommended.json`` sampling settings a model folder may hold beside
+its weights. ``detect_family`` tells the family without loading anything, ``model_variant`` which of its models."""
 
 from __future__ import annotations
 
@@ -36,7 +37,20 @@ FAMILY_KEYS = (
 MMDIT_KEYS = ("model.diffusion_model.joint_blocks.", "joint_blocks.")
 FAMILY_PIPELINES = {
     "sdxl": "StableDiffusionXLTPGPipeline", "sd": "StableDiffusionTPGPipeline", "sd3": "StableDiffusion3TPGPipeline",
+    "flux": "FluxTPGPipeline", "chroma": "ChromaTPGPipeline",
 }  # fmt: skip
+# The families whose classes (diffusers' and this project's) are named one by one: ``_class_name`` -> (family, the
+# guided pipeline that loads the folder). A Kontext folder loads as the editing pipeline; an img2img folder as its
+# family's text-to-image one (the front ends move it to img2img with ``from_pipe``). A class whose guided pipeline is
+# not in ``dualguide.pipelines`` yet is refused as unsupported, so a new pipeline plugs in by its name here.
+CLASS_PIPELINES = {
+    "FluxPipeline": ("flux", "FluxTPGPipeline"), "FluxTPGPipeline": ("flux", "FluxTPGPipeline"),
+    "FluxImg2ImgPipeline": ("flux", "FluxTPGPipeline"), "FluxTPGImg2ImgPipeline": ("flux", "FluxTPGPipeline"),
+    "FluxKontextPipeline": ("flux", "FluxKontextTPGPipeline"), "FluxKontextTPGPipeline": ("flux", "FluxKontextTPGPipeline"),
+    "ChromaPipeline": ("chroma", "ChromaTPGPipeline"), "ChromaTPGPipeline": ("chroma", "ChromaTPGPipeline"),
+    "ChromaImg2ImgPipeline": ("chroma", "ChromaTPGPipeline"), "ChromaTPGImg2ImgPipeline": ("chroma", "ChromaTPGPipeline"),
+}  # fmt: skip
+KONTEXT_CLASSES = ("FluxKontextPipeline", "FluxKontextTPGPipeline")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")  # single-file checkpoints whose loading unpickles
 
 
@@ -55,11 +69,17 @@ def check_checkpoint(model: Union[str, os.PathLike], allow_pickle: bool) -> None
         )
 
 
-def default_dtype(device: Union[str, "torch.device"]) -> "torch.dtype":
-    """float16 on CUDA, float32 elsewhere: the dtype the command and the examples use unless told."""
+BFLOAT16_FAMILIES = ("flux", "chroma")  # trained in bfloat16; in float16 their text encoders' activations overflow
+
+
+def default_dtype(device: Union[str, "torch.device"], family: Optional[str] = None) -> "torch.dtype":
+    """float16 on CUDA (bfloat16 for ``BFLOAT16_FAMILIES``), float32 elsewhere: the dtype the command and the examples
+    use unless told."""
     import torch
 
-    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if family in BFLOAT16_FAMILIES else torch.float16
 
 
 def read_recommended(folder: Union[str, os.PathLike]) -> Dict[str, object]:
@@ -84,6 +104,13 @@ def _unsupported(what: str) -> ValueError:
 
 
 def _family_of_class(class_name: str, source: str) -> str:
+    if class_name in CLASS_PIPELINES:
+        from . import pipelines
+
+        family, pipeline = CLASS_PIPELINES[class_name]
+        if pipeline not in pipelines.__all__:
+            raise _unsupported(f"{source} ({class_name}: no {pipeline} here yet)")
+        return family
     if class_name.startswith(SDXL_CLASS_PREFIX):
         return "sdxl"
     if class_name.startswith(SD3_CLASS_PREFIX):
@@ -131,8 +158,9 @@ def _model_index(model: str) -> Optional[str]:
 
 
 def detect_family(model: Union[str, os.PathLike], allow_pickle: bool = False) -> str:
-    """The family (``"sdxl"``, ``"sd"`` or ``"sd3"``) of a diffusers folder (its ``model_index.json``'s
-    ``_class_name``: ``StableDiffusionXL*``, SD 1.x / 2.x's classes, ``StableDiffusion3*``), a single ``.safetensors``
+    """The family (``"sdxl"``, ``"sd"``, ``"sd3"``, ``"flux"``, ``"chroma"``) of a diffusers folder (its
+    ``model_index.json``'s ``_class_name``: ``StableDiffusionXL*``, SD 1.x / 2.x's classes, ``StableDiffusion3*``, the
+    classes of ``CLASS_PIPELINES`` whose guided pipeline exists), a single ``.safetensors``
     checkpoint (its text-encoder keys: SDXL ``conditioner.embedders.1``, SD 1.x ``cond_stage_model.transformer``,
     SD 2.x ``cond_stage_model.model``) or a hub id (cached, or downloaded).
 
@@ -153,14 +181,41 @@ def detect_family(model: Union[str, os.PathLike], allow_pickle: bool = False) ->
             if any(key.startswith(prefix) for key in keys):
                 return family
         raise _unsupported(f"{model} (no SDXL or SD 1.x/2.x text-encoder keys)")
+    return _family_of_class(model_class(model), model)
+
+
+def model_class(model: str) -> str:
+    """``model_index.json``'s ``_class_name`` of a diffusers folder or hub id (``""`` when it has none); OSError for a
+    hub id neither cached nor downloadable, ValueError for a folder without ``model_index.json``."""
     index = _model_index(model)
     if index is None and not os.path.isabs(model) and not os.path.exists(model):  # a hub id: OSError, as a failed download
         raise OSError(f"{model}: no model_index.json in the local Hugging Face cache, and it could not be downloaded")
     if index is None:
         raise ValueError(f"{model}: no model_index.json found (not a diffusers folder)")
     with open(index, encoding="utf-8") as f:
-        class_name = json.load(f).get("_class_name", "")
-    return _family_of_class(class_name, model)
+        return json.load(f).get("_class_name", "")
+
+
+def model_variant(model: Union[str, os.PathLike]) -> Optional[str]:
+    """Which model of the Flux.1 family a diffusers folder (or cached hub id) holds, where the front ends' defaults
+    differ: ``"kontext"`` (``FluxKontextPipeline``, ``KONTEXT_CLASSES``), ``"schnell"`` (a transformer without the guidance embedding),
+    ``"dev"``; None for other families and for what cannot be read without loading."""
+    model = os.fspath(model)
+    if os.path.isfile(model):
+        return None
+    try:
+        class_name = model_class(model)
+    except (OSError, ValueError):
+        return None
+    if CLASS_PIPELINES.get(class_name, ("",))[0] != "flux":
+        return None
+    if class_name in KONTEXT_CLASSES:
+        return "kontext"
+    config = os.path.join(os.path.dirname(_model_index(model)), "transformer", "config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config, encoding="utf-8") as f:
+        return "dev" if json.load(f).get("guidance_embeds", False) else "schnell"
 
 
 def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: Optional["torch.dtype"] = None, family: Optional[str] = None,
@@ -170,7 +225,8 @@ def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: Optio
     ``model`` may be a diffusers folder, a single-file checkpoint (``.safetensors``/``.ckpt``)
     or a hub id already in the local cache (or downloadable where a network exists); a single file takes its
     component configs from its model type's hub repo (``single_file_config_repo``) in the local cache (SD3: not
-    yet, use a diffusers folder). ``family`` (``"sdxl"``, ``"sd"``, ``"sd3"``) skips ``detect_family``. A pickle-based file (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) is
+    yet, use a diffusers folder). ``family`` (``"sdxl"``, ``"sd"``, ``"sd3"``, ``"flux"``, ``"chroma"``) skips ``detect_family``; a Flux.1 Kontext
+    folder loads as ``FluxKontextTPGPipeline``. A pickle-based file (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) is
     refused unless ``allow_pickle``; then it loads with ``torch.load(weights_only=True)``, as diffusers loads it.
     """
     import torch
@@ -189,11 +245,19 @@ def load_pipeline(model: Optional[str] = None, device: str = "cpu", dtype: Optio
         family = family or detect_family(model, allow_pickle)
         if family not in FAMILY_PIPELINES:
             raise ValueError(f"family must be one of {', '.join(FAMILY_PIPELINES)}, got {family!r}")
-        cls = getattr(pipelines, FAMILY_PIPELINES[family])
+        cls = getattr(pipelines, _pipeline_name(model, family))
         # float32 is what the loaders give by default; naming it only adds a deprecation warning.
         options = {} if dtype == torch.float32 else {"torch_dtype": dtype}
         pipe = _from_single_file(cls, model, options) if os.path.isfile(model) else cls.from_pretrained(model, **options)
     return pipe.to(device)
+
+
+def _pipeline_name(model: str, family: str) -> str:
+    """The guided pipeline that loads ``model``: its class's in ``CLASS_PIPELINES`` (Kontext), else its family's."""
+    listed = family in {listed for listed, _ in CLASS_PIPELINES.values()}
+    if listed and not os.path.isfile(model) and model_class(model) in CLASS_PIPELINES:
+        return CLASS_PIPELINES[model_class(model)][1]
+    return FAMILY_PIPELINES[family]
 
 
 def single_file_config_repo(path: str) -> str:

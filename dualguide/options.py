@@ -132,7 +132,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_guidance_arguments(parser: argparse.ArgumentParser) -> None:
     """The scales, layers, NAG settings and active intervals of the guidance terms."""
-    parser.add_argument("--cfg", type=number(0.0), default=None, help="CFG scale (<= 1: off)")
+    parser.add_argument("--cfg", type=number(0.0), default=None,
+                        help="CFG scale (<= 1: off); on Flux.1 true CFG (true_cfg_scale), on with --negative")  # fmt: skip
+    parser.add_argument("--distilled-guidance", type=number(0.0), default=None, metavar="SCALE",
+                        help="Flux.1's distilled guidance embedding (guidance_scale; default: the model's, dev 3.5)")  # fmt: skip
     parser.add_argument("--tpg", type=number(0.0), default=None, help="TPG scale (0: off)")
     parser.add_argument("--tpg-layers", default=None, help="TPG layer ids, e.g. d6-d23 or u0-u3,m0")
     parser.add_argument("--pag", type=number(0.0), default=None, help="PAG scale (0: off)")

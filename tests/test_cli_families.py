@@ -55,9 +55,9 @@ def test_a_wrong_layer_id_for_sd_names_the_valid_range(sd_folder, tmp_path, caps
 
 
 def test_a_folder_of_an_unsupported_family_fails_in_one_line_before_loading(tmp_path, loads, capsys):
-    folder = tmp_path / "flux"
+    folder = tmp_path / "auraflow"
     folder.mkdir()
-    (folder / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "AuraFlowPipeline"}))
     assert cli.main(["generate", "p", "--model", str(folder), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a supported model family" in err and SUPPORTED in err and loads == []

@@ -38,7 +38,7 @@ def test_folder_family_from_model_index(tmp_path, class_name, family):
     assert detect_family(tmp_path) == family
 
 
-@pytest.mark.parametrize("class_name", ["FluxPipeline", "WanPipeline", ""])
+@pytest.mark.parametrize("class_name", ["AuraFlowPipeline", "WanPipeline", ""])
 def test_an_unsupported_folder_fails_in_one_line_naming_the_supported_families(tmp_path, class_name):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
     with pytest.raises(ValueError) as error:

@@ -16,7 +16,8 @@ def add_parser(commands) -> None:
     compare = commands.add_parser(
         "compare", help="one labelled grid of the same seed under each guidance mode",
         description="One labelled grid, a row per prompt: no guidance, CFG, CFG+TPG, CFG+NAG, CFG+TPG+NAG; with "
-        "--nag-negative also NAG with CFG off (the negative acting where CFG's cannot), with --with-pag CFG+PAG.",
+        "--nag-negative also NAG with CFG off (the negative acting where CFG's cannot), with --with-pag CFG+PAG. On Flux.1 "
+        "(guidance-distilled): none, NAG, true CFG, true CFG+NAG, the negative from --nag-negative or --negative.",
     )  # fmt: skip
     compare.add_argument("prompt", nargs="+", help="one grid row per prompt, all with the same seed")
     compare.add_argument("--with-pag", action="store_true", help="add a CFG+PAG panel")

@@ -25,21 +25,39 @@ class ChosenModel(NamedTuple):
     family: Optional[str]
 
 
-def family_defaults(family: Optional[str]) -> Dict[str, object]:
-    """``DEFAULTS`` with ``family``'s default TPG layers (SDXL's when the family is not known before loading)."""
-    return {**DEFAULTS, "tpg_applied_layers_index": DEFAULT_LAYERS[family or "sdxl"]["tpg"]}
+# A family's (or one of its models': ``flux-schnell``) pipeline arguments over DEFAULTS; None removes a default.
+# Flux.1: ``--cfg`` is true CFG (``true_cfg_scale``, on with a negative prompt, as in diffusers), while
+# ``guidance_scale`` is the distilled guidance embedding, left at the pipeline's default (dev and Kontext 3.5; schnell
+# has no embedding: 0, as the official NAG Flux README runs it). NAG: the official NAG Flux settings (tau 2.5, alpha
+# 0.25; Kontext ``nag_end`` 0.25); schnell takes 4 steps. TPG is experimental on Flux and off unless asked for.
+# Chroma: ``guidance_scale`` is its CFG, as for SDXL; ChromaPipeline's 35 steps, NAG as on Flux.
+FAMILY_DEFAULTS: Dict[str, Dict[str, object]] = {
+    "flux": {"num_inference_steps": 28, "guidance_scale": None, "true_cfg_scale": 4.0, "tpg_scale": 0.0, "nag_tau": 2.5, "nag_alpha": 0.25},
+    "flux-schnell": {"num_inference_steps": 4, "guidance_scale": 0.0},
+    "flux-kontext": {"nag_end": 0.25},
+    "chroma": {"num_inference_steps": 35, "nag_tau": 2.5, "nag_alpha": 0.25},
+}  # fmt: skip
 
 
-def recommended_settings(model_folder: Optional[str], family: Optional[str] = None) -> Dict[str, object]:
+def family_defaults(family: Optional[str], variant: Optional[str] = None) -> Dict[str, object]:
+    """``DEFAULTS`` with ``family``'s default TPG layers (SDXL's when the family is not known before loading) and its
+    ``FAMILY_DEFAULTS``, then those of its model ``variant`` (``loading.model_variant``: Flux.1 schnell, Kontext)."""
+    settings = {**DEFAULTS, "tpg_applied_layers_index": DEFAULT_LAYERS[family or "sdxl"]["tpg"]}
+    settings.update(FAMILY_DEFAULTS.get(family or "", {}))
+    settings.update(FAMILY_DEFAULTS.get(f"{family}-{variant}", {}))
+    return {name: value for name, value in settings.items() if value is not None}
+
+
+def recommended_settings(model_folder: Optional[str], family: Optional[str] = None, variant: Optional[str] = None) -> Dict[str, object]:
     """Pipeline arguments recommended for the model (``recommended.json`` beside its weights) over the defaults of
-    its family."""
+    its family and model (``FAMILY_DEFAULTS``)."""
     from ..loading import read_recommended
 
-    return {**family_defaults(family), **(read_recommended(model_folder) if model_folder else {})}
+    return {**family_defaults(family, variant), **(read_recommended(model_folder) if model_folder else {})}
 
 
 def model_family(path: str, allow_pickle: bool = False) -> Optional[str]:
-    """The family of the model at ``path`` (``sdxl``, ``sd``) read from its files without loading it; None for a
+    """The family of the model at ``path`` (``sdxl``, ``sd``, ``sd3``, ``flux``, ``chroma``) read from its files without loading it; None for a
     hub id that is not in the local cache. UsageError naming the supported families for any other model."""
     import pickle
 
@@ -97,7 +115,7 @@ def model_and_settings(model: Optional[str], allow_pickle: bool = False) -> Chos
     """``--model`` resolved, with its recommended settings and family, read without loading the model; UsageError
     when its recommended.json is not JSON, its family is not supported, or it is a pickle-based checkpoint not
     allowed by ``--allow-pickle``."""
-    from ..loading import is_pickle_checkpoint
+    from ..loading import is_pickle_checkpoint, model_variant
 
     path, folder = resolve_model(model)
     if is_pickle_checkpoint(path) and not allow_pickle:
@@ -105,7 +123,7 @@ def model_and_settings(model: Optional[str], allow_pickle: bool = False) -> Chos
                          "or pass --allow-pickle for a file you trust (it then loads with torch.load(weights_only=True))")  # fmt: skip
     family = model_family(path, allow_pickle)
     try:
-        return ChosenModel(path, recommended_settings(folder, family), family)
+        return ChosenModel(path, recommended_settings(folder, family, model_variant(path)), family)
     except ValueError as error:  # json.JSONDecodeError
         raise UsageError(f"--model {path}: recommended.json is not valid JSON: {one_line(str(error))}") from None
 
@@ -137,7 +155,7 @@ def load_model(path: str, device: str = "auto", dtype: str = "auto", compile: bo
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here; use --device cpu")
-    torch_dtype = default_dtype(device) if dtype == "auto" else getattr(torch, dtype)
+    torch_dtype = default_dtype(device, family) if dtype == "auto" else getattr(torch, dtype)
     local = os.path.exists(path)
     try:
         pipe = load_pipeline(path, device=device, dtype=torch_dtype, family=family, allow_pickle=allow_pickle)

@@ -67,6 +67,6 @@ def generate_images(pipe, prompt: str, seeds: Sequence[int], kwargs: Dict[str, o
     pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), desc=prompt[:40])
     arguments = task_arguments(task, kwargs, pipe)
     try:
-        return pipe(prompt, generator=generators(seeds), num_images_per_prompt=len(seeds), **arguments).images
+        return pipe(prompt=prompt, generator=generators(seeds), num_images_per_prompt=len(seeds), **arguments).images
     except (ValueError, TypeError) as error:
         raise UsageError(one_line(str(error))) from None

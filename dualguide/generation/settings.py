@@ -14,21 +14,37 @@ OPTION_ARGUMENTS = {
     "steps": "num_inference_steps", "cfg": "guidance_scale", "tpg": "tpg_scale", "tpg_layers": "tpg_applied_layers_index",
     "pag": "pag_scale", "nag": "nag_scale", "nag_tau": "nag_tau", "nag_alpha": "nag_alpha", "sampler": "sampler",
     "schedule": "sigma_schedule", "negative": "negative_prompt", "nag_negative": "nag_negative_prompt",
+    "distilled_guidance": "guidance_scale",
 }  # fmt: skip
+# Where the model's settings hold ``true_cfg_scale`` (Flux.1: ``guidance_scale`` is its distilled guidance
+# embedding, which only ``--distilled-guidance`` sets), ``--cfg`` sets true CFG.
+TRUE_CFG_ARGUMENTS = {"cfg": "true_cfg_scale"}
 PANEL_SCALE = 3.0  # PAG / NAG scale of the comparison panels when neither the model nor the command sets one
+TRUE_CFG_NAG_SCALE = 5.0  # NAG scale of the true-CFG (Flux.1) panels: the official NAG Flux examples' (schnell, Kontext)
+TRUE_CFG_PANEL_SCALE = 4.0  # true CFG scale of those panels when the settings leave it off
+
+
+def cfg_argument(settings: Mapping[str, object]) -> str:
+    """The pipeline argument ``--cfg`` sets: ``true_cfg_scale`` where ``settings`` (the model's) have one, else
+    ``guidance_scale``."""
+    return "true_cfg_scale" if "true_cfg_scale" in settings else "guidance_scale"
 
 
 def call_arguments(options: Mapping[str, object], settings: Mapping[str, object]) -> Dict[str, object]:
     """Pipeline arguments: ``settings`` (the model's recommended ones), overridden by the options given.
 
     ``options`` maps flag dests (``steps``, ``size``, ``cfg``, ``tpg_layers``, ``nag_interval``, ...) to values;
-    ``None`` or a missing key leaves the setting as it is.
+    ``None`` or a missing key leaves the setting as it is. UsageError for ``--distilled-guidance`` on a model without
+    true CFG (``cfg_argument``).
     """
     kwargs = dict(settings)
+    true_cfg = cfg_argument(settings) == "true_cfg_scale"
+    if options.get("distilled_guidance") is not None and not true_cfg:
+        raise UsageError("--distilled-guidance: only guidance-distilled models (Flux.1) have a distilled guidance; use --cfg")
     for option, argument in OPTION_ARGUMENTS.items():
         value = options.get(option)
         if value is not None:
-            kwargs[argument] = value
+            kwargs[TRUE_CFG_ARGUMENTS.get(option, argument) if true_cfg else argument] = value
     size = options.get("size")
     if size:
         kwargs.update(width=size[0], height=size[1])
@@ -37,6 +53,8 @@ def call_arguments(options: Mapping[str, object], settings: Mapping[str, object]
         interval = options.get(f"{term}_interval")
         if interval is not None:
             kwargs[f"{term}_interval"] = interval
+    if "nag_interval" in kwargs:  # the pipelines take nag_end or nag_interval, not both
+        kwargs.pop("nag_end", None)
     return kwargs
 
 
@@ -73,7 +91,7 @@ def generators(seeds: Sequence[int]) -> List[object]:
 
 def panel_count(with_pag: bool, nag_alone: bool = False) -> int:
     """How many panels ``compare_modes`` gives: none, CFG, CFG+TPG, CFG+NAG, CFG+TPG+NAG, NAG with CFG off
-    ``nag_alone`` and CFG+PAG ``with_pag``."""
+    ``nag_alone`` and CFG+PAG ``with_pag`` (at most; a true-CFG model has fewer)."""
     return 5 + nag_alone + with_pag
 
 
@@ -83,7 +101,10 @@ def compare_modes(
     """The panels of a comparison: (label, pipeline arguments), all from the same settings and seed.
 
     ``nag_alone`` (the command gives it for a NAG negative prompt): a "NAG (CFG off)" panel follows "no
-    guidance", NAG's negative acting where CFG's cannot, the NAG paper's headline use."""
+    guidance", NAG's negative acting where CFG's cannot, the NAG paper's headline use. A true-CFG model (Flux.1)
+    has the panels of ``true_cfg_modes``."""
+    if cfg_argument(kwargs) == "true_cfg_scale":
+        return true_cfg_modes(kwargs, with_pag)
     cfg, tpg = kwargs["guidance_scale"], kwargs["tpg_scale"]
     nag = kwargs["nag_scale"] if kwargs["do_nag"] else PANEL_SCALE
     pag = kwargs.get("pag_scale") or PANEL_SCALE
@@ -100,4 +121,31 @@ def compare_modes(
     if with_pag:
         modes.append((f"CFG+PAG {pag:g}", dict(off, guidance_scale=cfg, pag_scale=pag)))
     assert len(modes) == panel_count(with_pag, nag_alone)
+    return modes
+
+
+def true_cfg_modes(kwargs: Mapping[str, object], with_pag: bool) -> List[Tuple[str, Dict[str, object]]]:
+    """The panels of a guidance-distilled model (Flux.1), where a negative prompt acts only through NAG or true CFG:
+    none, NAG, true CFG, true CFG+NAG (and true CFG+PAG ``with_pag``); the distilled guidance as set in every one.
+
+    The negatives: true CFG's is ``negative_prompt``, else the NAG one; NAG's is ``nag_negative_prompt``, else the CFG
+    one (the official rule); neither given, the empty prompt. Scales: the settings', else ``TRUE_CFG_PANEL_SCALE`` and
+    ``TRUE_CFG_NAG_SCALE``."""
+    given = float(kwargs["true_cfg_scale"])
+    cfg = given if given > 1.0 else TRUE_CFG_PANEL_SCALE
+    nag = kwargs["nag_scale"] if kwargs["do_nag"] else TRUE_CFG_NAG_SCALE
+    pag = kwargs.get("pag_scale") or PANEL_SCALE
+    negative = kwargs.get("negative_prompt") or kwargs.get("nag_negative_prompt") or ""
+    nag_negative = kwargs.get("nag_negative_prompt") or negative
+    off = dict(kwargs, true_cfg_scale=1.0, negative_prompt=None, tpg_scale=0.0, pag_scale=0.0, do_nag=False)
+    with_nag = dict(do_nag=True, nag_scale=nag, nag_negative_prompt=nag_negative)
+    with_cfg = dict(true_cfg_scale=cfg, negative_prompt=negative)
+    modes = [
+        ("none", off),
+        (f"NAG {nag:g}", dict(off, **with_nag)),
+        (f"true CFG {cfg:g}", dict(off, **with_cfg)),
+        ("true CFG+NAG", dict(off, **with_cfg, **with_nag)),
+    ]
+    if with_pag:
+        modes.append((f"true CFG+PAG {pag:g}", dict(off, **with_cfg, pag_scale=pag)))
     return modes

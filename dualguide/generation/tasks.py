@@ -104,19 +104,30 @@ TASK_PIPELINES: Dict[str, Dict[str, str]] = {
         "controlnet-inpaint": "StableDiffusionControlNetTPGInpaintPipeline",
     },
     "sd3": {"img2img": "StableDiffusion3TPGImg2ImgPipeline"},
+    "flux": {"img2img": "FluxTPGImg2ImgPipeline"},
+    "chroma": {"img2img": "ChromaTPGImg2ImgPipeline"},
+    # Keyed by the loaded pipeline's class: a Flux.1 Kontext folder edits --image, and makes text-to-image without one.
+    "FluxKontextTPGPipeline": {"text2img": "FluxTPGPipeline", "img2img": "FluxKontextTPGPipeline"},
 }  # fmt: skip
+TASK_OPTIONS = {"img2img": "--image", "inpaint": "--mask"}  # the option that asks for a task (else --control)
 
 
 def task_pipeline(pipe, task: Task):
-    """``pipe`` (text-to-image) as the task's pipeline of its family; the same modules, the ControlNet loaded beside them."""
+    """``pipe`` (text-to-image, or Kontext's editing) as the task's pipeline of its family (or of its class, in
+    ``TASK_PIPELINES``); the same modules, the ControlNet loaded beside them. TaskError naming the option when the
+    family has no such pipeline (yet)."""
     from .. import pipelines
 
-    if task.name == "text2img":
+    class_tasks = TASK_PIPELINES.get(type(pipe).__name__, {})
+    if task.name == "text2img" and task.name not in class_tasks:
         return pipe
-    family_tasks = TASK_PIPELINES[pipe.family.name]
-    if task.name not in family_tasks:
-        raise TaskError(f"the {task.name} task is not available for {pipe.family.title} models yet; text-to-image is")
+    family_tasks = class_tasks or TASK_PIPELINES.get(pipe.family.name, {})
+    if family_tasks.get(task.name) not in pipelines.__all__:
+        option = TASK_OPTIONS.get(task.name, "--control")
+        raise TaskError(f"{option}: the {task.name} task is not available for {pipe.family.title} models yet; text-to-image is")
     task_class = getattr(pipelines, family_tasks[task.name])
+    if task_class is type(pipe) and task.controlnet is None:
+        return pipe
     if task.controlnet is None:
         return task_class.from_pipe(pipe)
     from diffusers import ControlNetModel
@@ -133,7 +144,8 @@ def task_arguments(task: Task, kwargs: Dict[str, object], pipe) -> Dict[str, obj
     """``kwargs`` with the task's inputs added for ``pipe`` (from ``task_pipeline``); its pictures resized to
     ``width`` x ``height`` when those are set.
 
-    Without a size the pipeline takes the init image's size (as diffusers does). The ControlNet picture is
+    Without a size the pipeline takes the init image's size (as diffusers does; Kontext: its own output size and
+    resizing of the picture); with one, Kontext's ``max_area`` is that size's, its picture kept. The ControlNet picture is
     ``image`` of the text-to-image ControlNet pipeline and ``control_image`` of the others, as in diffusers.
     """
     arguments = dict(kwargs)
@@ -153,9 +165,12 @@ def task_arguments(task: Task, kwargs: Dict[str, object], pipe) -> Dict[str, obj
         arguments["control_image" if task.image is not None else "image"] = fit(task.control)
     if task.control_scale is not None:
         arguments["controlnet_conditioning_scale"] = task.control_scale
-    if task.image is not None and "height" not in inspect.signature(pipe.__call__).parameters:  # img2img: the image sets the size
+    parameters = inspect.signature(pipe.__call__).parameters
+    if task.image is not None and "height" not in parameters:  # img2img: the image sets the size
         arguments.pop("width", None)
         arguments.pop("height", None)
+    if task.image is not None and sized and "max_area" in parameters:  # Kontext: --size is the output, the picture fit to it
+        arguments.update(max_area=size[0] * size[1], _auto_resize=False)
     return arguments
 
 

@@ -19,7 +19,7 @@ from ..defaults import DEFAULT_LAYERS
 from ..generation.errors import UsageError, one_line
 from ..generation.images import slug
 from ..generation.limits import Limits, check_settings
-from ..generation.settings import PANEL_SCALE, call_arguments, check_names, image_seed
+from ..generation.settings import PANEL_SCALE, call_arguments, cfg_argument, check_names, image_seed
 
 DEFAULT_PROMPT = "a red circle on a blue background"
 TERMS = ("cfg", "tpg", "pag", "nag")
@@ -113,7 +113,7 @@ def controls_from_settings(settings: Dict[str, object], pag_layers: str = DEFAUL
         sampler=str(settings.get("sampler", "euler")),
         schedule=str(settings.get("sigma_schedule", "model")),
         size=f"{width}x{height}" if width and height else "1024x1024",
-        cfg=float(settings.get("guidance_scale", 5.0)),
+        cfg=float(settings.get(cfg_argument(settings), 5.0)),
         tpg=float(settings.get("tpg_scale", 3.0)),
         tpg_layers=str(settings.get("tpg_applied_layers_index", "d6-d23")),
         pag=float(settings.get("pag_scale") or PANEL_SCALE),
@@ -231,7 +231,7 @@ def _mode_run(parser: GenerateParser, label: str, terms: Tuple[str, ...], contro
     notes: List[str] = []
     softpag_beta = None
     default_on = {
-        "cfg": float(settings.get("guidance_scale", 5.0)) > 1.0,
+        "cfg": float(settings.get(cfg_argument(settings), 5.0)) > 1.0,
         "tpg": float(settings.get("tpg_scale", 3.0)) > 0.0,
         "pag": float(settings.get("pag_scale") or 0.0) > 0.0,
         "nag": float(settings.get("nag_scale", 1.0) or 1.0) > 1.0,
