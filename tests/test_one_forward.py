@@ -75,14 +75,18 @@ def test_one_forward_keeps_pipe_and_components(modular, packed):
     )  # the given pipeline still runs per branch
 
 
-def test_sdxl_img2img_one_forward(modular, packed, unet):
-    """The image-to-image loop keeps the packing too (the same loop denoiser, started part-way)."""
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+def test_sdxl_image_tasks_one_forward(modular, packed, unet, task):
+    """The image-to-image and (4-channel) inpainting loops keep the packing too, started part-way."""
     image = torch.rand(1, 3, SIZE, SIZE, generator=generator(3))
+    inputs = dict(image=image, strength=0.7)
+    if task == "inpaint":
+        inputs["mask_image"] = (torch.rand(1, 1, SIZE, SIZE, generator=generator(4)) > 0.5).float()
     guider = TokenPerturbationGuidance(guidance_scale=4.0, tpg_scale=2.0, seed=1)
-    expected = run(modular, guider, image=image, strength=0.7)
+    expected = run(modular, guider, **inputs)
     with rows_seen(unet) as rows:
-        latents = run(packed, guider, image=image, strength=0.7)
-    assert rows == [3] * len(rows) and 1 <= len(rows) < STEPS + 1
+        latents = run(packed, guider, **inputs)
+    assert rows == [3] * len(rows) and 1 <= len(rows) <= STEPS
     assert (latents - expected).abs().max() <= 1e-4
 
 
