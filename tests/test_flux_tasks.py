@@ -95,6 +95,18 @@ def test_kontext_terms_off_and_true_cfg_equal_diffusers(kontext_components):
     assert (cfg - off).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize(
+    "options",
+    [dict(num_images_per_prompt=2), dict(image=torch.randn(1, 16, 10, 14, generator=torch.Generator().manual_seed(7)), height=24, width=48,
+                                         max_area=24 * 48)],  # fmt: skip
+    ids=["two-images-per-prompt", "reference-latents-non-square"],
+)
+def test_kontext_batches_and_reference_latents_equal_diffusers(kontext_components, options):
+    ours = kontext(FluxKontextTPGPipeline(**kontext_components), tpg_scale=0.0, num_inference_steps=2, **options)
+    theirs = kontext(FluxKontextPipeline(**kontext_components), num_inference_steps=2, **options)
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= 1e-4
+
+
 def test_kontext_euler_equals_the_scheduler_loop_in_one_call_per_step(kontext_components):
     pipe = FluxKontextTPGPipeline(**kontext_components)
     options = dict(true_cfg_scale=3.0, nag_scale=4.0, pag_scale=2.0, **negative(), **nag_negative())
