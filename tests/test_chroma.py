@@ -167,6 +167,17 @@ def test_tpg_row_equals_a_hook_free_permuted_reference(components):
     assert (denoiser.last_outputs["tpg"] - denoiser.last_outputs["cond"]).abs().max() > 1e-3
 
 
+def test_shared_prefix_rows_equal_the_unshared_call(pipe):
+    """TPG and PAG rows run as the cond row until their first perturbed block, single blocks included (whose guided
+    attention learns the text length at the block, not at the join, where the rows may be narrowed)."""
+    options = dict(tpg_applied_layers_index="s3", pag_scale=2.0, pag_applied_layers_index="s7")
+    transformer = pipe.transformer
+    with rows_seen(transformer.transformer_blocks[0].norm1) as first, rows_seen(transformer.single_transformer_blocks[5].norm) as fifth:
+        shared = latents(pipe, **options)
+    assert first == [1, 1] and fifth == [2, 2]  # [cond] before s3; [cond, tpg] before s7
+    assert (shared - latents(pipe, share_prefix=False, **options)).abs().max() <= 1e-5
+
+
 def test_every_mode_is_one_transformer_call_per_step(pipe):
     modes = {
         "tpg": (dict(tpg_scale=3.0), 2),

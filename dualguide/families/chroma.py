@@ -10,9 +10,10 @@ What differs from Flux:
   does; the blocks square it into ``[rows, 1, S, S]`` and attention adds a float mask to the scores (see
   ``conditioning.chroma``), in the guided attentions too (``flux_joint``).
 * The transformer joins the text and image streams itself, after the last double block, so a single block's
-  input is ``[text, image]``. The single stream's preparation (``flux_joint.single_block_inputs``: the text length
-  for PAG / NAG, NAG's widened image stream) runs on the last double block's output (``joined_streams``), and TPG
-  on a single block permutes only the image tokens after the text (``shuffle_joined_image_tokens``).
+  input is ``[text, image]``. The single stream's preparation (``flux_joint.single_block_inputs``) is split in two:
+  NAG's widened image stream on the last double block's output (``joined_streams``), the text length for PAG / NAG
+  at each single block, read from the call (``single_stream_inputs``); TPG on a single block permutes only the
+  image tokens after the text (``shuffle_joined_image_tokens``).
 * NAG (the NAG authors have no Chroma pipeline; the official Flux semantics carried over): each guided row's
   negative text row comes with the negative's mask and the guided row's timestep. Chroma's modulation depends on
   the timestep only, so a negative row's equals its guided row's.
@@ -22,6 +23,7 @@ Default layers are Flux's (``defaults.DEFAULT_LAYERS["chroma"]``): Chroma keeps 
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Dict, List, Tuple
 
 import torch
@@ -32,15 +34,26 @@ from ..conditioning import Conditioning
 from ..defaults import DEFAULT_LAYERS
 from ..flux_joint import single_block_inputs
 from ..perturb import shuffle_tokens
+from .base import CallExtras
 from .flux import FluxFamily
+
+# The text tokens of the Chroma call running now: a single block's input joins them and the image tokens.
+_TEXT_TOKENS: ContextVar[int] = ContextVar("dualguide_chroma_text_tokens", default=0)
 
 
 def joined_streams(module: nn.Module, args: tuple, output: Tuple[Tensor, Tensor]):
     """Forward hook of Chroma's last double-stream block, whose output ``(text, image)`` the transformer joins into
-    the single stream: Flux's single-stream preparation (``single_block_inputs``) at that point."""
+    the single stream: with NAG's extra text rows, the image stream widened there (``single_block_inputs``)."""
     text, image = output
     prepared = single_block_inputs(module, (), {"hidden_states": image, "encoder_hidden_states": text})
     return None if prepared is None else (text, prepared[1]["hidden_states"])
+
+
+def single_stream_inputs(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of a Chroma single-stream block: ``single_block_inputs`` on its ``[text, image]`` input split
+    at the call's text length, which tells the block's guided attention that length (the rows are already wide)."""
+    joined, text = kwargs["hidden_states"], _TEXT_TOKENS.get()
+    single_block_inputs(module, args, {**kwargs, "hidden_states": joined[:, text:], "encoder_hidden_states": joined[:, :text]})
 
 
 def shuffle_joined_image_tokens(module: nn.Module, args: tuple, kwargs: dict):
@@ -80,6 +93,20 @@ class ChromaFamily(FluxFamily):
         if cond.image_embeds is not None or cond.reference_latents is not None:
             raise ValueError(f"{name}: IP-Adapter image embeds and reference latents are not supported on Chroma yet")
 
+    def run_order(self, model: nn.Module) -> List[str]:
+        """The image and text projections, the time embedding and the approximator that makes every block's
+        modulation from it, the double- then the single-stream blocks."""
+        blocks = (name for name, _ in self.blocks(model).values())
+        return ["x_embedder", "time_text_embed", "distilled_guidance_layer", "context_embedder", *blocks]
+
+    def call(self, model: nn.Module, sample: Tensor, timesteps: Tensor, cond: Conditioning, extras: CallExtras) -> Tensor:
+        """Flux's call, its text length known to the single blocks' hooks."""
+        token = _TEXT_TOKENS.set(cond.prompt_embeds.shape[1])
+        try:
+            return super().call(model, sample, timesteps, cond, extras)
+        finally:
+            _TEXT_TOKENS.reset(token)
+
     def text_inputs(self, model: nn.Module, cond: Conditioning, timesteps: Tensor, image_tokens: int) -> Dict[str, object]:
         """Prompt embeds, timesteps and ``attention_mask`` ``[rows, L + image_tokens]`` (T5's mask, then ones, as
         ``ChromaPipeline`` builds it; a float mask in the embeds' dtype, 0 and 1 exact in any); with NAG, the guided
@@ -98,11 +125,14 @@ class ChromaFamily(FluxFamily):
 
     def stream_hooks(self, transformer: nn.Module, tpg_modules: List[nn.Module], single_guided: bool) -> Tuple[list, list]:
         """TPG's pre-hooks (on a single block, the image tokens after the text only); when PAG or NAG acts in a single
-        block, the single stream's preparation on the last double block's output (``joined_streams``)."""
-        singles = set(transformer.single_transformer_blocks)
-        pre_hooks = [(block, shuffle_joined_image_tokens if block in singles else shuffle_tokens) for block in tpg_modules]
-        post_hooks = [(transformer.transformer_blocks[-1], joined_streams)] if single_guided else []
-        return pre_hooks, post_hooks
+        block, the single stream's preparation: ``joined_streams`` on the last double block, ``single_stream_inputs``
+        on each single block."""
+        singles = list(transformer.single_transformer_blocks)
+        joined = set(singles)
+        pre_hooks = [(block, shuffle_joined_image_tokens if block in joined else shuffle_tokens) for block in tpg_modules]
+        if not single_guided:
+            return pre_hooks, []
+        return pre_hooks + [(block, single_stream_inputs) for block in singles], [(transformer.transformer_blocks[-1], joined_streams)]
 
 
 CHROMA = ChromaFamily()
