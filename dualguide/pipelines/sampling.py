@@ -79,6 +79,11 @@ class StepEvents:
         self.progress_bar = progress_bar
         self._guidance_scale = float(pipe._guidance_scale)
 
+    def at_timestep(self, timestep: Optional[Tensor]) -> None:
+        """Before each model call (None after the last): the timestep diffusers' pipelines keep as
+        ``pipe.current_timestep``, which diffusers' cache hooks (FasterCache, pyramid attention broadcast) read."""
+        self.pipe._current_timestep = timestep
+
     def end_step(self, step: int, timestep: Tensor, latents: Tensor) -> Tensor:
         """Report step ``step`` done with ``latents``; returns the latents to continue from."""
         self.progress_bar.update()
@@ -171,12 +176,14 @@ def scheduler_loop(
             if extra is not None:
                 kwargs["concat"] = extra  # the denoiser appends them to the UNet input
         sigma = scheduler_sigma(scheduler, denoiser, t)
+        events.at_timestep(t)
         output = denoiser.predict(model_input, t, **kwargs, sigma=sigma)
         latents_dtype = latents.dtype
         latents = scheduler.step(output.to(latents_dtype), t, latents, **extra_step_kwargs, return_dict=False)[0]
         if after_step is not None:
             latents = after_step(i, latents)
         latents = events.end_step(i, t, latents)
+    events.at_timestep(None)
     return latents
 
 
@@ -234,6 +241,7 @@ class StepTracker:
             self.step += 1
             self.left = self.evaluations(self.step)
         self.left -= 1
+        self.events.at_timestep(self.denoiser.sigma_to_t(sigma.reshape(-1)[:1].float())[0])
         return self.denoiser(x, sigma, **self.inputs.as_kwargs())
 
     def __getattr__(self, name: str):
@@ -243,6 +251,7 @@ class StepTracker:
     def finish(self, x: Tensor) -> Tensor:
         if self.step >= 0:
             self._report(x)
+        self.events.at_timestep(None)
         return x
 
     def _report(self, x: Tensor) -> None:
