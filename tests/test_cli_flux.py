@@ -174,3 +174,18 @@ def test_flux_loads_in_bfloat16_on_cuda_by_default():
 
     assert default_dtype("cuda", "flux") == torch.bfloat16 and default_dtype("cuda", "sdxl") == torch.float16
     assert default_dtype("cpu", "flux") == torch.float32
+
+
+def test_the_ui_engine_runs_a_flux_folder_with_cfg_as_true_cfg(flux_folder):
+    from dualguide.ui import settings as ui_settings
+    from dualguide.ui.engine import Engine
+
+    engine = Engine(model=flux_folder, device="cpu").start(background=False)
+    assert engine.load_error is None
+    controls = ui_settings.controls_from_settings(engine.settings, engine.pag_layers)
+    controls.modes, controls.steps, controls.size, controls.negative = ["CFG+NAG"], "2", "32", "blue"
+    (run,) = engine.plan(controls)
+    assert run.kwargs["true_cfg_scale"] == 4.0 and run.kwargs["negative_prompt"] == "blue" and run.kwargs["do_nag"]
+    assert "guidance_scale" not in run.kwargs and "--cfg" in run.argv
+    images = [event for event in engine.run([run], "session") if event.kind == "image"]
+    assert len(images) == 1 and Image.open(images[0].image).size == (32, 32)

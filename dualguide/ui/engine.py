@@ -19,6 +19,7 @@ from ..generation.errors import UsageError, describe_error, one_line
 from ..generation.images import save_png
 from ..generation.limits import Limits, flag
 from ..generation.settings import generators
+from ..generation.tasks import Task, task_pipeline
 from . import settings as ui_settings
 from .strips import Strip, preview_steps, rows_for
 
@@ -93,8 +94,9 @@ class Engine:
     def _load(self) -> None:
         began = time.perf_counter()
         try:
-            # as ``dualguide generate`` loads
+            # as ``dualguide generate`` loads, as text-to-image (a Flux.1 Kontext folder's editing pipeline moved to it)
             pipe = models.load_model(self.model, self.device_option, self.dtype_option, allow_pickle=self.allow_pickle, family=self.family)
+            pipe = task_pipeline(pipe, Task())
             pipe.set_progress_bar_config(disable=True)
             if pipe.device.type == "cpu":
                 # Runs at once share the cores: oversubscribed OpenMP threads spin and slow every run many times over.
@@ -272,7 +274,7 @@ class Engine:
 
         events.put(Event("progress", index, run.label, 0, steps))
         output = pipe(
-            run.prompt, generator=generators(run.seeds), num_images_per_prompt=len(run.seeds),
+            prompt=run.prompt, generator=generators(run.seeds), num_images_per_prompt=len(run.seeds),
             callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=available, **run.kwargs,
         )  # fmt: skip
         if stopped["step"] is not None or cancel.is_set():
