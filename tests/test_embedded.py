@@ -101,3 +101,24 @@ def test_evaluate_refuses_bad_scales_and_layer_ids_before_sampling(capsys):
     with pytest.raises(ValueError, match="--tpg-layers: unknown layer id"):
         evaluate.main(["--tpg-layers", "d99", "--prompts", "1", "--write"])
     assert load_recommended() == recommended_before
+
+
+def test_recommended_nag_settings_are_tuned_and_the_front_ends_take_them():
+    from dualguide.generation.models import model_and_settings
+    from dualguide.generation.settings import call_arguments, compare_modes
+    from dualguide.ui.settings import controls_from_settings
+
+    recommended = load_recommended()
+    tuned = {key: recommended[key] for key in ("nag_scale", "nag_alpha", "nag_tau")}  # training.evaluate_nag --write
+    settings = model_and_settings(None).settings  # what generate, compare, batch, eval and the ui read
+    assert {key: settings[key] for key in tuned} == tuned
+    default = call_arguments({}, settings)
+    assert default["do_nag"] is False  # the stored scale is NAG's when it is on; NAG stays off unless asked for
+    asked = call_arguments({"nag": 2.25}, settings)
+    assert asked["do_nag"] and asked["nag_scale"] == 2.25
+    assert (asked["nag_alpha"], asked["nag_tau"]) == (tuned["nag_alpha"], tuned["nag_tau"])
+    panels = [kwargs for _, kwargs in compare_modes(default, with_pag=False, nag_alone=True) if kwargs["do_nag"]]
+    assert len(panels) == 3  # NAG alone, CFG+NAG, CFG+TPG+NAG: all at the tuned settings
+    assert all({key: panel[key] for key in tuned} == tuned for panel in panels)
+    controls = controls_from_settings(settings)
+    assert (controls.nag, controls.nag_alpha, controls.nag_tau) == (tuned["nag_scale"], tuned["nag_alpha"], tuned["nag_tau"])

@@ -12,7 +12,7 @@ from PIL import Image
 
 from dualguide import cli
 from dualguide.evaluation.command import (
-    NEGATIVE_MODES, Measured, Prompt, Unit, compare, mode_settings, parse_modes, plan_lines, plan_order, plan_units,
+    Measured, Prompt, Unit, compare, default_modes, mode_settings, parse_modes, plan_lines, plan_order, plan_units,
 )  # fmt: skip
 from dualguide.evaluation.statistics import paired_comparison
 from dualguide.toy.data import evaluation_prompts, negative_prompts
@@ -42,8 +42,13 @@ def eval_args(*extra):
     return cli.build_parser().parse_args(["eval", "--negative-prompts", "3", "--out", "unused", *extra])
 
 
+def test_default_modes_take_the_models_nag_scale():
+    assert "nag=2.5," in default_modes(True, {"nag_scale": 2.5, "do_nag": False})  # the tuned scale, NAG off by default
+    assert "nag=3;" in default_modes(False, {"guidance_scale": 5.0})  # none recommended: SDXL's 3
+
+
 def test_modes_route_the_negative_to_cfg_and_nag_separately():
-    modes = parse_modes(NEGATIVE_MODES + "; nag-only: cfg=4,nag=3,negative-for=nag; plain: cfg=4,nag=3", "cfg")
+    modes = parse_modes(default_modes(True, {}) + "; nag-only: cfg=4,nag=3,negative-for=nag; plain: cfg=4,nag=3", "cfg")
     assert modes["cfg"] == {"cfg": "4", "negative_for": "cfg"} and modes["nag"]["negative_for"] == "nag"
     settings = mode_settings(eval_args(), modes)
     unit = Unit("a circle on a blue background", "a red shape", 0, 2)

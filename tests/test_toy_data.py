@@ -8,7 +8,7 @@ import pytest
 
 from dualguide.toy.data import (
     COLORS, OPEN_ATTRIBUTES, SHAPES, caption, drop_attributes, evaluation_prompts, grammar_words, negated_labels,
-    negative_prompts, parse_prompt, random_labels, training_caption, tuning_prompts,
+    negative_prompts, parse_prompt, random_labels, training_caption, tuning_negative_prompts, tuning_prompts,
 )  # fmt: skip
 from training.train_unet import dropout_rates, parse_args, step_captions
 
@@ -112,6 +112,14 @@ def test_tuning_prompts_are_held_out_from_the_evaluation_prompts():
     assert len(set(tuning)) == 32 and not set(tuning) & set(evaluation_prompts(1024))
     assert evaluation_prompts(2) == ["a white circle on the left on a black background",
                                      "a large purple square on a blue background"]  # fmt: skip
+
+
+def test_tuning_negative_prompts_are_held_out_from_the_evaluated_ones():
+    tuning = tuning_negative_prompts(48)
+    held_out = {prompt for prompt, _ in negative_prompts(1024)}  # dualguide eval --negative-prompts N <= 1024
+    assert len({prompt for prompt, _ in tuning}) == 48 and not {prompt for prompt, _ in tuning} & held_out
+    assert [negated_labels(negative)[0] for _, negative in tuning[:3]] == list(OPEN_ATTRIBUTES)
+    assert negative_prompts(4) == negative_prompts(4, exclude=[])  # what eval measures is unchanged
 
 
 def test_negative_prompts_leave_open_what_the_negative_names():

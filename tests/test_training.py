@@ -36,3 +36,20 @@ def test_evaluate_chooses_settings_on_held_out_prompts_only(capsys):
         evaluate.parse_args(["--write", "--prompt-set", "evaluation"])
     assert "--write chooses recommended.json on the held-out tuning prompts only" in capsys.readouterr().err
     assert evaluate.parse_args(["--write"]).prompt_set == "tuning"
+
+
+def test_nag_tuning_refuses_bad_settings_and_chooses_by_its_rule(capsys):
+    from training import evaluate_nag
+
+    with pytest.raises(SystemExit):
+        evaluate_nag.main(["--nag-scale", "1", "--write"])  # before any model is loaded
+    assert "--nag-scale takes scales > 1" in capsys.readouterr().err
+    baseline = {"negated": 0.10, "adherence": 0.80, "shape": 0.70}
+    grid = {
+        (3.0, 0.5, 2.5): {"negated": 0.00, "adherence": 0.60, "shape": 0.50},  # removes the negated value, and the shape
+        (1.5, 0.25, 2.5): {"negated": 0.05, "adherence": 0.78, "shape": 0.69},
+        (2.0, 0.25, 2.5): {"negated": 0.04, "adherence": 0.79, "shape": 0.60},
+    }
+    results = {guidance: {None: baseline, **grid} for guidance in evaluate_nag.GUIDANCES}
+    assert evaluate_nag.choose(results, 0.05) == (1.5, 0.25, 2.5)  # the lowest negated rate that keeps the shapes
+    assert evaluate_nag.choose(results, 0.0) == (2.0, 0.25, 2.5)  # none keeps them: the highest adherence

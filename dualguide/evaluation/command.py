@@ -15,14 +15,14 @@ import argparse
 import json
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..generation.errors import UsageError
 from ..generation.images import check_output_folder
-from ..generation.models import DEFAULTS
-from ..generation.settings import call_arguments, check_names, check_seeds
+from ..generation.models import DEFAULTS, model_and_settings
+from ..generation.settings import PANEL_SCALE, call_arguments, check_names, check_seeds
 from ..jobs.batch import run_batch
 from ..jobs.processes import process_state
 from ..options import line_option_parser, parse_setting, with_settings
@@ -31,11 +31,12 @@ from .reference import load_reference_images
 from .report import MetricResult, Results, markdown, write_atomic, write_report
 from .statistics import paired_comparison
 
-DEFAULT_MODES = ("none: cfg=1,tpg=0; cfg: cfg=4; tpg: cfg=1,tpg=4; cfg+tpg: cfg=4,tpg=4; cfg+nag: cfg=4,nag=3; "
-                 "cfg+tpg+nag: cfg=4,tpg=4,nag=3; cfg+pag: cfg=4,pag=3")  # fmt: skip
-NEGATIVE_MODES = ("none: cfg=1,negative-for=none; cfg: cfg=4,negative-for=cfg; nag: cfg=1,nag=3,negative-for=nag; "
-                  "cfg+nag: cfg=4,nag=3,negative-for=cfg+nag; cfg+tpg: cfg=4,tpg=4,negative-for=cfg; "
-                  "cfg+tpg+nag: cfg=4,tpg=4,nag=3,negative-for=cfg+nag")  # the default with --negative-prompts
+# The default modes (``default_modes``); {nag}: the model's recommended NAG scale.
+DEFAULT_MODES = ("none: cfg=1,tpg=0; cfg: cfg=4; tpg: cfg=1,tpg=4; cfg+tpg: cfg=4,tpg=4; cfg+nag: cfg=4,nag={nag}; "
+                 "cfg+tpg+nag: cfg=4,tpg=4,nag={nag}; cfg+pag: cfg=4,pag=3")  # fmt: skip
+NEGATIVE_MODES = ("none: cfg=1,negative-for=none; cfg: cfg=4,negative-for=cfg; nag: cfg=1,nag={nag},negative-for=nag; "
+                  "cfg+nag: cfg=4,nag={nag},negative-for=cfg+nag; cfg+tpg: cfg=4,tpg=4,negative-for=cfg; "
+                  "cfg+tpg+nag: cfg=4,tpg=4,nag={nag},negative-for=cfg+nag")  # the default with --negative-prompts
 NEGATIVE_FOR = "negative_for"  # the mode key that routes each prompt's negative (not a generate setting)
 NEGATIVE_TARGETS = ("cfg", "nag", "cfg+nag", "none")
 SCALES_OFF = {"cfg": "1", "tpg": "0", "pag": "0", "nag": "1"}  # a scale that neither a mode nor the command sets
@@ -112,6 +113,13 @@ def parse_modes(text: str, baseline: str) -> Modes:
     if baseline not in modes:
         raise UsageError(f"--baseline {baseline}: not one of the modes ({', '.join(modes)}); add it to --modes")
     return modes
+
+
+def default_modes(negative: bool, settings: Mapping[str, object]) -> str:
+    """``--modes``' default (``NEGATIVE_MODES`` with ``--negative-prompts``), NAG at the scale of ``settings`` (the
+    model's recommended ones; the embedded model's is tuned by ``training.evaluate_nag``), else ``PANEL_SCALE``."""
+    scale = float(settings.get("nag_scale", 1.0) or 1.0)
+    return (NEGATIVE_MODES if negative else DEFAULT_MODES).format(nag=f"{scale if scale > 1.0 else PANEL_SCALE:g}")
 
 
 def check_mode_setting(parser: argparse.ArgumentParser, setting: str, value: str) -> None:
@@ -408,12 +416,14 @@ def example_label(prompt: Prompt) -> str:
 def evaluate(args: argparse.Namespace) -> int:
     """Check everything, make the missing images with the batch job, then (main process) measure and report."""
     check_output_folder(args.out)
-    default_modes = DEFAULT_MODES if args.negative_prompts is None else NEGATIVE_MODES
-    modes = mode_settings(args, parse_modes(args.modes or default_modes, args.baseline))
     if args.toy_judge and args.model is None:
         raise UsageError("--toy-judge goes with --model (the embedded model is measured by its judge anyway)")
     embedded = measured_by_judge(args)
     prompts = read_prompts(args, embedded)
+    text = args.modes
+    if text is None:  # the model's NAG scale: its folder is read (not loaded) after the cheaper checks
+        text = default_modes(args.negative_prompts is not None, model_and_settings(args.model, args.allow_pickle).settings)
+    modes = mode_settings(args, parse_modes(text, args.baseline))
     if not embedded and args.clip is None:
         raise UsageError(f"--model {args.model}: give --clip PATH (a local CLIP model folder) to measure its images; "
                          "the judge knows only the embedded model's pictures")  # fmt: skip

@@ -48,7 +48,8 @@ def call_arguments(options: Mapping[str, object], settings: Mapping[str, object]
     size = options.get("size")
     if size:
         kwargs.update(width=size[0], height=size[1])
-    kwargs["do_nag"] = float(kwargs.get("nag_scale", 1.0)) > 1.0
+    if options.get("nag") is not None or "do_nag" not in settings:  # settings may hold NAG's scale with NAG off
+        kwargs["do_nag"] = float(kwargs.get("nag_scale", 1.0)) > 1.0
     for term in TERMS:
         interval = options.get(f"{term}_interval")
         if interval is not None:
@@ -106,7 +107,7 @@ def compare_modes(
     if cfg_argument(kwargs) == "true_cfg_scale":
         return true_cfg_modes(kwargs, with_pag)
     cfg, tpg = kwargs["guidance_scale"], kwargs["tpg_scale"]
-    nag = kwargs["nag_scale"] if kwargs["do_nag"] else PANEL_SCALE
+    nag = kwargs["nag_scale"] if float(kwargs.get("nag_scale", 1.0)) > 1.0 else PANEL_SCALE  # on, or the model's
     pag = kwargs.get("pag_scale") or PANEL_SCALE
     off = dict(kwargs, guidance_scale=1.0, tpg_scale=0.0, pag_scale=0.0, do_nag=False)
     modes = [("no guidance", off)]

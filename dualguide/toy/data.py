@@ -50,6 +50,7 @@ EVALUATION_SEED = 1234  # evaluation_prompts: what dualguide eval and the tests 
 TUNING_SEED = 4321  # tuning_prompts: what training.evaluate chooses recommended.json on
 HELD_OUT_POOL = 1024
 NEGATIVE_SEED = 2468  # negative_prompts: dualguide eval --negative-prompts
+TUNING_NEGATIVE_SEED = 8642  # tuning_negative_prompts: what training.evaluate_nag chooses NAG's settings on
 
 Labels = Dict[str, str]
 DropoutRates = Union[float, Mapping[str, float]]  # one rate for every attribute, or a rate per attribute
@@ -249,19 +250,29 @@ def negative_text(attribute: str, value: str) -> str:
     return caption({attribute: value})
 
 
-def negative_prompts(count: int, seed: int = NEGATIVE_SEED) -> List[Tuple[str, str]]:
+def negative_prompts(count: int, seed: int = NEGATIVE_SEED, exclude: Sequence[str] = ()) -> List[Tuple[str, str]]:
     """``count`` (at most ``MAX_NEGATIVE_PROMPTS``) distinct ``(prompt, negative)`` pairs: the prompt leaves one attribute open (colour, shape,
     background in turn) and names the others; the negative names one value of the open attribute, one the scene
-    could show (a colour other than the named background, a background other than the named colour)."""
+    could show (a colour other than the named background, a background other than the named colour). No prompt
+    is in ``exclude``."""
     rng = np.random.default_rng(seed)
     pairs: Dict[str, str] = {}
+    skip = set(exclude)
     while len(pairs) < count:
         attribute = OPEN_ATTRIBUTES[len(pairs) % len(OPEN_ATTRIBUTES)]
         labels = {**random_labels(rng), attribute: ""}
         named = (labels["color"], labels["background"])
         value = str(rng.choice(SHAPES if attribute == "shape" else [c for c in COLORS if c not in named]))
-        pairs.setdefault(caption(labels), negative_text(attribute, value))
+        if caption(labels) not in skip:
+            pairs.setdefault(caption(labels), negative_text(attribute, value))
     return list(pairs.items())
+
+
+def tuning_negative_prompts(count: int = 48) -> List[Tuple[str, str]]:
+    """Held-out ``(prompt, negative)`` pairs for choosing NAG's settings (``recommended.json``): no prompt is among
+    the first ``HELD_OUT_POOL`` of ``negative_prompts``, which ``dualguide eval --negative-prompts`` measures."""
+    held_out = [prompt for prompt, _ in negative_prompts(HELD_OUT_POOL)]
+    return negative_prompts(count, TUNING_NEGATIVE_SEED, exclude=held_out)
 
 
 MAX_NEGATIVE_PROMPTS = len(OPEN_ATTRIBUTES) * min(_distinct_with_open(name) for name in OPEN_ATTRIBUTES)

@@ -234,7 +234,7 @@ def _mode_run(parser: GenerateParser, label: str, terms: Tuple[str, ...], contro
         "cfg": float(settings.get(cfg_argument(settings), 5.0)) > 1.0,
         "tpg": float(settings.get("tpg_scale", 3.0)) > 0.0,
         "pag": float(settings.get("pag_scale") or 0.0) > 0.0,
-        "nag": float(settings.get("nag_scale", 1.0) or 1.0) > 1.0,
+        "nag": bool(settings.get("do_nag", float(settings.get("nag_scale", 1.0) or 1.0) > 1.0)),
     }
     extra: Dict[str, object] = {}
     for term in TERMS:
