@@ -170,7 +170,7 @@ def test_tpg_row_equals_a_hook_free_permuted_reference(components):
 def test_shared_prefix_rows_equal_the_unshared_call(pipe):
     """TPG and PAG rows run as the cond row until their first perturbed block, single blocks included (whose guided
     attention learns the text length at the block, not at the join, where the rows may be narrowed)."""
-    options = dict(tpg_applied_layers_index="s3", pag_scale=2.0, pag_applied_layers_index="s7")
+    options = dict(tpg_scale=3.0, tpg_applied_layers_index="s3", pag_scale=2.0, pag_applied_layers_index="s7")
     transformer = pipe.transformer
     with rows_seen(transformer.transformer_blocks[0].norm1) as first, rows_seen(transformer.single_transformer_blocks[5].norm) as fifth:
         shared = latents(pipe, **options)
@@ -181,8 +181,8 @@ def test_shared_prefix_rows_equal_the_unshared_call(pipe):
 def test_every_mode_is_one_transformer_call_per_step(pipe):
     modes = {
         "tpg": (dict(tpg_scale=3.0), 2),
-        "cfg + tpg on double and single blocks": (dict(guidance_scale=4.0, tpg_applied_layers_index="j5,s3", **negative()), 3),
-        "cfg + tpg + pag + nag": (dict(guidance_scale=4.0, pag_scale=2.0, nag_scale=5.0, **negative()), 4),
+        "cfg + tpg on double and single blocks": (dict(guidance_scale=4.0, tpg_scale=3.0, tpg_applied_layers_index="j5,s3", **negative()), 3),
+        "cfg + tpg + pag + nag": (dict(guidance_scale=4.0, tpg_scale=3.0, pag_scale=2.0, nag_scale=5.0, **negative()), 4),
     }
     plain = latents(pipe, tpg_scale=0.0)
     before = dict(pipe.transformer.attn_processors)

@@ -60,7 +60,7 @@ def test_packing_round_trips_and_ids_follow_diffusers():
 
 
 def test_terms_off_equal_diffusers(components):
-    ours = latents(FluxTPGPipeline(**components), tpg_scale=0.0)
+    ours = latents(FluxTPGPipeline(**components))  # TPG, experimental on Flux, is off by default
     assert (ours - latents(FluxPipeline(**components))).abs().max() <= 1e-4
 
 
@@ -113,7 +113,7 @@ def test_every_mode_is_one_transformer_call_per_step(dev_components):
         "nag": (dict(tpg_scale=0.0, nag_scale=5.0, **nag_negative()), 1),
         "true cfg + nag": (dict(tpg_scale=0.0, true_cfg_scale=3.0, nag_scale=5.0, **negative(), **nag_negative()), 2),
         "tpg": (dict(tpg_scale=3.0), 2),
-        "true cfg + tpg + pag + nag": (dict(true_cfg_scale=3.0, pag_scale=2.0, nag_scale=5.0, **negative(), **nag_negative()), 4),
+        "true cfg + tpg + pag + nag": (dict(true_cfg_scale=3.0, tpg_scale=3.0, pag_scale=2.0, nag_scale=5.0, **negative(), **nag_negative()), 4),
     }
     before = processors(pipe.transformer)
     for name, (options, rows_per_call) in modes.items():

@@ -109,7 +109,7 @@ def test_kontext_batches_and_reference_latents_equal_diffusers(kontext_component
 
 def test_kontext_euler_equals_the_scheduler_loop_in_one_call_per_step(kontext_components):
     pipe = FluxKontextTPGPipeline(**kontext_components)
-    options = dict(true_cfg_scale=3.0, nag_scale=4.0, pag_scale=2.0, **negative(), **nag_negative())
+    options = dict(true_cfg_scale=3.0, tpg_scale=3.0, nag_scale=4.0, pag_scale=2.0, **negative(), **nag_negative())
     with rows_seen(pipe.transformer) as rows:
         scheduled = kontext(pipe, **options)
     assert rows == [4] * STEPS  # [uncond, cond, tpg, pag]
@@ -153,7 +153,7 @@ def test_kontext_reference_tokens_are_never_permuted_or_guided(kontext_component
     generated, reference = slice(0, GENERATED_TOKENS), slice(GENERATED_TOKENS, GENERATED_TOKENS + REFERENCE_TOKENS)
     with FirstBlock(pipe.transformer) as plain:
         kontext(pipe, tpg_scale=0.0, num_inference_steps=1)
-    options = dict(tpg_applied_layers_index="j0", pag_scale=2.0, pag_applied_layers_index="j0", nag_scale=5.0, **nag_negative())
+    options = dict(tpg_scale=3.0, tpg_applied_layers_index="j0", pag_scale=2.0, pag_applied_layers_index="j0", nag_scale=5.0, **nag_negative())
     with FirstBlock(pipe.transformer) as guided:
         kontext(pipe, num_inference_steps=1, **options)
     (plain_in,), (plain_out,), (guided_in,), (guided_out,) = plain.inputs, plain.outputs, guided.inputs, guided.outputs
@@ -168,7 +168,7 @@ def test_kontext_reference_tokens_are_never_permuted_or_guided(kontext_component
     single = []  # a single-stream block's norm: the 16 text tokens, then the generated and the reference image tokens
     handle = pipe.transformer.single_transformer_blocks[0].norm.register_forward_pre_hook(lambda _m, args: single.append(args[0].clone()))
     try:
-        kontext(pipe, tpg_applied_layers_index="s0", num_inference_steps=1)
+        kontext(pipe, tpg_scale=3.0, tpg_applied_layers_index="s0", num_inference_steps=1)
     finally:
         handle.remove()
     cond_and_tpg = single[0][:, 16:]

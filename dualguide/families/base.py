@@ -39,6 +39,7 @@ class ModelFamily(ABC):
     name: str  # short name ("sdxl", "sd", "sd3")
     title: str  # how messages and the README name it
     default_tpg_layers: str
+    default_tpg_scale: float = 3.0  # the pipelines' tpg_scale default (0: TPG off unless asked for)
     default_pag_layers: str
     # How NAG's negative enters: False, fixed K/V of the negative text in every cross-attention (computed once per
     # run, UNets); True, extra text-stream rows, one per guided row, appended by ``call`` (MMDiT joint attention).

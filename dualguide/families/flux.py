@@ -74,6 +74,9 @@ class FluxFamily(ModelFamily):
     title = "Flux.1"
     default_tpg_layers = DEFAULT_LAYERS["flux"]["tpg"]  # "j5-j18"
     default_pag_layers = DEFAULT_LAYERS["flux"]["pag"]  # "j7-j9,s7-s9"
+    # TPG is experimental on Flux: off unless asked for, so that a call written for diffusers' or the official NAG
+    # Flux pipeline makes the same image.
+    default_tpg_scale = 0.0
     nag_negative_rows = True
     pooled_nag_negative = True
 

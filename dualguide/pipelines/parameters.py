@@ -44,7 +44,7 @@ def with_absent(args: Dict[str, Any]) -> Dict[str, Any]:
 def guidance_parameters(family: ModelFamily) -> List[inspect.Parameter]:
     """The guidance, interval, sampler and long-prompt parameters, with ``family``'s default layers."""
     specs = [
-        ("tpg_scale", float, 3.0),
+        ("tpg_scale", float, family.default_tpg_scale),
         ("tpg_applied_layers_index", LayerSpec, family.default_tpg_layers),
         ("pag_scale", Optional[float], None),
         ("pag_adaptive_scale", float, 0.0),
@@ -76,7 +76,7 @@ def guidance_parameters(family: ModelFamily) -> List[inspect.Parameter]:
 
 
 GUIDANCE_DOC = """
-        Dual guidance: ``tpg_scale`` (3.0; 0 turns TPG off) on ``tpg_applied_layers_index`` ({tpg}),
+        Dual guidance: ``tpg_scale`` ({tpg_scale:g}; 0 turns TPG off) on ``tpg_applied_layers_index`` ({tpg}),
         ``pag_scale`` (0, or 3.0 after ``apply_softpag``; ``pag_adaptive_scale`` lowers it by that much per
         timestep below 1000, as diffusers' PAG pipelines) on ``pag_applied_layers_index`` ({pag}), and NAG
         with ``do_nag`` and ``nag_scale`` (3.0), ``nag_tau`` (2.5), ``nag_alpha`` (0.5), ``nag_use_l1``
@@ -134,7 +134,7 @@ def guided_call(
     __call__.__signature__ = guided_signature(parent.__call__, family, defaults)
     __call__.__doc__ = (
         f"{summary}\n\n        The arguments of ``{parent.__name__}`` mean what they mean there.\n"
-        + GUIDANCE_DOC.format(tpg=repr(family.default_tpg_layers), pag=repr(family.default_pag_layers))
+        + GUIDANCE_DOC.format(tpg_scale=family.default_tpg_scale, tpg=repr(family.default_tpg_layers), pag=repr(family.default_pag_layers))
     )
     checked = checked_call(lambda pipe, args: check(pipe, with_absent(args)))(torch.no_grad()(__call__))
     return one_call_per_scheduler(with_pipeline_defaults(checked))
