@@ -56,6 +56,7 @@ _EXPORTS = {
     "StableDiffusionControlNetTPGInpaintPipeline": "pipelines",
     "TokenPerturbationGuidance": "guiders",
     "NormalizedAttentionGuidance": "guiders",
+    "DualGuidance": "guiders",
     "ModelFamily": "families",
     "family_of": "families",
     "family_named": "families",

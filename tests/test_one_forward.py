@@ -9,7 +9,7 @@ from diffusers.guiders import ClassifierFreeGuidance, AdaptiveProjectedGuidance
 from diffusers.modular_pipelines import StableDiffusion3AutoBlocks, StableDiffusionXLAutoBlocks
 
 from dualguide.callstate import current_call
-from dualguide.guiders import NormalizedAttentionGuidance, TokenPerturbationGuidance, one_forward
+from dualguide.guiders import DualGuidance, NormalizedAttentionGuidance, TokenPerturbationGuidance, one_forward
 from dualguide.hooks import installed_count
 
 PROMPT = "a red circle"
@@ -163,4 +163,58 @@ def test_sd3_nag_one_forward_equals_pipeline(sd3, guidance_scale):
     without = run_sd3(packed, ClassifierFreeGuidance(guidance_scale=guidance_scale), embeds)
     assert (latents - without).abs().max() > 1e-2
     with pytest.raises(ValueError, match="one_forward"):  # the per-branch loop refuses SD3's NAG, naming the way
+        run_sd3(denoise, guider, embeds)
+
+
+def test_sdxl_cfg_tpg_nag(modular, packed, pipe, unet, negative, tmp_path):
+    """DualGuidance (CFG + TPG + NAG): per branch, NAG inside the cond and the TPG branch's calls; equals
+    StableDiffusionXLTPGPipeline's CFG + TPG + NAG, and one_forward equals it in one call per step."""
+    from dualguide.pipelines.guided import seeds_from
+
+    drawn = generator(0)
+    torch.randn((1, unet.config.in_channels, SIZE // 2, SIZE // 2), generator=drawn)  # the pipeline's initial noise first
+    settings = dict(guidance_scale=5.0, tpg_scale=3.0, nag_scale=4.0, guidance_rescale=0.7)
+    guider = DualGuidance(**settings, seed=seeds_from(drawn), nag_negative_prompt_embeds=negative)
+    with rows_seen(unet) as per_branch:
+        expected = run(modular, guider)
+    with rows_seen(unet) as one_call:
+        latents = run(packed, guider)
+    assert per_branch == [1] * 3 * STEPS and one_call == [3] * STEPS
+    assert (latents - expected).abs().max() <= 1e-4
+    assert not any(installed_count(m) for m in unet.modules()) and current_call() is None
+    reference = dict(prompt=PROMPT, num_inference_steps=STEPS, height=SIZE, width=SIZE, output_type="latent")
+    project = pipe(**reference, **settings, do_nag=True, nag_negative_prompt_embeds=negative, generator=generator(0)).images
+    assert (expected - project).abs().max() <= 1e-4
+    assert (latents - run(packed, TokenPerturbationGuidance(guidance_scale=5.0, tpg_scale=3.0, guidance_rescale=0.7, seed=guider.seed))).abs().max() > 1e-2
+    guider.save_pretrained(tmp_path)
+    loaded = DualGuidance.from_pretrained(tmp_path, nag_negative_prompt_embeds=negative)
+    assert {name: loaded.config[name] for name in settings} == settings and "nag_negative_prompt_embeds" not in loaded.config
+    assert loaded.nag_negative_prompt_embeds is negative and loaded.nag_guidance.nag_scale == 4.0 and loaded.new().config == loaded.config
+
+
+def test_dual_guidance_bad_negative_refused_before_any_backbone_call(packed, modular, unet):
+    for pipeline in (modular, packed):
+        with rows_seen(unet) as rows, pytest.raises(ValueError, match="nag_negative_prompt_embeds"):
+            run(pipeline, DualGuidance(nag_negative_prompt_embeds=torch.zeros(2, 77, 64)))
+        assert rows == []
+
+
+def test_sd3_cfg_tpg_nag_one_forward_equals_pipeline(sd3):
+    """DualGuidance on SD3 through one_forward (the per-branch loop refuses SD3's NAG): equals
+    StableDiffusion3TPGPipeline with CFG + TPG + NAG, one transformer call per step."""
+    from dualguide.pipelines.guided import seeds_from
+
+    transformer, pipe, embeds, denoise = sd3
+    drawn = generator(0)
+    torch.randn((1, transformer.config.in_channels, SIZE // 2, SIZE // 2), generator=drawn)  # the pipeline's initial noise first
+    nag_negative = torch.randn(1, *embeds["prompt_embeds"].shape[1:], generator=generator(7))
+    settings = dict(guidance_scale=5.0, tpg_scale=3.0, nag_scale=4.0, nag_tau=2.0, nag_alpha=0.25)
+    guider = DualGuidance(**settings, seed=seeds_from(drawn), nag_negative_prompt_embeds=nag_negative)
+    with rows_seen(transformer) as rows:
+        latents = run_sd3(one_forward(denoise), guider, embeds)
+    assert rows == [3] * STEPS
+    expected = pipe(**embeds, num_inference_steps=STEPS, height=SIZE, width=SIZE, generator=generator(0), output_type="latent",
+                    do_nag=True, nag_negative_prompt_embeds=nag_negative, max_sequence_length=16, **settings).images  # fmt: skip
+    assert (latents - expected).abs().max() <= 1e-4
+    with pytest.raises(ValueError, match="one_forward"):
         run_sd3(denoise, guider, embeds)

@@ -27,6 +27,7 @@ from ..conditioning import Conditioning
 from ..config import CFG, FAMILY_DEFAULT, NAG, TPG
 from ..denoiser import GuidedDenoiser
 from ..schedule import model_schedule
+from .dual import DualGuidance
 from .nag import NormalizedAttentionGuidance
 from .tpg import TokenPerturbationGuidance
 
@@ -34,14 +35,14 @@ RUN = "dualguide_denoiser"  # the block state's attribute that holds the run's G
 
 
 def guider_terms(guider) -> Tuple[CFG, TPG, NAG, object, Optional[Tensor]]:
-    """``(cfg, tpg, nag, seed, nag_negative)`` of a guider, as the project's terms; its start/stop fractions become the
-    terms' intervals (the same steps: ``int(start n) <= i < int(stop n)``). ``TypeError`` for a guider with no such
+    """``(cfg, tpg, nag, seed, nag_negative)`` of a guider (``DualGuidance``: its TPG and its NAG part), as the
+    project's terms; its start/stop fractions become the terms' intervals (the same steps: ``int(start n) <= i < int(stop n)``). ``TypeError`` for a guider with no such
     terms, ``ValueError`` for diffusers' CFG in its original formulation."""
     kinds = (ClassifierFreeGuidance, TokenPerturbationGuidance, NormalizedAttentionGuidance)
     if not isinstance(guider, kinds):
         raise TypeError(
-            f"one_forward runs a guider of the project's terms: ClassifierFreeGuidance, TokenPerturbationGuidance or "
-            f"NormalizedAttentionGuidance; the pipeline's guider is a {type(guider).__name__}"
+            f"one_forward runs a guider of the project's terms: ClassifierFreeGuidance, TokenPerturbationGuidance, "
+            f"NormalizedAttentionGuidance or DualGuidance; the pipeline's guider is a {type(guider).__name__}"
         )
     if getattr(guider, "use_original_formulation", False):
         raise ValueError("one_forward: ClassifierFreeGuidance(use_original_formulation=True) has no one-call form; set it to False")
@@ -52,10 +53,11 @@ def guider_terms(guider) -> Tuple[CFG, TPG, NAG, object, Optional[Tensor]]:
         layers = FAMILY_DEFAULT if guider.tpg_layers is None else guider.tpg_layers
         tpg = TPG(scale=guider.tpg_scale if on else 0.0, layers=layers, interval=(guider.tpg_start, guider.tpg_stop))
         seed = guider.seed
-    if isinstance(guider, NormalizedAttentionGuidance):
-        nag = NAG(scale=guider.nag_scale if on else 1.0, tau=guider.nag_tau, alpha=guider.nag_alpha, use_l1=guider.nag_use_l1,
-                  interval=(guider.nag_start, guider.nag_stop))  # fmt: skip
-        negative = guider.nag_negative_prompt_embeds
+    part = guider.nag_guidance if isinstance(guider, DualGuidance) else guider
+    if isinstance(part, NormalizedAttentionGuidance):
+        nag = NAG(scale=part.nag_scale if on else 1.0, tau=part.nag_tau, alpha=part.nag_alpha, use_l1=part.nag_use_l1,
+                  interval=(part.nag_start, part.nag_stop))  # fmt: skip
+        negative = part.nag_negative_prompt_embeds
     return cfg, tpg, nag, seed, negative
 
 

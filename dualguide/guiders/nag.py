@@ -24,7 +24,23 @@ from .branches import BranchGuidance, check_window, in_window
 NEGATIVE = "nag_negative_prompt_embeds"
 
 
-class NormalizedAttentionGuidance(BranchGuidance):
+class RuntimeNegative:
+    """``from_config`` / ``from_pretrained`` and ``new`` of a guider whose NAG negative is a runtime tensor, not config."""
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' ``from_config`` (and so ``from_pretrained``), taking ``nag_negative_prompt_embeds`` too."""
+        negative = kwargs.pop(NEGATIVE, None)
+        loaded = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        (loaded[0] if return_unused_kwargs else loaded).nag_negative_prompt_embeds = negative
+        return loaded
+
+    def new(self, **kwargs):
+        """A copy with the same config and negative (or those given)."""
+        return super().new(**{NEGATIVE: self.nag_negative_prompt_embeds, **kwargs})
+
+
+class NormalizedAttentionGuidance(RuntimeNegative, BranchGuidance):
     """Classifier-free guidance plus Normalized Attention Guidance (arXiv 2505.21179) for diffusers' modular pipelines.
 
     In every cross-attention of the cond branch's backbone call, ``Z = alpha Zt + (1 - alpha) Z+`` with
@@ -72,18 +88,6 @@ class NormalizedAttentionGuidance(BranchGuidance):
         self._sites = HookSites()
         self._call: Optional[NAGCall] = None  # the negative's K/V in every cross-attention of the bound model
         self.nag_negative_prompt_embeds = nag_negative_prompt_embeds
-
-    @classmethod
-    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-        """diffusers' ``from_config`` (and so ``from_pretrained``), taking ``nag_negative_prompt_embeds`` too."""
-        negative = kwargs.pop(NEGATIVE, None)
-        loaded = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
-        (loaded[0] if return_unused_kwargs else loaded).nag_negative_prompt_embeds = negative
-        return loaded
-
-    def new(self, **kwargs):
-        """A copy with the same config and negative (or those given)."""
-        return super().new(**{NEGATIVE: self.nag_negative_prompt_embeds, **kwargs})
 
     @property
     def nag_negative_prompt_embeds(self) -> Optional[Tensor]:
