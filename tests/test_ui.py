@@ -34,6 +34,7 @@ CHROMIUM_ARGS = [
 PROMPT = "a yellow star on a purple background"
 SETTINGS = recommended_settings(EMBEDDED)
 CFG, TPG = f"{SETTINGS['guidance_scale']:g}", f"{SETTINGS['tpg_scale']:g}"
+NAG = f"{SETTINGS['nag_scale']:g}"  # the model's tuned scale, NAG off unless a mode turns it on
 DUALGUIDE = [sys.executable, "-c", "import sys; from dualguide.cli import main; sys.exit(main(sys.argv[1:]))"]
 TIMEOUT_MS = 240_000  # one run on two busy CPU cores
 
@@ -48,7 +49,7 @@ def test_each_mode_is_one_generate_command_with_its_pipeline_arguments():
     assert [run.label for run in runs] == list(ui_settings.DEFAULT_MODES)
     flags = {
         "none": ["--cfg", "1", "--tpg", "0"], "CFG": ["--cfg", CFG, "--tpg", "0"], "CFG+TPG": ["--cfg", CFG, "--tpg", TPG],
-        "CFG+NAG": ["--cfg", CFG, "--tpg", "0", "--nag", "3"], "CFG+TPG+NAG": ["--cfg", CFG, "--tpg", TPG, "--nag", "3"],
+        "CFG+NAG": ["--cfg", CFG, "--tpg", "0", "--nag", NAG], "CFG+TPG+NAG": ["--cfg", CFG, "--tpg", TPG, "--nag", NAG],
     }  # fmt: skip
     for run in runs:
         assert run.argv == ["generate", "--seed", "7", "--steps", "3", *flags[run.label], "--", controls.prompt]
@@ -206,7 +207,7 @@ def assert_same_image(ui_png, command_png):
     assert json.loads(ui_png.text["parameters"]) == json.loads(command_png.text["parameters"])
 
 
-def mode_flags(mode, cfg=CFG, nag="3"):
+def mode_flags(mode, cfg=CFG, nag=NAG):
     terms = ui_settings.MODES[mode]
     flags = ["--cfg", cfg if "cfg" in terms else "1", "--tpg", TPG if "tpg" in terms else "0"]
     return flags + (["--nag", nag] if "nag" in terms else [])
