@@ -80,7 +80,7 @@ class DualGuidance(RuntimeNegative, TokenPerturbationGuidance):
         super().bind(model)
         self.nag_guidance.bind(model)
         if self._both is None or self._both[0] is not model:
-            self._both = (model, family_of(model).hook_plan(model, self._tpg_blocks, (), self.nag_guidance._attns))
+            self._both = (model, family_of(model).hook_plan(model, self._tpg_blocks, (), self.nag_guidance.attentions))
 
     def branch_call(self, name: str) -> Optional[Tuple[HookSites, Callable[[Tensor], GuidedCall]]]:
         nag = self.nag_guidance.branch_call("pred_cond")  # None while NAG is off at this step
@@ -91,6 +91,6 @@ class DualGuidance(RuntimeNegative, TokenPerturbationGuidance):
 
         def both(latents: Tensor) -> GuidedCall:
             tpg = self._tpg_call(latents)
-            return GuidedCall(tpg.rows, tpg=tpg.tpg, nag=self.nag_guidance._nag_call(latents).nag)
+            return GuidedCall(tpg.rows, tpg=tpg.tpg, nag=self.nag_guidance.nag_call(latents).nag)
 
         return self._both[1], both

@@ -150,9 +150,14 @@ class NormalizedAttentionGuidance(RuntimeNegative, BranchGuidance):
             self._call = NAGCall(attns, settings.scale, settings.tau, settings.alpha, settings.use_l1, negative, cache)
 
     def branch_call(self, name: str) -> Optional[Tuple[HookSites, Callable[[Tensor], GuidedCall]]]:
-        return (self._sites, self._nag_call) if name == "pred_cond" and self._nag_enabled() else None
+        return (self._sites, self.nag_call) if name == "pred_cond" and self._nag_enabled() else None
 
-    def _nag_call(self, latents: Tensor) -> GuidedCall:
+    @property
+    def attentions(self) -> FrozenSet[nn.Module]:
+        """The cross-attentions NAG extrapolates on the bound backbone (empty before ``bind``)."""
+        return self._attns
+
+    def nag_call(self, latents: Tensor) -> GuidedCall:
         """The cond branch's call: all its rows are guided rows, with the run's negative K/V."""
         rows = latents.shape[0]
         if rows != self._call.negative.shape[0]:
