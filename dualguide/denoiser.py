@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -451,6 +451,15 @@ class GuidedDenoiser:
             )  # fmt: skip
         return outputs
 
+    def _cache_context(self, call_rows: CallRows, nag: bool):
+        """The cache context of diffusers' cache hooks (``enable_cache``: FirstBlockCache, TaylorSeer...), which keep their
+        state per context as diffusers' pipelines open one around each denoiser call: here one per row layout of a call,
+        so that a cache never mixes layouts (a step's branches change with the terms' intervals). None without a cache."""
+        if not getattr(self.unet, "is_cache_enabled", False):
+            return nullcontext()
+        layout = ",".join(f"{branch}{rows.start}:{rows.stop}" for branch, rows in call_rows.slices.items())
+        return self.unet.cache_context(f"dualguide:{layout}{'+nag' if nag else ''}")
+
     def _backbone_calls(self, calls, branches, permutations, model_input, timesteps, stacked, negative, timestep_cond, residuals) -> Tensor:
         """The backbone output of the step's rows over ``calls`` (``plan_calls``)."""
         batch = model_input.shape[0] // len(branches)
@@ -460,7 +469,7 @@ class GuidedDenoiser:
                 call = self._guided_call(call_rows, permutations, self._call_nag(negative, rows, call_rows.guided))
                 if len(calls) == 1:  # shared prefix rows need every row of the step in the call
                     call = self._shared(call, branches, batch, model_input.device)
-                with guided_call(call):
+                with guided_call(call), self._cache_context(call_rows, call.nag is not None):
                     outputs.append(
                         self.family.call(
                             self.unet, model_input[rows], timesteps[rows], stacked.select(rows),

@@ -90,6 +90,21 @@ def test_negative_embeds_of_another_length_refused_with_true_cfg_ignored_without
     assert (latents(pipe, tpg_scale=0.0, true_cfg_scale=1.0, **shorter) - latents(pipe, tpg_scale=0.0)).abs().max() == 0
 
 
+def test_diffusers_cache_hooks_run_as_in_diffusers(dev_components):
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe, reference = FluxTPGPipeline(**dev_components), FluxPipeline(**dev_components)
+    plain = latents(reference, num_inference_steps=4)
+    pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.8))  # the components share the transformer
+    try:
+        ours = latents(pipe, tpg_scale=0.0, num_inference_steps=4)  # needs a cache context around each call
+        theirs = latents(reference, num_inference_steps=4)
+    finally:
+        pipe.transformer.disable_cache()
+    assert (ours - theirs).abs().max() <= 1e-4
+    assert (theirs - plain).abs().max() > 1e-4  # the cache skipped blocks
+
+
 def test_step_end_callback_changing_guidance_scale_is_ignored_as_in_diffusers(dev_components):
     def raise_scale(pipe, step, timestep, tensors):
         pipe._guidance_scale += 1.0  # diffusers' Flux embeds guidance_scale once per run
