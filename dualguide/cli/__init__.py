@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import warnings
-from typing import Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence
 
 from ..generation.errors import UsageError, describe_error, one_line
 from ..options import ArgumentParser
@@ -20,6 +23,27 @@ from . import batch, compare, evaluate, generate, samplers, ui
 
 DEBUG_VARIABLE = "DUALGUIDE_DEBUG"  # =1: tracebacks and library warnings instead of one line
 SUBCOMMANDS = {"generate": generate, "compare": compare, "batch": batch, "eval": evaluate, "ui": ui, "samplers": samplers}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds (partial files removed, lock freed) as for Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises ``Terminated`` while the command runs (only the main thread can set a handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the command; every failure is one line on stderr and status 2 (usage) or 1 (runtime), 130 if interrupted.
+    """Run the command; every failure is one line on stderr and status 2 (usage) or 1 (runtime), 130 if interrupted
+    (SIGINT), 143 if terminated (SIGTERM). Either signal leaves only whole files: a ``batch`` rerun finishes the job.
 
     Set ``DUALGUIDE_DEBUG=1`` to see the traceback of a runtime error and the libraries' warnings.
     """
@@ -44,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error, already printed as one line (2)
         return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _sigterm_unwinds():
         if not debug:
             warnings.simplefilter("ignore")  # libraries' deprecation notes would break the one-line rule
         try:
@@ -52,9 +77,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except UsageError as error:
             print(f"dualguide: error: {one_line(str(error))}", file=sys.stderr)
             return 2
+        except Terminated:
+            print("dualguide: terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
         except KeyboardInterrupt:
             print("dualguide: interrupted", file=sys.stderr)
-            return 130
+            return 128 + signal.SIGINT
         except Exception as error:
             if debug:
                 raise

@@ -7,8 +7,10 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import tempfile
-from typing import TYPE_CHECKING, Dict, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Dict, Iterator, Sequence
 
 from .errors import UsageError
 
@@ -42,31 +44,43 @@ def check_output_folder(out: str) -> None:
         raise UsageError(f"--out {out}: cannot write in {existing} ({reason})") from None
 
 
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block has ended, then act: a file is never left half-written or unrenamed."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def save_png(image: "Image.Image", path: str, metadata: Dict[str, object]) -> None:
     """Write ``image`` atomically with the settings in a ``parameters`` text chunk.
 
     The PNG goes to a uniquely named temporary file in the same folder, then is renamed over ``path``,
     so readers and concurrent runs never see a half-written file; on any failure the temporary file
-    is removed and ``path`` is left as it was.
+    is removed and ``path`` is left as it was. A signal waits until the PNG is in place (``signals_held``).
     """
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     info.add_text("parameters", json.dumps(metadata, default=str))
     folder, name = os.path.split(os.path.abspath(path))
-    while True:  # O_EXCL: the name is ours alone; mode 0o666 so the umask applies as for any new file
-        temporary = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+    with signals_held():
+        while True:  # O_EXCL: the name is ours alone; mode 0o666 so the umask applies as for any new file
+            temporary = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.partial")
+            try:
+                os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                break
+            except FileExistsError:
+                continue
         try:
-            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            break
-        except FileExistsError:
-            continue
-    try:
-        image.save(temporary, format="PNG", pnginfo=info)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+            image.save(temporary, format="PNG", pnginfo=info)
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
 
 
 SLUG_CHARACTERS, SLUG_BYTES = 60, 120  # a file name from a prompt stays far below the 255-byte limit of file systems

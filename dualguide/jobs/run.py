@@ -14,6 +14,7 @@ import shutil
 import time
 from typing import Callable, Dict, List, Sequence
 
+from ..generation.images import signals_held
 from .manifest import Manifest
 from .plan import ImageJob, image_calls
 
@@ -86,15 +87,16 @@ def _make(
         seconds = (time.perf_counter() - started) / len(call)
         for job, image in zip(call, images):
             begun = time.perf_counter()
-            try:
-                _write(job, image, manifest, save)
-            except Exception as error:  # noqa: BLE001
-                if out_of_space(error):
-                    raise
-                manifest.record_failure(job, describe(error))
-                failed.append(job)
-                continue
-            manifest.record(job, seconds + time.perf_counter() - begun)
+            with signals_held():  # SIGINT / SIGTERM wait: an image has its PNG and its manifest line, or neither
+                try:
+                    _write(job, image, manifest, save)
+                except Exception as error:  # noqa: BLE001
+                    if out_of_space(error):
+                        raise
+                    manifest.record_failure(job, describe(error))
+                    failed.append(job)
+                    continue
+                manifest.record(job, seconds + time.perf_counter() - begun)
             _remove_replaced(job, manifest)
     return failed
 
