@@ -6,6 +6,7 @@ import argparse
 import os
 
 from ..generation import images
+from ..generation.progress import StepProgress, planned_steps
 from ..generation.run import generate_images, prepare
 from ..generation.settings import compare_modes, panel_count
 from ..generation.tasks import task_metadata
@@ -30,8 +31,9 @@ def run(args: argparse.Namespace) -> int:
     nag_alone = bool(args.nag_negative)
     prepared = prepare(vars(args), images=len(args.prompt) * panel_count(args.with_pag, nag_alone), seeds=1)
     modes = compare_modes(prepared.kwargs, args.with_pag, nag_alone)
-    rows = [[generate_images(prepared.pipe, prompt, [args.seed], arguments, prepared.task)[0] for _, arguments in modes]
-            for prompt in args.prompt]  # fmt: skip
+    with StepProgress(len(args.prompt) * len(modes), planned_steps(prepared.pipe, prepared.kwargs)) as progress:
+        rows = [[generate_images(prepared.pipe, prompt, [args.seed], arguments, prepared.task, progress, f"{label}: {prompt[:30]}")[0]
+                 for label, arguments in modes] for prompt in args.prompt]  # fmt: skip
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"compare_s{args.seed}_{images.grid_name(args.prompt)}.png")
     replaced = os.path.exists(path)

@@ -6,7 +6,9 @@
 - ``tasks``     img2img / inpainting / ControlNet inputs read from files, the task's pipeline and arguments
 - ``limits``    upper bounds on size, steps and image counts, checked before any load
 - ``run``       check and load (``prepare``), then a prompt's images (``generate_images``)
-- ``images``    atomic PNGs with their settings, file names, labelled grids, the output-folder check
+- ``images``    atomic PNGs with their settings (signals held while one is written), file names, labelled grids,
+                the output-folder check
+- ``progress``  one terminal progress bar over a run's images x steps (``StepProgress``)
 
 Nothing here knows argparse, gradio or a run folder's layout. Importing this package does not import torch.
 """

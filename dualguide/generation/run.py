@@ -3,7 +3,6 @@ images from per-image seeds."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -11,6 +10,7 @@ from . import models
 from .errors import UsageError, one_line
 from .images import check_output_folder
 from .limits import Limits, check_counts, check_settings
+from .progress import StepProgress
 from .settings import call_arguments, check_names, check_seeds, generators
 from .tasks import Task, TaskError, read_task, task_arguments, task_pipeline
 
@@ -58,15 +58,21 @@ def prepare(options: Mapping[str, object], images: int = 1, per_call: int = 1, c
         raise UsageError(str(error)) from None
 
 
-def generate_images(pipe, prompt: str, seeds: Sequence[int], kwargs: Dict[str, object], task: Task) -> List[object]:
-    """The images of ``prompt``, one per seed (image ``k`` from its own generator seeded ``seeds[k]``).
+def generate_images(pipe, prompt: str, seeds: Sequence[int], kwargs: Dict[str, object], task: Task,
+                    progress: Optional[StepProgress] = None, label: str = "") -> List[object]:  # fmt: skip
+    """The images of ``prompt``, one per seed (image ``k`` from its own generator seeded ``seeds[k]``), moving
+    ``progress`` (the run's one bar, showing ``label``) step by step; the pipeline's own bar stays off.
 
     A ValueError/TypeError of the pipeline (bad settings) becomes a UsageError.
     """
-    # Progress bars only on a terminal: piped or logged stderr then holds nothing but a failure's one line.
-    pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), desc=prompt[:40])
+    pipe.set_progress_bar_config(disable=True)
     arguments = task_arguments(task, kwargs, pipe)
+    if progress is not None:
+        arguments = {**arguments, **progress.call_arguments(label or prompt, len(seeds))}
     try:
-        return pipe(prompt=prompt, generator=generators(seeds), num_images_per_prompt=len(seeds), **arguments).images
+        images = pipe(prompt=prompt, generator=generators(seeds), num_images_per_prompt=len(seeds), **arguments).images
     except (ValueError, TypeError) as error:
         raise UsageError(one_line(str(error))) from None
+    if progress is not None:
+        progress.call_done()
+    return images
