@@ -1,4 +1,4 @@
-"""``generate`` and ``compare`` on the embedded model: one bar over all images x steps on a terminal, naming the
+"""``compare`` on the embedded model (``generate`` goes the same way): one bar over all images x steps on a terminal, naming the
 image and mode under way; nothing but the result line when stderr is a pipe (no per-call diffusers bars either)."""
 
 import fcntl
@@ -43,10 +43,8 @@ def test_compare_shows_one_bar_over_every_panel_and_step_on_a_terminal(tmp_path)
     assert "| 20/20 " in shown and "CFG+TPG+NAG: a blue square" in shown and "no guidance: a red circle" in shown
 
 
-def test_generate_and_compare_print_only_their_result_lines_on_a_pipe(tmp_path, capsys):
-    assert cli.main(["generate", "a red circle", "--n", "2", *TINY, "--out", str(tmp_path)]) == 0
+def test_compare_prints_only_its_result_line_on_a_pipe(tmp_path, capsys):
+    """(``generate`` on a pipe: test_interrupts' SIGINT test finds its stderr to be exactly the one line.)"""
     assert cli.main(["compare", "a red circle", *TINY, "--out", str(tmp_path)]) == 0
     captured = capsys.readouterr()
-    assert captured.err == ""
-    lines = captured.out.splitlines()
-    assert len(lines) == 2 and lines[0].startswith("wrote 2 image(s) to ") and lines[1].startswith("wrote the comparison grid ")
+    assert captured.err == "" and captured.out.startswith("wrote the comparison grid ") and captured.out.count("\n") == 1
