@@ -1,4 +1,4 @@
-"""diffusers' own fast tests of Flux and Chroma, run out of tree against diffusers' pipeline and against ours.
+"""diffusers' own fast tests of Flux, Chroma and SDXL-PAG, run out of tree against diffusers' pipeline and against ours.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/parity/diffusers_fast_tests.py /work/.mirror/huggingface+diffusers/repo \\
         [--files flux/test_pipeline_flux.py ...] [-k EXPR] [--keep]
@@ -43,6 +43,7 @@ SWAPS: Dict[str, Dict[str, str]] = {
     "flux/test_pipeline_flux_img2img.py": {"FluxImg2ImgPipeline": "FluxTPGImg2ImgPipeline"},
     "flux/test_pipeline_flux_kontext.py": {"FluxKontextPipeline": "FluxKontextTPGPipeline"},
     "chroma/test_pipeline_chroma.py": {"ChromaPipeline": "ChromaTPGPipeline"},
+    "pag/test_pag_sdxl.py": {"StableDiffusionXLPAGPipeline": "StableDiffusionXLTPGPipeline"},
 }
 
 CONFTEST = '''"""Written by dualguide's benchmarks/parity/diffusers_fast_tests.py: offline stand-ins for the hub's tiny test
