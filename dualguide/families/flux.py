@@ -112,8 +112,8 @@ class FluxFamily(ModelFamily):
     def check_conditioning(self, cond: Conditioning, name: str) -> None:
         if cond.pooled_embeds is None or cond.time_ids is not None:
             raise ValueError(f"{name}: a Flux transformer takes prompt embeds and pooled_embeds in each row's Conditioning, no time_ids")
-        if cond.image_embeds is not None or cond.attention_mask is not None:
-            raise ValueError(f"{name}: IP-Adapter image embeds and attention masks are not supported on Flux yet")
+        if cond.attention_mask is not None:
+            raise ValueError(f"{name}: attention masks are not supported on Flux yet")
 
     def text_inputs(self, model: nn.Module, cond: Conditioning, timesteps: Tensor, image_tokens: int) -> Dict[str, object]:
         """The transformer's text-side keyword inputs for the rows of ``cond`` (with NAG: its extra negative rows);
@@ -132,7 +132,7 @@ class FluxFamily(ModelFamily):
 
     def call(self, model: nn.Module, sample: Tensor, timesteps: Tensor, cond: Conditioning, extras: CallExtras) -> Tensor:
         """One transformer call on packed ``sample``; with NAG, the guided rows' negative text, pooled embeds, timesteps
-        and guidance are appended to the text stream. Kontext's reference tokens follow the generated ones."""
+        and guidance are appended to the text stream; the rows' IP-Adapter image embeds go in ``joint_attention_kwargs``. Kontext's reference tokens follow the generated ones."""
         if extras.residuals is not None:
             raise ValueError("ControlNet residuals are not supported on Flux yet")
         height, width = sample.shape[-2:]
@@ -144,13 +144,16 @@ class FluxFamily(ModelFamily):
             ids = torch.cat([ids, image_ids(*reference.shape[-2:], sample.device, sample.dtype, index=1)])
         inputs = self.text_inputs(model, cond, timesteps, tokens.shape[1])
         text = inputs["encoder_hidden_states"]
+        attention_kwargs = None if extras.attention_kwargs is None else dict(extras.attention_kwargs)
+        if cond.image_embeds is not None:  # the transformer projects them for its double blocks' IP-Adapter processors
+            attention_kwargs = {**(attention_kwargs or {}), "ip_adapter_image_embeds": cond.image_embeds}
         with reference_tokens(tokens.shape[1] - generated):
             output = model(
                 hidden_states=tokens,
                 timestep=inputs.pop("timestep").to(sample.dtype) / 1000,
                 txt_ids=torch.zeros(text.shape[1], 3, device=sample.device, dtype=sample.dtype),
                 img_ids=ids,
-                joint_attention_kwargs=None if extras.attention_kwargs is None else dict(extras.attention_kwargs),
+                joint_attention_kwargs=attention_kwargs,
                 return_dict=False,
                 **inputs,
             )[0]

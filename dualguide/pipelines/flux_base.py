@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import replace
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ logger = logging.get_logger(__name__)
 
 def check_flux_call(pipe, args: Dict[str, Any]) -> Dict[str, Any]:
     """``check_pipeline_call`` with Flux's rules: NAG on when ``nag_scale > 1`` and ``do_nag`` is not given (the official
-    NAG Flux pipeline has no ``do_nag``); no IP-Adapter yet; T5's ``max_sequence_length`` at most 512; ``height`` and
+    NAG Flux pipeline has no ``do_nag``); T5's ``max_sequence_length`` at most 512; ``height`` and
     ``width`` rounded down to a multiple of ``size_multiple`` with a warning, as diffusers' Flux pipelines resize them."""
     args = dict(args)
     side = pipe.size_multiple
@@ -46,11 +46,11 @@ def check_flux_call(pipe, args: Dict[str, Any]) -> Dict[str, Any]:
             args[name] = int(value - value % side)
     if args["do_nag"] is None and args["nag_scale"] is not None and args["nag_scale"] > 1:
         args["do_nag"] = True
-    for name in ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image", "negative_ip_adapter_image_embeds"):
-        if args.get(name) is not None:
-            raise ValueError(f"{name} is not supported by the guided Flux pipelines yet; leave it None")
     check_negative_embeds_shape(pipe, args)
     return check_pipeline_call(pipe, args)
+
+
+IP_ADAPTER_INPUTS = ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image", "negative_ip_adapter_image_embeds")
 
 
 def check_negative_embeds_shape(pipe, args: Dict[str, Any]) -> None:
@@ -137,12 +137,19 @@ class FluxFamilyMixin(SD3FamilyMixin):
         return args["true_cfg_scale"] if has_negative else 1.0
 
     def guidance_terms(self, args: Dict[str, Any]):
-        """CFG at ``cfg_scale``; NAG's end by the official NAG Flux rule unless ``nag_interval`` is given."""
+        """CFG at ``cfg_scale``; NAG's end by the official NAG Flux rule unless ``nag_interval`` is given; IP-Adapter
+        inputs with PAG or NAG refused."""
         cfg, tpg, pag, nag = super().guidance_terms({**args, "guidance_scale": self.cfg_scale(args)})
         if args["nag_interval"] is None:
             defaults = {**self.family_nag_defaults, **self._nag_defaults}  # apply_nag's settings over the pipeline's
             end = args["nag_end"] if args["nag_end"] is not None else defaults.get("nag_end", 1.0)
             nag = replace(nag, interval=official_nag_interval(end))
+        given = [name for name in IP_ADAPTER_INPUTS if args.get(name) is not None]
+        if given and (pag.enabled or nag.enabled):
+            raise ValueError(
+                f"{given[0]} with {'PAG' if pag.enabled else 'NAG'} is not supported on Flux: their attention wrapper computes "
+                f"diffusers' FluxAttnProcessor, which an IP-Adapter's processor replaces; use IP-Adapter with true CFG / TPG only"
+            )
         return cfg, tpg, pag, nag
 
     def distilled_guidance(self, cond: Conditioning) -> Conditioning:
@@ -171,6 +178,22 @@ class FluxFamilyMixin(SD3FamilyMixin):
             max_sequence_length=args["max_sequence_length"],
         )  # fmt: skip
         return Conditioning(embeds, pooled)
+
+    def ip_adapter_embeds(self, args: Dict[str, Any], cfg: CFG, batch: int, device) -> Optional[Tuple[List[Tensor], Optional[List[Tensor]]]]:
+        """``FluxPipeline``'s IP-Adapter rule: positive and negative image (embeds) each, a black image standing in for
+        a side not given; the negative's only with true CFG."""
+        positive = (args["ip_adapter_image"], args["ip_adapter_image_embeds"])
+        negative = (args["negative_ip_adapter_image"], args["negative_ip_adapter_image_embeds"])
+        if all(value is None for value in (*positive, *negative)):
+            return None
+        black = [np.zeros((args["width"], args["height"], 3), dtype=np.uint8)] * self.transformer.encoder_hid_proj.num_ip_adapters
+        images = batch * args["num_images_per_prompt"]
+
+        def embeds(image, image_embeds) -> List[Tensor]:
+            image = black if image is None and image_embeds is None else image
+            return self.prepare_ip_adapter_image_embeds(image, image_embeds, device, images)
+
+        return embeds(*positive), embeds(*negative) if cfg.enabled else None
 
     def set_call_state(self, args: Dict[str, Any]) -> None:
         """The per-call attributes diffusers' Flux pipelines keep."""

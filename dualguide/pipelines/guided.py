@@ -177,17 +177,24 @@ class GuidedSamplingMixin:
         lora_scale = (self.attention_kwargs(args) or {}).get("scale")
         positive, negative = self.encode_prompts(args, cfg, device, lora_scale)
         nag_negative = self.encode_nag_negative(args, batch, negative, device, lora_scale) if nag.enabled else None
-        if args["ip_adapter_image"] is not None or args["ip_adapter_image_embeds"] is not None:
-            image_embeds = self.prepare_ip_adapter_image_embeds(
-                args["ip_adapter_image"], args["ip_adapter_image_embeds"], device,
-                batch * args["num_images_per_prompt"], cfg.enabled,
-            )  # fmt: skip
-            if cfg.enabled:
-                pairs = [embeds.chunk(2) for embeds in image_embeds]
-                positive, negative = positive.with_image_embeds([p for _, p in pairs]), negative.with_image_embeds([n for n, _ in pairs])
-            else:
-                positive = positive.with_image_embeds(image_embeds)
+        image_embeds = self.ip_adapter_embeds(args, cfg, batch, device)
+        if image_embeds is not None:
+            positive = positive.with_image_embeds(image_embeds[0])
+            negative = None if negative is None else negative.with_image_embeds(image_embeds[1])
         return GuidanceInputs(positive.to(device), None if negative is None else negative.to(device), nag_negative)
+
+    def ip_adapter_embeds(self, args: Dict[str, Any], cfg: CFG, batch: int, device) -> Optional[Tuple[List[Tensor], Optional[List[Tensor]]]]:
+        """The IP-Adapter image embeds (one tensor per adapter) of the positive and (with CFG) the negative rows;
+        None without IP-Adapter inputs."""
+        if args["ip_adapter_image"] is None and args["ip_adapter_image_embeds"] is None:
+            return None
+        image_embeds = self.prepare_ip_adapter_image_embeds(
+            args["ip_adapter_image"], args["ip_adapter_image_embeds"], device, batch * args["num_images_per_prompt"], cfg.enabled,
+        )  # fmt: skip
+        if not cfg.enabled:
+            return image_embeds, None
+        pairs = [embeds.chunk(2) for embeds in image_embeds]
+        return [p for _, p in pairs], [n for n, _ in pairs]
 
     def task_control(self, args: Dict[str, Any], images: int, height: int, width: int, device, **preprocess) -> Optional[ControlNetInput]:
         """The call's ControlNet with its preprocessed image(s), one row per image; None without a ControlNet.
