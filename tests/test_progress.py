@@ -48,3 +48,20 @@ def test_compare_prints_only_its_result_line_on_a_pipe(tmp_path, capsys):
     assert cli.main(["compare", "a red circle", *TINY, "--out", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out.startswith("wrote the comparison grid ") and captured.out.count("\n") == 1
+
+
+EVAL = ["--embedded-prompts", "2", "--seeds", "1", "--modes", "none: cfg=1; cfg: cfg=4", "--batch-size", "1", *TINY]
+
+
+def test_eval_shows_one_bar_over_every_image_and_step_on_a_terminal(tmp_path):
+    status, out, shown = run_on_a_terminal("eval", *EVAL, "--out", tmp_path / "run")
+    assert status == 0 and "wrote " in out, shown
+    totals = set(re.findall(r"\| *\d+/(\d+) ", shown))
+    assert totals == {"8"}, shown  # 2 prompts x 1 seed x 2 modes x 2 steps in one bar, not a bar of images
+    assert "| 8/8 " in shown and "| 1/8 " in shown and "cfg: " in shown and "none: " in shown
+
+
+def test_eval_prints_only_its_result_lines_on_a_pipe(tmp_path, capsys):
+    assert cli.main(["eval", *EVAL, "--out", str(tmp_path / "run")]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.rstrip("\n").splitlines()[-1].startswith("wrote ")

@@ -443,7 +443,8 @@ def evaluate(args: argparse.Namespace) -> int:
     lines = plan_lines(order, units, modes)
     write_atomic(plan, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines).encode("utf-8"))
     folder = os.path.join(args.out, IMAGES)
-    status = run_batch(argparse.Namespace(**{**vars(args), "prompts": plan, "out": folder, "n": 1}))
+    status = run_batch(argparse.Namespace(**{**vars(args), "prompts": plan, "out": folder, "n": 1}),
+                       lambda job: f"{order[job.line - 1][0]}: {job.prompt or EMPTY_LABEL}")  # fmt: skip
     if status or not process_state(args.device).is_main_process:
         return status
     return report(args, prompts, load_images(folder, order, units, len(prompts) * args.seeds), clip, reference)

@@ -20,10 +20,11 @@ def planned_steps(pipe, kwargs: Mapping[str, object]) -> int:
 
 
 class StepProgress:
-    """``images`` images of ``steps`` steps each; ``call_arguments`` before each pipeline call, ``call_done`` after."""
+    """``images`` images of ``steps`` steps each (``total`` steps in all when calls differ in steps);
+    ``call_arguments`` before each pipeline call, ``call_done`` after."""
 
-    def __init__(self, images: int, steps: int, show: Optional[bool] = None):
-        self.steps, self.total = steps, images * steps
+    def __init__(self, images: int, steps: int, show: Optional[bool] = None, total: Optional[int] = None):
+        self.steps, self.total = steps, images * steps if total is None else total
         self.show = sys.stderr.isatty() if show is None else show
         self.bar = None
         self.planned = 0  # where the bar stands once the calls begun so far are done
@@ -39,11 +40,12 @@ class StepProgress:
         if self.bar is not None:
             self.bar.close()
 
-    def call_arguments(self, label: str, images: int) -> Dict[str, object]:
-        """The pipeline argument that moves the bar ``images`` per step of a call shown as ``label`` ({} off a terminal)."""
+    def call_arguments(self, label: str, images: int, steps: Optional[int] = None) -> Dict[str, object]:
+        """The pipeline argument that moves the bar ``images`` per step of a call shown as ``label`` ({} off a terminal),
+        a call of ``steps`` steps (default: the run's)."""
         if self.bar is None:
             return {}
-        bar, end = self.bar, self.planned + images * self.steps
+        bar, end = self.bar, self.planned + images * (self.steps if steps is None else steps)
         self.planned = end
         bar.set_description(label)
 

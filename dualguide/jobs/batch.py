@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 from ..generation import images, models
 from ..generation.errors import UsageError, describe_error
@@ -66,8 +66,11 @@ def plan_batch(args: argparse.Namespace) -> Tuple[List[ImageJob], str, Optional[
     return jobs, model, family
 
 
-def run_batch(args: argparse.Namespace) -> int:
+def run_batch(args: argparse.Namespace, label: Optional[Callable[[ImageJob], str]] = None) -> int:
     """Every image of the prompt file that ``--out`` lacks; this process's share when several run. Exit status.
+
+    With ``label`` (what to show while an image is made) and one process, a terminal shows one bar over the missing
+    images x their steps, moved step by step; else a bar of images (all processes', read from the manifest).
 
     One job at a time per ``--out`` (``lock``): a second one stops with a UsageError before it reads anything there.
     """
@@ -82,10 +85,13 @@ def run_batch(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     state = process_state(args.device)
     with job_lock(args.out, state):
-        return _run_job(args, jobs, model, family, state)
+        return _run_job(args, jobs, model, family, state, label)
 
 
-def _run_job(args: argparse.Namespace, jobs: List[ImageJob], model: str, family: Optional[str], state) -> int:
+def _run_job(
+    args: argparse.Namespace, jobs: List[ImageJob], model: str, family: Optional[str], state, label: Optional[Callable[[ImageJob], str]]
+) -> int:
+    from ..generation.progress import StepProgress, planned_steps
     from .processes import device_of, finish, shard
     from .progress import JobProgress
     from .run import make_images, remove_stale_partials
@@ -107,7 +113,8 @@ def _run_job(args: argparse.Namespace, jobs: List[ImageJob], model: str, family:
     already = sum(manifest.is_done(job) for job in jobs)
     remove_stale_partials(args.out, mine, manifest)
     show = state.is_main_process and sys.stderr.isatty()
-    progress = JobProgress(manifest.path, manifest.failures_path, len(jobs), already, show=show)
+    by_step = label is not None and state.num_processes == 1  # other processes' steps are not seen here
+    progress = JobProgress(manifest.path, manifest.failures_path, len(jobs), already, show=show and not by_step)
     if state.num_processes > 1:
         state.wait_for_everyone()  # every process has read the manifest before any writes to it
     failed: List[ImageJob] = []
@@ -115,7 +122,9 @@ def _run_job(args: argparse.Namespace, jobs: List[ImageJob], model: str, family:
     with progress:  # from here, so that images/s and the ETA do not count the loading
         if pipe is not None:
             pipe.set_progress_bar_config(disable=True)
-            failed = make_images(pipe, todo, args.batch_size, manifest, images.save_png, describe_error)
+            total = sum(planned_steps(pipe, job.settings) for job in todo)
+            with StepProgress(len(todo), 0, show and by_step, total=total) as steps:  # steps: each call gives its own
+                failed = make_images(pipe, todo, args.batch_size, manifest, images.save_png, describe_error, steps, label)
         finish(state)  # the main process waits for the others, so that it reports the whole job
     if conflicts and state.is_local_main_process:
         manifest.compact()  # every process is done: one line per image again

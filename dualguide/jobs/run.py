@@ -12,14 +12,16 @@ import errno
 import os
 import shutil
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from ..generation.images import signals_held
+from ..generation.progress import StepProgress, planned_steps
 from .manifest import Manifest
 from .plan import ImageJob, image_calls
 
 SaveImage = Callable[[object, str, Dict[str, object]], None]  # (image, path, PNG metadata)
 Describe = Callable[[BaseException], str]  # an error as one line
+Label = Callable[[ImageJob], str]  # what a step bar shows while a call makes this image (the first of its call)
 
 
 class OutOfSpace(OSError):
@@ -53,14 +55,16 @@ def remove_stale_partials(out: str, jobs: Sequence[ImageJob], manifest: Manifest
 
 
 def make_images(
-    pipe, jobs: Sequence[ImageJob], batch_size: int, manifest: Manifest, save: SaveImage, describe: Describe
+    pipe, jobs: Sequence[ImageJob], batch_size: int, manifest: Manifest, save: SaveImage, describe: Describe,
+    progress: Optional[StepProgress] = None, label: Optional[Label] = None,
 ) -> List[ImageJob]:
-    """Make ``jobs`` (this process's images not yet done), ``batch_size`` per call; the images that failed.
+    """Make ``jobs`` (this process's images not yet done), ``batch_size`` per call; the images that failed. Each
+    call moves ``progress`` (when given) step by step, showing ``label`` of its first image (default: its prompt).
 
     OutOfSpace when the disk is full: the job stops; a rerun remakes the images without a whole manifest line.
     """
     try:
-        return _make(pipe, jobs, batch_size, manifest, save, describe)
+        return _make(pipe, jobs, batch_size, manifest, save, describe, progress, label)
     except OSError as error:
         if out_of_space(error):
             raise OutOfSpace(manifest.out) from error
@@ -68,7 +72,8 @@ def make_images(
 
 
 def _make(
-    pipe, jobs: Sequence[ImageJob], batch_size: int, manifest: Manifest, save: SaveImage, describe: Describe
+    pipe, jobs: Sequence[ImageJob], batch_size: int, manifest: Manifest, save: SaveImage, describe: Describe,
+    progress: Optional[StepProgress], label: Optional[Label],
 ) -> List[ImageJob]:
     import torch
 
@@ -76,13 +81,13 @@ def _make(
     for call in image_calls(jobs, batch_size):
         started = time.perf_counter()
         try:
-            images = _generate(pipe, call, torch)
+            images = _generate(pipe, call, torch, progress, label)
         except Exception as error:  # noqa: BLE001 - recorded, the job goes on
             if len(call) == 1:
                 manifest.record_failure(call[0], describe(error))
                 failed.append(call[0])
                 continue
-            failed += _make(pipe, call, 1, manifest, save, describe)  # find the image(s) at fault
+            failed += _make(pipe, call, 1, manifest, save, describe, progress, label)  # find the image(s) at fault
             continue
         seconds = (time.perf_counter() - started) / len(call)
         for job, image in zip(call, images):
@@ -101,13 +106,16 @@ def _make(
     return failed
 
 
-def _generate(pipe, call: Sequence[ImageJob], torch) -> list:
+def _generate(pipe, call: Sequence[ImageJob], torch, progress: Optional[StepProgress], label: Optional[Label]) -> list:
     first = call[0]
     negative = None if first.negative is None else [job.negative for job in call]
     generators = [torch.Generator().manual_seed(job.seed) for job in call]
+    moving = {} if progress is None else progress.call_arguments(label(first) if label else first.prompt, len(call), planned_steps(pipe, first.settings))
     images = pipe(
-        prompt=[job.prompt for job in call], negative_prompt=negative, generator=generators, num_images_per_prompt=1, **first.settings
+        prompt=[job.prompt for job in call], negative_prompt=negative, generator=generators, num_images_per_prompt=1, **first.settings, **moving
     ).images
+    if progress is not None:
+        progress.call_done()
     if len(images) != len(call):
         raise RuntimeError(f"the pipeline returned {len(images)} images for {len(call)} prompts")
     return images
