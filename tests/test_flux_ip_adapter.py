@@ -1,5 +1,5 @@
-"""IP-Adapter on the guided Flux pipelines: a tiny adapter built in code; with the terms off ours equals diffusers'
-FluxPipeline / FluxImg2ImgPipeline / FluxKontextPipeline (with and without true CFG, the negative image embeds on the
+"""IP-Adapter on the guided Flux pipelines and Chroma: a tiny adapter built in code; with the terms off ours equals
+diffusers' FluxPipeline / FluxImg2ImgPipeline / FluxKontextPipeline / ChromaPipeline (with and without true CFG, the negative image embeds on the
 uncond row) in one transformer call per step; scale 0 equals no adapter; TPG with IP-Adapter (its shared prefix rows
 included) in one call; PAG and NAG with IP-Adapter refused before any transformer call."""
 
@@ -7,11 +7,11 @@ from typing import Dict, Optional
 
 import pytest
 import torch
-from diffusers import FluxImg2ImgPipeline, FluxKontextPipeline, FluxPipeline
+from diffusers import ChromaPipeline, FluxImg2ImgPipeline, FluxKontextPipeline, FluxPipeline
 
 from counting import rows_seen
-from dualguide import FluxKontextTPGPipeline, FluxTPGImg2ImgPipeline, FluxTPGPipeline
-from dualguide.tiny import build_tiny_flux
+from dualguide import ChromaTPGPipeline, FluxKontextTPGPipeline, FluxTPGImg2ImgPipeline, FluxTPGPipeline
+from dualguide.tiny import build_tiny_chroma, build_tiny_flux
 
 TEXT, POOLED = 96, 32  # the tiny T5's width (joint_attention_dim), the pooled width (the image embeds' width)
 IMAGE_TOKENS = 4  # the adapter's image tokens per image embed
@@ -19,8 +19,8 @@ STEPS = 3
 
 
 def ip_adapter_state_dict(transformer, seed: int) -> Dict[str, Dict[str, torch.Tensor]]:
-    """A random IP-Adapter for ``transformer`` in the layout ``_load_ip_adapter_weights`` reads: the image projection
-    (a linear map of the image embed to ``IMAGE_TOKENS`` text-width tokens, then a LayerNorm) and each double block's
+    """A random IP-Adapter for ``transformer`` (Flux or Chroma) in the layout ``_load_ip_adapter_weights`` reads: the
+    image projection (a linear map of the ``POOLED``-wide image embed to ``IMAGE_TOKENS`` text-width tokens, then a LayerNorm) and each double block's
     image key / value projections (text width to the attention width)."""
     generator = torch.Generator().manual_seed(seed)
     config = transformer.config
@@ -33,7 +33,7 @@ def ip_adapter_state_dict(transformer, seed: int) -> Dict[str, Dict[str, torch.T
     for index in range(len(transformer.transformer_blocks)):
         for name in ("to_k_ip", "to_v_ip"):
             projections[f"{index}.{name}.weight"], projections[f"{index}.{name}.bias"] = random(width, text), random(width)
-    image_proj = {"proj.weight": random(IMAGE_TOKENS * text, config.pooled_projection_dim), "proj.bias": random(IMAGE_TOKENS * text),
+    image_proj = {"proj.weight": random(IMAGE_TOKENS * text, POOLED), "proj.bias": random(IMAGE_TOKENS * text),
                   "norm.weight": 1 + random(text), "norm.bias": random(text)}  # fmt: skip
     return {"image_proj": image_proj, "ip_adapter": projections}
 
@@ -66,13 +66,19 @@ def true_cfg() -> dict:
     return dict(true_cfg_scale=4.0, negative_prompt_embeds=randn(200, 1, 16, TEXT), negative_pooled_prompt_embeds=randn(201, 1, POOLED))
 
 
-def run(pipe, scale: Optional[float] = 1.0, seed: int = 0, **kwargs):
-    """A short latent run; ``scale``: the adapters' scale (None: no adapter loaded)."""
+def generate(pipe, scale: Optional[float] = 1.0, seed: int = 0, **arguments):
+    """A short latent run of 32 x 32; ``scale``: the adapters' scale (None: no adapter loaded)."""
     if scale is not None:
         pipe.set_ip_adapter_scale(scale)
+    arguments = {**dict(output_type="latent", max_sequence_length=16, height=32, width=32), **arguments}
+    return pipe(**arguments, generator=torch.Generator().manual_seed(seed)).images
+
+
+def run(pipe, scale: Optional[float] = 1.0, seed: int = 0, **kwargs):
+    """``generate`` with a Flux prompt's embeds, 3 steps, the distilled guidance 3.5."""
     arguments = dict(prompt_embeds=randn(100, 1, 16, TEXT), pooled_prompt_embeds=randn(101, 1, POOLED), num_inference_steps=STEPS,
-                     guidance_scale=3.5, output_type="latent", max_sequence_length=16, height=32, width=32)  # fmt: skip
-    return pipe(**{**arguments, **kwargs}, generator=torch.Generator().manual_seed(seed)).images
+                     guidance_scale=3.5)  # fmt: skip
+    return generate(pipe, scale, seed, **{**arguments, **kwargs})
 
 
 IMAGE = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
@@ -111,6 +117,19 @@ def test_image_tasks_equal_diffusers(dev_components, kontext_components):
     kontext = dict(image=IMAGE, max_area=32 * 32, _auto_resize=False, guidance_scale=2.5)
     ours = run(FluxKontextTPGPipeline(**kontext_components), **kontext, **options)
     assert (ours - run(FluxKontextPipeline(**kontext_components), **kontext, **options)).abs().max() <= 1e-4
+
+
+def test_chroma_cfg_equals_diffusers_in_one_call_per_step():
+    pipe = ChromaTPGPipeline(**with_ip_adapter(build_tiny_chroma()))
+    mask = torch.ones(1, 16)
+    options = dict(prompt_embeds=randn(100, 1, 16, TEXT), prompt_attention_mask=mask, negative_prompt_embeds=randn(200, 1, 16, TEXT),
+                   negative_prompt_attention_mask=mask, guidance_scale=4.0, num_inference_steps=2, **image_embeds())  # fmt: skip
+    with rows_seen(pipe.transformer) as rows:
+        ours = generate(pipe, **options)
+    assert rows == [2, 2]  # [uncond, cond]
+    theirs = generate(ChromaPipeline(**pipe.components), **options)
+    assert (ours - theirs).abs().max() <= 1e-4
+    assert (theirs - generate(ChromaPipeline(**pipe.components), **{**options, **image_embeds(negative=12)})).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("share_prefix", [True, False])

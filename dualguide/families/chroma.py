@@ -90,8 +90,8 @@ class ChromaFamily(FluxFamily):
             raise ValueError(f"{name}: a Chroma row needs T5's attention_mask [B, L] of its prompt embeds ({list(cond.prompt_embeds.shape[:2])}), got {got}")
         if not (mask.is_floating_point() or mask.dtype == torch.bool):
             raise ValueError(f"{name}: Chroma's attention_mask must be float (ChromaPipeline's 0/1 mask, added to the scores) or boolean, got {mask.dtype}")
-        if cond.image_embeds is not None or cond.reference_latents is not None:
-            raise ValueError(f"{name}: IP-Adapter image embeds and reference latents are not supported on Chroma yet")
+        if cond.reference_latents is not None:
+            raise ValueError(f"{name}: reference latents are not supported on Chroma yet")
 
     def run_order(self, model: nn.Module) -> List[str]:
         """The image and text projections, the time embedding and the approximator that makes every block's
