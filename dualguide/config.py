@@ -17,7 +17,7 @@ from .checks import check_bool, check_layer_spec, check_number
 from .defaults import DEFAULT_LAYERS
 
 DEFAULT_TPG_LAYERS = DEFAULT_LAYERS["sdxl"]["tpg"]  # "d6-d23"
-DEFAULT_PAG_LAYERS = DEFAULT_LAYERS["sdxl"]["pag"]  # "m0-m9"
+DEFAULT_PAG_LAYERS = DEFAULT_LAYERS["sdxl"]["pag"]  # "mid": m0-m9 on SDXL base
 
 
 @dataclass(frozen=True)

@@ -105,7 +105,7 @@ def own_pipe(components):
 
 def test_set_pag_applied_layers_is_the_calls_default(own_pipe):
     assert isinstance(own_pipe, PAGMixin)
-    assert own_pipe.pag_applied_layers == ["m0-m9"]  # the family's default until set
+    assert own_pipe.pag_applied_layers == ["mid"]  # the family's default until set
     own_pipe.set_pag_applied_layers(["down_blocks.1", "m0"])
     assert own_pipe.pag_applied_layers == ["down_blocks.1", "m0"]
     expected = generate(own_pipe, tpg_scale=0.0, pag_scale=2.0, pag_applied_layers_index="d0-d3,m0")
@@ -199,7 +199,7 @@ def test_pag_applied_layers_at_construction_is_the_calls_default(components, pip
     assert unet_snapshot(built.unet) == before
     assert torch.equal(by_default, generate(pipe, tpg_scale=0.0, pag_scale=2.0, pag_applied_layers_index="d0-d3,m0"))
     assert not torch.equal(by_default, generate(pipe, tpg_scale=0.0, pag_scale=2.0))
-    assert StableDiffusionXLTPGPipeline(**components, add_watermarker=False).pag_applied_layers == ["m0-m9"]
+    assert StableDiffusionXLTPGPipeline(**components, add_watermarker=False).pag_applied_layers == ["mid"]
     one = StableDiffusionXLTPGPipeline(**components, add_watermarker=False, pag_applied_layers="d0-d3,m0")  # diffusers: a str is one
     assert one.pag_applied_layers == ["d0-d3,m0"]
 
@@ -232,7 +232,7 @@ def test_from_pretrained_takes_pag_applied_layers(model_folder, pipe):
     assert loaded.pag_applied_layers == ["down_blocks.1"]
     expected = generate(pipe, tpg_scale=0.0, pag_scale=2.0, pag_applied_layers_index="d0-d3")
     assert torch.equal(generate(loaded, tpg_scale=0.0, pag_scale=2.0), expected)
-    assert StableDiffusionXLTPGPipeline.from_pretrained(model_folder).pag_applied_layers == ["m0-m9"]
+    assert StableDiffusionXLTPGPipeline.from_pretrained(model_folder).pag_applied_layers == ["mid"]
 
 
 @pytest.mark.parametrize(
