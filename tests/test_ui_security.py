@@ -153,6 +153,12 @@ def log_in(browser, url, user, password):
     return page
 
 
+def wait_for_status(page, test: str, text: str, timeout: int) -> None:
+    """Wait until the page's status line ``includes`` / ``startsWith`` ``text`` (an absent status line, which gradio
+    renders a moment after the page's first components, reads as empty)."""
+    page.wait_for_function(f"(document.querySelector('#status') || {{innerText: ''}}).innerText.{test}({text!r})", timeout=timeout)
+
+
 @needs_chromium
 def test_the_page_asks_for_a_login_refuses_a_wrong_password_and_lets_the_right_one_in(guarded, browser):
     import urllib.error
@@ -168,10 +174,10 @@ def test_the_page_asks_for_a_login_refuses_a_wrong_password_and_lets_the_right_o
     assert page.locator("#generate").count() == 0
     page = log_in(browser, url, USER, PASSWORD)
     page.wait_for_selector("#generate", timeout=60_000)
-    page.wait_for_function("document.querySelector('#status').innerText.includes('Ready')", timeout=TIMEOUT_MS)
+    wait_for_status(page, "includes", "Ready", TIMEOUT_MS)
     set_controls(page, steps=2, modes=["CFG"])
     page.click("#generate")
-    page.wait_for_function("document.querySelector('#status').innerText.startsWith('Done: 1 image(s)')", timeout=TIMEOUT_MS)
+    wait_for_status(page, "startsWith", "Done: 1 image(s)", TIMEOUT_MS)
     print(f"\nlogin refused, then accepted, then one run: {time.perf_counter() - began:.1f} s")
 
 
@@ -215,14 +221,14 @@ def test_a_request_over_the_queue_is_refused_in_words_in_the_page_and_cancel_sti
 
     def ready_page():
         page = log_in(browser, url, USER, PASSWORD)
-        page.wait_for_function("(document.querySelector('#status') || {innerText: ''}).innerText.includes('Ready')", timeout=TIMEOUT_MS)
+        wait_for_status(page, "includes", "Ready", TIMEOUT_MS)
         return page
 
     running, refused = ready_page(), ready_page()
     set_controls(running, steps=500, modes=["CFG"])
     set_controls(refused, steps=2, modes=["CFG"])
     running.click("#generate")  # runs (one at a time) ...
-    running.wait_for_function("document.querySelector('#status').innerText.includes('step 1/500')", timeout=TIMEOUT_MS)
+    wait_for_status(running, "includes", "step 1/500", TIMEOUT_MS)
     waiting = Client(url)
     job = waiting.submit(steps=2, modes=["CFG"])  # ... this one waits: the queue (max 1) is full ...
     time.sleep(1.0)
@@ -230,10 +236,10 @@ def test_a_request_over_the_queue_is_refused_in_words_in_the_page_and_cancel_sti
     refused.wait_for_selector("text=This application is currently busy", timeout=30_000)
     assert engine.active == 1 and "Ready" in refused.inner_text("#status")  # not queued behind the others, no hang
     running.click("#cancel")  # the page's cancel does not wait in the full queue
-    running.wait_for_function("document.querySelector('#status').innerText.startsWith('Cancelled')", timeout=60_000)
+    wait_for_status(running, "startsWith", "Cancelled", 60_000)
     assert waiting.outcome(job, timeout=120)[0].startswith("Done: 1 image(s)")
     refused.click("#generate")  # the refused page works once the queue has room
-    refused.wait_for_function("document.querySelector('#status').innerText.startsWith('Done: 1 image(s)')", timeout=TIMEOUT_MS)
+    wait_for_status(refused, "startsWith", "Done: 1 image(s)", TIMEOUT_MS)
 
 
 # --- the load test -----------------------------------------------------------------------------------------
