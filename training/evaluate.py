@@ -47,14 +47,18 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    args = parse_args(argv)
+def judged_model(args: argparse.Namespace):
+    """``(pipe, judge, recommended settings)`` of ``--model`` and ``--judge``, on ``--threads`` CPU threads."""
     if args.threads:
         torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
-    judge = ShapeJudge.load(args.judge)
-    recommended = load_recommended(args.model)
+    return pipe, ShapeJudge.load(args.judge), load_recommended(args.model)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = parse_args(argv)
+    pipe, judge, recommended = judged_model(args)
     for layers in args.tpg_layers:  # an unknown id fails here, before any sampling
         resolve_layers(pipe.unet, layers, "--tpg-layers")
     prompts = (tuning_prompts if args.prompt_set == "tuning" else evaluation_prompts)(args.prompts)

@@ -26,7 +26,8 @@ from dualguide.evaluation.adherence import attribute_hits, negated_hits
 from dualguide.loading import write_recommended
 from dualguide.toy.data import tuning_negative_prompts
 from dualguide.toy.judge import JUDGE_DIR, ShapeJudge
-from dualguide.toy.model import load_pipeline, load_recommended
+
+from .evaluate import judged_model
 
 GUIDANCES = ("cfg+tpg", "nag-alone")  # NAG beside the recommended CFG + TPG, and NAG with CFG off
 NAG_KEYS = ("nag_scale", "nag_alpha", "nag_tau")
@@ -99,12 +100,7 @@ def choose(results: Dict[str, Dict[Optional[Setting], Dict[str, float]]], tolera
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pipe = load_pipeline(args.model)
-    pipe.set_progress_bar_config(disable=True)
-    judge = ShapeJudge.load(args.judge)
-    recommended = load_recommended(args.model)
+    pipe, judge, recommended = judged_model(args)
     pairs = tuning_negative_prompts(args.prompts)
     prompts = [prompt for prompt, _ in pairs] * args.seeds
     negatives = [negative for _, negative in pairs] * args.seeds
