@@ -23,7 +23,7 @@ from dualguide import cli
 from dualguide.generation.errors import UsageError
 from dualguide.ui import access
 from dualguide.ui import settings as ui_settings
-from test_ui import CHROMIUM, CHROMIUM_ARGS, DUALGUIDE, TIMEOUT_MS, free_port, needs_chromium, needs_gradio, set_controls
+from test_ui import DUALGUIDE, TIMEOUT_MS, browser, free_port, needs_chromium, needs_gradio, set_controls  # noqa: F401 (browser: a fixture)
 
 USER, PASSWORD = "alice", "s3cret:with colon"
 CLIENTS = 12  # the load test's concurrent clients
@@ -130,16 +130,6 @@ def guarded():
     yield url, engine
     demo.close()
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 def log_in(browser, url, user, password):
