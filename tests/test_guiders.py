@@ -329,5 +329,5 @@ def test_unknown_family_refused(kind, negative):
     guider = kind(guidance_scale=1.0, **({"nag_negative_prompt_embeds": negative} if kind is NormalizedAttentionGuidance else {}))
     guider.set_state(step=0, num_inference_steps=2, timestep=torch.tensor(999))
     guider.prepare_inputs({"prompt_embeds": (torch.zeros(1, 77, 64), None)})
-    with pytest.raises(TypeError, match="no guidance adapter for a Linear"):
+    with pytest.raises(TypeError, match="no guider layout for a Linear"):
         guider.prepare_models(torch.nn.Linear(2, 2))

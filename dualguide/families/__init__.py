@@ -7,7 +7,7 @@ from typing import Tuple
 from diffusers.utils.torch_utils import unwrap_module
 from torch import nn
 
-from .base import CallExtras, ModelFamily
+from .base import BlockLayout, CallExtras, ModelFamily
 from .chroma import CHROMA
 from .flux import FLUX
 from .mmdit import SD3
@@ -32,6 +32,21 @@ def family_of(model: nn.Module) -> ModelFamily:
     raise TypeError(f"no guidance adapter for a {type(inner).__name__}; supported families: {supported_families()}")
 
 
+# What the Modular Diffusers guiders run on: every family, then the guider-only layouts (most specific first).
+LAYOUTS: Tuple[BlockLayout, ...] = FAMILIES
+
+
+def layout_of(model: nn.Module) -> BlockLayout:
+    """The guiders' layout of ``model`` (a family adapter, else a guider-only layout); ``TypeError`` naming the
+    backbone and the supported ones when none fits."""
+    inner = unwrap_module(model)
+    for layout in LAYOUTS:
+        if layout.matches(inner):
+            return layout
+    titles = ", ".join(layout.title for layout in LAYOUTS)
+    raise TypeError(f"no guider layout for a {type(inner).__name__}; the guiders run on: {titles}")
+
+
 def family_named(name: str) -> ModelFamily:
     """The adapter called ``name`` (``"sdxl"``, ``"sd"``, ``"sd3"``, ``"chroma"``, ``"flux"``); ``ValueError`` listing the names otherwise."""
     for family in FAMILIES:
@@ -40,4 +55,4 @@ def family_named(name: str) -> ModelFamily:
     raise ValueError(f"unknown model family {name!r}; choose one of {', '.join(f.name for f in FAMILIES)}")
 
 
-__all__ = ["CHROMA", "FAMILIES", "FLUX", "CallExtras", "ModelFamily", "SD", "SD3", "SDXL", "family_named", "family_of", "supported_families"]
+__all__ = ["CHROMA", "FAMILIES", "FLUX", "LAYOUTS", "BlockLayout", "CallExtras", "ModelFamily", "SD", "SD3", "SDXL", "family_named", "family_of", "layout_of", "supported_families"]

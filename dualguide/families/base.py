@@ -33,20 +33,25 @@ class CallExtras:
     attention_kwargs: Optional[dict] = None
 
 
-class ModelFamily(ABC):
-    """Adapter of one backbone family; one stateless instance per family."""
+def backbone_sample(args: tuple, kwargs: dict) -> Tensor:
+    """The latents of a direct backbone call: the first positional argument (UNets), else ``sample`` / ``hidden_states``."""
+    sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+    if not isinstance(sample, Tensor):
+        raise TypeError("a guided branch's backbone call must take its latents first, or as sample= / hidden_states=")
+    return sample
+
+
+class BlockLayout(ABC):
+    """What the Modular Diffusers guiders need of a backbone, whose calls diffusers' loops make: its layer ids and
+    blocks, the module TPG permutes in each, the hooks for a set of terms, and the rows and tokens of a call. Every
+    ``ModelFamily`` is one; a guider-only layout (``families.wan``, ``families.generic``) is only this."""
 
     name: str  # short name ("sdxl", "sd", "sd3")
     title: str  # how messages and the README name it
     default_tpg_layers: str
-    default_tpg_scale: float = 3.0  # the pipelines' tpg_scale default (0: TPG off unless asked for)
-    default_pag_layers: str
     # How NAG's negative enters: False, fixed K/V of the negative text in every cross-attention (computed once per
     # run, UNets); True, extra text-stream rows, one per guided row, appended by ``call`` (MMDiT joint attention).
     nag_negative_rows: bool = False
-    # Whether NAG's negative carries pooled embeds of its own (Flux: its rows' ``temb``), given as
-    # ``nag_negative_prompt_2`` / ``nag_negative_pooled_prompt_embeds`` beside the negative text.
-    pooled_nag_negative: bool = False
 
     @abstractmethod
     def matches(self, model: nn.Module) -> bool:
@@ -59,6 +64,37 @@ class ModelFamily(ABC):
     @abstractmethod
     def tpg_module(self, block: nn.Module) -> nn.Module:
         """The module of ``block`` whose input image tokens TPG permutes (a forward pre-hook on it)."""
+
+    @abstractmethod
+    def branch_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> Tuple[int, Dict[nn.Module, int]]:
+        """``(rows, image tokens entering each TPG module)`` of a direct call ``model(*args, **kwargs)``, as a
+        modular loop makes it (the modules in the order the forward runs them)."""
+
+    @abstractmethod
+    def hook_plan(
+        self, model: nn.Module, tpg_modules: Iterable[nn.Module], pag_attns: Iterable[nn.Module], nag_attns: Iterable[nn.Module]
+    ) -> HookSites:
+        """The pre-hooks and processor wrappers of ``model`` that carry out TPG on ``tpg_modules``, PAG on
+        ``pag_attns`` and NAG on ``nag_attns`` (NAG's whole set, or none)."""
+
+    def nag_attentions(self, model: nn.Module) -> FrozenSet[nn.Module]:
+        """The attentions NAG extrapolates (all of the model's text attentions); ``ValueError`` on a layout without
+        NAG semantics (the default)."""
+        raise ValueError(f"NAG has no semantics on {self.title} (no published NAG for it); use TPG or CFG there")
+
+    def resolve(self, model: nn.Module, spec: LayerSpec, parameter: str) -> List[Tuple[str, nn.Module]]:
+        """``(module name, block)`` of each id in ``spec``; ``ValueError`` naming ``parameter`` and the valid ranges."""
+        return resolve_ids(self.blocks(model), spec, parameter)
+
+
+class ModelFamily(BlockLayout):
+    """Adapter of one backbone family that dualguide's pipelines and denoiser run; one stateless instance per family."""
+
+    default_tpg_scale: float = 3.0  # the pipelines' tpg_scale default (0: TPG off unless asked for)
+    default_pag_layers: str
+    # Whether NAG's negative carries pooled embeds of its own (Flux: its rows' ``temb``), given as
+    # ``nag_negative_prompt_2`` / ``nag_negative_pooled_prompt_embeds`` beside the negative text.
+    pooled_nag_negative: bool = False
 
     @abstractmethod
     def pag_attentions(self, block: nn.Module) -> List[nn.Module]:
@@ -81,13 +117,6 @@ class ModelFamily(ABC):
         """One backbone call on row-stacked ``sample`` / ``cond`` (and ``extras``, per row): its output."""
 
     @abstractmethod
-    def hook_plan(
-        self, model: nn.Module, tpg_modules: Iterable[nn.Module], pag_attns: Iterable[nn.Module], nag_attns: Iterable[nn.Module]
-    ) -> HookSites:
-        """The pre-hooks and processor wrappers of ``model`` that carry out TPG on ``tpg_modules``, PAG on
-        ``pag_attns`` and NAG on ``nag_attns`` (NAG's whole set, or none)."""
-
-    @abstractmethod
     def hook_sites(self, model: nn.Module) -> HookSites:
         """Every hook and wrapper any guided call may use: what a compiled model keeps installed."""
 
@@ -105,6 +134,8 @@ class ModelFamily(ABC):
         (embedders, then blocks), which ``prefix_modules`` cuts at the first perturbed block; [] (the default): none."""
         return []
 
-    def resolve(self, model: nn.Module, spec: LayerSpec, parameter: str) -> List[Tuple[str, nn.Module]]:
-        """``(module name, block)`` of each id in ``spec``; ``ValueError`` naming ``parameter`` and the valid ranges."""
-        return resolve_ids(self.blocks(model), spec, parameter)
+    def branch_tokens(self, model: nn.Module, args: tuple, kwargs: dict) -> Tuple[int, Dict[nn.Module, int]]:
+        """Rows and ``token_counts`` of the call's latents (``[B, C, H, W]``, the first argument or ``sample`` /
+        ``hidden_states``)."""
+        sample = backbone_sample(args, kwargs)
+        return sample.shape[0], self.token_counts(model, *sample.shape[-2:])

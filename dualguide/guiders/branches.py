@@ -5,7 +5,7 @@ and ``guider.cleanup_models(model)`` after. A ``BranchCall`` opened in ``prepare
 (``dualguide.hooks.guidance_hooks`` of the family's ``hook_plan``) and, around the branch's backbone call only, sets
 that call's state (``dualguide.callstate.guided_call``): a ``GuidedCall`` whose rows mark the whole call as one
 branch, so the hooks act on its rows as they do on that branch's rows of the denoiser's one call. The state is built
-from the call's input by a forward pre-hook on the backbone (TPG needs the latent size) and reset by a forward hook
+from the call's arguments by a forward pre-hook on the backbone (TPG needs the tokens, the layout reads them) and reset by a forward hook
 that runs when the call raises too; the hooks go in the same hook, or at ``close``.
 """
 
@@ -26,22 +26,15 @@ from ..guidance import guided_prediction, rescale_guidance
 from ..hooks import HookSites, guidance_hooks
 
 Seed = Union[int, Sequence[int]]
-
-
-def backbone_sample(args: tuple, kwargs: dict) -> Tensor:
-    """The latents a backbone call gets: the first positional argument (UNets), else ``sample`` / ``hidden_states``."""
-    sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-    if not isinstance(sample, Tensor):
-        raise TypeError("a guided branch's backbone call must take its latents first, or as sample= / hidden_states=")
-    return sample
+MakeCall = Callable[[tuple, dict], GuidedCall]  # a branch's call state from its backbone call's (args, kwargs)
 
 
 class BranchCall:
     """The guidance of one branch's backbone call: ``sites`` installed on ``model`` until ``close``, and the state
-    ``make_call(latents)`` in force during the next call of ``model`` in this thread, reset after it whether it returns
+    ``make_call(args, kwargs)`` (the call's arguments) in force during the next call of ``model`` in this thread, reset after it whether it returns
     or raises. Calls of ``model`` from other threads pass through untouched."""
 
-    def __init__(self, model: nn.Module, sites: HookSites, make_call: Callable[[Tensor], GuidedCall]) -> None:
+    def __init__(self, model: nn.Module, sites: HookSites, make_call: MakeCall) -> None:
         self._make_call = make_call
         self._thread = threading.get_ident()
         self._stack = ExitStack()
@@ -57,7 +50,7 @@ class BranchCall:
 
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if threading.get_ident() == self._thread:
-            self._stack.enter_context(guided_call(self._make_call(backbone_sample(args, kwargs))))
+            self._stack.enter_context(guided_call(self._make_call(args, kwargs)))
 
     def _exit(self, module: nn.Module, args: tuple, output) -> None:
         if threading.get_ident() == self._thread:
@@ -131,7 +124,7 @@ class BranchGuidance(BaseGuidance):
     def bind(self, model: nn.Module) -> None:
         """Resolve what the guidance needs of ``model`` (``ValueError`` / ``TypeError`` before any backbone call)."""
 
-    def branch_call(self, name: str) -> Optional[Tuple[HookSites, Callable[[Tensor], GuidedCall]]]:
+    def branch_call(self, name: str) -> Optional[Tuple[HookSites, MakeCall]]:
         return None
 
     # -- diffusers' guider contract ------------------------------------------------------------------

@@ -7,14 +7,15 @@ branch's call carries both states, under the family's hooks for both (one ``hook
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
 
 from ..callstate import GuidedCall
-from ..families import family_of
+from ..families import layout_of
 from ..hooks import HookSites
+from .branches import MakeCall
 from .nag import NEGATIVE, NormalizedAttentionGuidance, RuntimeNegative
 from .tpg import TokenPerturbationGuidance
 
@@ -80,17 +81,17 @@ class DualGuidance(RuntimeNegative, TokenPerturbationGuidance):
         super().bind(model)
         self.nag_guidance.bind(model)
         if self._both is None or self._both[0] is not model:
-            self._both = (model, family_of(model).hook_plan(model, self._tpg_blocks, (), self.nag_guidance.attentions))
+            self._both = (model, layout_of(model).hook_plan(model, self._tpg_blocks, (), self.nag_guidance.attentions))
 
-    def branch_call(self, name: str) -> Optional[Tuple[HookSites, Callable[[Tensor], GuidedCall]]]:
+    def branch_call(self, name: str) -> Optional[Tuple[HookSites, MakeCall]]:
         nag = self.nag_guidance.branch_call("pred_cond")  # None while NAG is off at this step
         if name == "pred_cond" or nag is None:
             return nag if name == "pred_cond" else super().branch_call(name)
         if name != "pred_cond_tpg":
             return None
 
-        def both(latents: Tensor) -> GuidedCall:
-            tpg = self._tpg_call(latents)
-            return GuidedCall(tpg.rows, tpg=tpg.tpg, nag=self.nag_guidance.nag_call(latents).nag)
+        def both(args: tuple, kwargs: dict) -> GuidedCall:
+            tpg = self._tpg_call(args, kwargs)
+            return GuidedCall(tpg.rows, tpg=tpg.tpg, nag=self.nag_guidance.nag_call(args, kwargs).nag)
 
         return self._both[1], both

@@ -8,18 +8,18 @@ NAG adds no branch; with CFG off the guider has one condition. The negative is a
 
 from __future__ import annotations
 
-from typing import Callable, FrozenSet, List, Optional, Tuple
+from typing import FrozenSet, List, Optional, Tuple
 
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
 
 from ..callstate import GuidedCall, NAGCall
 from ..config import NAG
-from ..families import family_of
+from ..families import layout_of
 from ..hooks import HookSites
 from ..nag import negative_key_value
 from ..rows import CallRows
-from .branches import BranchGuidance, check_window, in_window
+from .branches import BranchGuidance, MakeCall, check_window, in_window
 
 NEGATIVE = "nag_negative_prompt_embeds"
 
@@ -129,7 +129,7 @@ class NormalizedAttentionGuidance(RuntimeNegative, BranchGuidance):
         if not self._nag_on():
             return
         if model is not self._model:
-            family = family_of(model)
+            family = layout_of(model)
             if family.nag_negative_rows:
                 raise ValueError(
                     f"NormalizedAttentionGuidance runs on backbones with a fixed NAG negative in their cross-attentions "
@@ -149,7 +149,7 @@ class NormalizedAttentionGuidance(RuntimeNegative, BranchGuidance):
             settings = self._settings
             self._call = NAGCall(attns, settings.scale, settings.tau, settings.alpha, settings.use_l1, negative, cache)
 
-    def branch_call(self, name: str) -> Optional[Tuple[HookSites, Callable[[Tensor], GuidedCall]]]:
+    def branch_call(self, name: str) -> Optional[Tuple[HookSites, MakeCall]]:
         return (self._sites, self.nag_call) if name == "pred_cond" and self._nag_enabled() else None
 
     @property
@@ -157,9 +157,9 @@ class NormalizedAttentionGuidance(RuntimeNegative, BranchGuidance):
         """The cross-attentions NAG extrapolates on the bound backbone (empty before ``bind``)."""
         return self._attns
 
-    def nag_call(self, latents: Tensor) -> GuidedCall:
+    def nag_call(self, args: tuple, kwargs: dict) -> GuidedCall:
         """The cond branch's call: all its rows are guided rows, with the run's negative K/V."""
-        rows = latents.shape[0]
+        rows, _ = layout_of(self._model).branch_tokens(self._model, args, kwargs)
         if rows != self._call.negative.shape[0]:
             raise ValueError(f"{NEGATIVE} has batch {self._call.negative.shape[0]}, the cond branch has {rows} rows")
         return GuidedCall(CallRows({"cond": slice(0, rows)}), nag=self._call)

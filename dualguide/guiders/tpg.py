@@ -8,18 +8,27 @@ run, as ``GuidedDenoiser`` draws them. The other branches' calls pass through.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from diffusers.configuration_utils import register_to_config
 from torch import Tensor, nn
 
 from ..callstate import GuidedCall, TPGCall
 from ..checks import check_layer_spec, check_number
-from ..families import ModelFamily, family_of
+from ..families import BlockLayout, layout_of
 from ..hooks import HookSites
 from ..layers import parse_layer_ids
 from ..rows import CallRows, TokenPermutations
-from .branches import BranchGuidance, check_seed, check_window, in_window
+from .branches import BranchGuidance, MakeCall, check_seed, check_window, in_window
+
+
+def call_device(args: tuple, kwargs: dict):
+    """The device of a backbone call's inputs (its first tensor argument; a list of tensors counts)."""
+    for value in (*args, *kwargs.values()):
+        value = value[0] if isinstance(value, (list, tuple)) and value else value
+        if isinstance(value, Tensor):
+            return value.device
+    raise TypeError("a guided branch's backbone call must take its latents as a tensor (or a list of tensors)")
 
 
 class TokenPerturbationGuidance(BranchGuidance):
@@ -70,7 +79,7 @@ class TokenPerturbationGuidance(BranchGuidance):
         self.seed = check_seed(seed)
         self._permutations = TokenPermutations(self.seed)
         self._model: Optional[nn.Module] = None
-        self._family: Optional[ModelFamily] = None
+        self._family: Optional[BlockLayout] = None
         self._tpg_blocks: Dict[nn.Module, int] = {}  # module TPG permutes -> its index among the selected blocks
         self._sites = HookSites()
 
@@ -94,23 +103,22 @@ class TokenPerturbationGuidance(BranchGuidance):
         """The family adapter, the selected blocks and their hooks on ``model`` (``tpg_layers`` checked against it)."""
         if self.tpg_scale == 0 or model is self._model:
             return
-        family = family_of(model)
+        family = layout_of(model)
         layers = family.default_tpg_layers if self.tpg_layers is None else self.tpg_layers
         blocks = family.resolve(model, layers, "tpg_layers")
         self._tpg_blocks = {family.tpg_module(block): index for index, (_, block) in enumerate(blocks)}
         self._sites = family.hook_plan(model, self._tpg_blocks, (), ())
         self._family, self._model = family, model
 
-    def branch_call(self, name: str) -> Optional[Tuple[HookSites, Callable[[Tensor], GuidedCall]]]:
+    def branch_call(self, name: str) -> Optional[Tuple[HookSites, MakeCall]]:
         return (self._sites, self._tpg_call) if name == "pred_cond_tpg" else None
 
-    def _tpg_call(self, latents: Tensor) -> GuidedCall:
+    def _tpg_call(self, args: tuple, kwargs: dict) -> GuidedCall:
         """The TPG branch's call: all its rows are TPG rows, each selected block with this step's permutation."""
-        rows = latents.shape[0]
-        counts = self._family.token_counts(self._model, *latents.shape[-2:])
-        images = slice(0, rows)
+        rows, counts = self._family.branch_tokens(self._model, args, kwargs)
+        images, device = slice(0, rows), call_device(args, kwargs)
         permutations = {
-            block: self._permutations.get(self._tpg_blocks[block], tokens, latents.device, images)
+            block: self._permutations.get(self._tpg_blocks[block], tokens, device, images)
             for block, tokens in counts.items()
             if block in self._tpg_blocks
         }
