@@ -77,6 +77,10 @@ class BlockLayout(ABC):
         """The pre-hooks and processor wrappers of ``model`` that carry out TPG on ``tpg_modules``, PAG on
         ``pag_attns`` and NAG on ``nag_attns`` (NAG's whole set, or none)."""
 
+    def default_tpg_for(self, model: nn.Module) -> str:
+        """TPG's default layer ids on ``model`` (``default_tpg_layers``; a layout of many depths may compute them)."""
+        return self.default_tpg_layers
+
     def nag_attentions(self, model: nn.Module) -> FrozenSet[nn.Module]:
         """The attentions NAG extrapolates (all of the model's text attentions); ``ValueError`` on a layout without
         NAG semantics (the default)."""

@@ -104,7 +104,7 @@ class TokenPerturbationGuidance(BranchGuidance):
         if self.tpg_scale == 0 or model is self._model:
             return
         family = layout_of(model)
-        layers = family.default_tpg_layers if self.tpg_layers is None else self.tpg_layers
+        layers = family.default_tpg_for(model) if self.tpg_layers is None else self.tpg_layers
         blocks = family.resolve(model, layers, "tpg_layers")
         self._tpg_blocks = {family.tpg_module(block): index for index, (_, block) in enumerate(blocks)}
         self._sites = family.hook_plan(model, self._tpg_blocks, (), ())
