@@ -4,7 +4,8 @@ UNets: the diffusers ``BasicTransformerBlock`` modules in ``unet.named_modules()
 order, grouped by the first component of their name (``down_blocks`` -> d,
 ``mid_block`` -> m, ``up_blocks`` -> u) and numbered within each group, as the
 official TPG code does. MMDiT transformers (SD3): j0-jN, the joint blocks in order; Flux / Chroma:
-j0-jN over the double-stream blocks and s0-sM over the single-stream blocks (the family adapter lists them).
+j0-jN over the double-stream blocks and s0-sM over the single-stream blocks (the family adapter lists them); a
+backbone of one stack of blocks (Wan): b0-bN.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from torch import nn
 
 GROUP_PREFIX = {"down_blocks": "d", "mid_block": "m", "up_blocks": "u"}
 LayerSpec = Union[str, Sequence[str]]
-_ID = re.compile(r"^([dmujs])(\d+)(?:-(?:\1)?(\d+))?$")
-PREFIX_ORDER = "dmujs"
+_ID = re.compile(r"^([dmujsb])(\d+)(?:-(?:\1)?(\d+))?$")
+PREFIX_ORDER = "dmujsb"
 
 
 def transformer_blocks(unet: nn.Module) -> Dict[str, Tuple[str, nn.Module]]:
@@ -58,7 +59,7 @@ def parse_layer_ids(spec: LayerSpec, parameter: str = "layers") -> List[str]:
             match = _ID.match(part)
             if match is None:
                 raise ValueError(
-                    f"{parameter}: malformed layer id {part!r}; use 'd<i>', 'm<i>', 'u<i>', 'j<i>' or a range such as 'd6-d23'"
+                    f"{parameter}: malformed layer id {part!r}; use 'd<i>', 'm<i>', 'u<i>', 'j<i>', 's<i>', 'b<i>' or a range such as 'd6-d23'"
                 )
             prefix, first, last = match.group(1), int(match.group(2)), match.group(3)
             last = first if last is None else int(last)
