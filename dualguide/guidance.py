@@ -79,3 +79,20 @@ def nag_extrapolate(
     norm_extrapolated = _token_norm(extrapolated, use_l1).clamp_min(torch.finfo(torch.float32).tiny)
     shrink = (norm_positive * tau / norm_extrapolated).clamp_(max=1.0)
     return torch.lerp(positive, extrapolated * shrink.to(extrapolated.dtype), alpha, out=out)
+
+
+def nag_extrapolate_wan(positive: Tensor, negative: Tensor, scale: float, tau: float, alpha: float, use_l1: bool = True) -> Tensor:
+    """NAG with the NAG authors' Wan clipping rule (their ``NAGWanAttnProcessor2_0``), beside ``nag_extrapolate``.
+
+    ``Zt = s Z+ - (s-1) Z-``; with ``r = |Zt| / |Z+|`` per token (NaN, i.e. 0 / 0, read as 10), the tokens with
+    ``r > tau`` get ``Zt / (|Zt| + 1e-7) |Z+| tau``; the result is ``alpha Zt + (1-alpha) Z+``. The authors use L1;
+    ``use_l1=False`` takes L2 norms in the same rule. Norms accumulate in at least float32. It differs from
+    ``nag_extrapolate`` by the ``1e-7`` in the denominator: more than rounding where ``|Zt|`` is small.
+    """
+    extrapolated = positive * scale - negative * (scale - 1)
+    norm_positive = _token_norm(positive, use_l1)
+    norm_extrapolated = _token_norm(extrapolated, use_l1)
+    ratio = torch.nan_to_num(norm_extrapolated / norm_positive, nan=10.0)
+    clipped = extrapolated / (norm_extrapolated + 1e-7) * norm_positive * tau
+    extrapolated = torch.where(ratio > tau, clipped.to(extrapolated.dtype), extrapolated)
+    return extrapolated * alpha + positive * (1 - alpha)

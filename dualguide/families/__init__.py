@@ -13,6 +13,7 @@ from .flux import FLUX
 from .mmdit import SD3
 from .sd import SD
 from .sdxl import SDXL
+from .wan import WAN
 
 # The more specific adapter first: Chroma's subclasses Flux's.
 FAMILIES: Tuple[ModelFamily, ...] = (SDXL, SD, SD3, CHROMA, FLUX)
@@ -33,7 +34,7 @@ def family_of(model: nn.Module) -> ModelFamily:
 
 
 # What the Modular Diffusers guiders run on: every family, then the guider-only layouts (most specific first).
-LAYOUTS: Tuple[BlockLayout, ...] = FAMILIES
+LAYOUTS: Tuple[BlockLayout, ...] = (*FAMILIES, WAN)
 
 
 def layout_of(model: nn.Module) -> BlockLayout:
@@ -55,4 +56,4 @@ def family_named(name: str) -> ModelFamily:
     raise ValueError(f"unknown model family {name!r}; choose one of {', '.join(f.name for f in FAMILIES)}")
 
 
-__all__ = ["CHROMA", "FAMILIES", "FLUX", "LAYOUTS", "BlockLayout", "CallExtras", "ModelFamily", "SD", "SD3", "SDXL", "family_named", "family_of", "layout_of", "supported_families"]
+__all__ = ["CHROMA", "FAMILIES", "FLUX", "LAYOUTS", "BlockLayout", "CallExtras", "ModelFamily", "SD", "SD3", "SDXL", "WAN", "family_named", "family_of", "layout_of", "supported_families"]

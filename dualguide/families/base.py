@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..conditioning import Conditioning
 from ..hooks import HookSites
 from ..layers import LayerSpec, resolve_ids
+from ..nag import negative_key_value
 
 Blocks = Dict[str, Tuple[str, nn.Module]]  # layer id -> (module name, block)
 
@@ -85,6 +86,15 @@ class BlockLayout(ABC):
         """The attentions NAG extrapolates (all of the model's text attentions); ``ValueError`` on a layout without
         NAG semantics (the default)."""
         raise ValueError(f"NAG has no semantics on {self.title} (no published NAG for it); use TPG or CFG there")
+
+    def nag_negative(self, model: nn.Module, attns: FrozenSet[nn.Module], negative: Tensor) -> Tuple[Tensor, Dict[nn.Module, Tuple[Tensor, Tensor]]]:
+        """NAG's fixed negative as ``attns`` take it, and its K/V heads in each (once per run: ``NAGCall.negative`` and
+        ``cache``); ``ValueError`` naming ``nag_negative_prompt_embeds`` when its width does not fit. By default the
+        prompt embeds themselves, with ``dualguide.nag``'s K/V (UNet cross-attentions)."""
+        width = next(iter(attns)).to_k.in_features
+        if negative.shape[-1] != width:
+            raise ValueError(f"nag_negative_prompt_embeds has width {negative.shape[-1]}, the backbone's cross-attentions take {width}")
+        return negative, {attn: negative_key_value(attn, negative) for attn in attns}
 
     def resolve(self, model: nn.Module, spec: LayerSpec, parameter: str) -> List[Tuple[str, nn.Module]]:
         """``(module name, block)`` of each id in ``spec``; ``ValueError`` naming ``parameter`` and the valid ranges."""

@@ -17,7 +17,6 @@ from ..callstate import GuidedCall, NAGCall
 from ..config import NAG
 from ..families import layout_of
 from ..hooks import HookSites
-from ..nag import negative_key_value
 from ..rows import CallRows
 from .branches import BranchGuidance, MakeCall, check_window, in_window
 
@@ -133,21 +132,17 @@ class NormalizedAttentionGuidance(RuntimeNegative, BranchGuidance):
             if family.nag_negative_rows:
                 raise ValueError(
                     f"NormalizedAttentionGuidance runs on backbones with a fixed NAG negative in their cross-attentions "
-                    f"(Stable Diffusion XL, 1.x / 2.x); {family.title} takes the negative as extra text rows of its backbone "
+                    f"(Stable Diffusion XL, 1.x / 2.x, Wan); {family.title} takes the negative as extra text rows of its backbone "
                     "call, which diffusers' per-branch loop cannot make: run it through dualguide.guiders.one_forward(pipe) (the rows ride in its one call) or dualguide's pipeline"
                 )
             self._attns = family.nag_attentions(model)
             self._sites = family.hook_plan(model, (), (), self._attns)
             self._model, self._call = model, None
         if self._call is None:
-            attns = self._attns
-            width = next(iter(attns)).to_k.in_features
-            if self._negative.shape[-1] != width:
-                raise ValueError(f"{NEGATIVE} has width {self._negative.shape[-1]}, the backbone's cross-attentions take {width}")
             negative = self._negative.to(device=model.device, dtype=model.dtype)
-            cache = {attn: negative_key_value(attn, negative) for attn in attns}
+            negative, cache = layout_of(model).nag_negative(model, self._attns, negative)  # checks the width
             settings = self._settings
-            self._call = NAGCall(attns, settings.scale, settings.tau, settings.alpha, settings.use_l1, negative, cache)
+            self._call = NAGCall(self._attns, settings.scale, settings.tau, settings.alpha, settings.use_l1, negative, cache)
 
     def branch_call(self, name: str) -> Optional[Tuple[HookSites, MakeCall]]:
         return (self._sites, self.nag_call) if name == "pred_cond" and self._nag_enabled() else None
