@@ -6,7 +6,8 @@ SDXL: ``transformer_layers_per_block=(1, 2, 10)`` gives SDXL's 24 / 10 / 36 tran
 and v-prediction. Stable Diffusion 3 / 3.5: an MMDiT of 10 joint blocks (j0-j9) with SD3 medium's
 (plain attention) or SD3.5 medium's (RMS qk-norm, dual attention in the first half) layout, two CLIP
 encoders with projection, an optional T5 encoder whose Unigram tokenizer is built here, SD3's
-16-channel VAE scaling and its shifted flow-matching scheduler.
+16-channel VAE scaling and its shifted flow-matching scheduler. Wan: a transformer config of 30 blocks (b0-b29) and
+Wan2.1's UniPC flow scheduler settings.
 """
 
 from __future__ import annotations
@@ -377,3 +378,22 @@ def build_tiny_chroma(seed: int = 0, sample_size: int = 16) -> dict:
         tokenizer=tokenizer,
         scheduler=FlowMatchEulerDiscreteScheduler(**flux_scheduler_config("dev")),
     )
+
+
+WAN_TEXT_DIM = 32  # the tiny Wan's text_dim (UMT5's width is 4096 on the released models)
+
+
+def tiny_wan_transformer_config(num_layers: int = 30) -> dict:
+    """WanTransformer3DModel config with Wan2.1 1.3B's depth (30 blocks b0-b29, so the default layers exist), 2 heads
+    of 12 (rotary axes 4 + 4 + 4), 16 latent channels in 1x2x2 patches, cross-attention norm and RMS qk-norm across
+    heads, as diffusers' own tiny Wan."""
+    return dict(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+        text_dim=WAN_TEXT_DIM, freq_dim=256, ffn_dim=32, num_layers=num_layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )  # fmt: skip
+
+
+def wan_scheduler_config() -> dict:
+    """Wan2.1's UniPC flow-matching scheduler settings (flow_shift 3.0, its 480p value)."""
+    return dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000)
