@@ -57,6 +57,7 @@ _EXPORTS = {
     "TokenPerturbationGuidance": "guiders",
     "NormalizedAttentionGuidance": "guiders",
     "DualGuidance": "guiders",
+    "with_nag_negative_prompt": "guiders",
     "ModelFamily": "families",
     "family_of": "families",
     "family_named": "families",
