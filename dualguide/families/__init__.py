@@ -10,6 +10,7 @@ from torch import nn
 from .base import BlockLayout, CallExtras, ModelFamily
 from .chroma import CHROMA
 from .flux import FLUX
+from .generic import GENERIC
 from .mmdit import SD3
 from .sd import SD
 from .sdxl import SDXL
@@ -34,7 +35,7 @@ def family_of(model: nn.Module) -> ModelFamily:
 
 
 # What the Modular Diffusers guiders run on: every family, then the guider-only layouts (most specific first).
-LAYOUTS: Tuple[BlockLayout, ...] = (*FAMILIES, WAN)
+LAYOUTS: Tuple[BlockLayout, ...] = (*FAMILIES, WAN, *GENERIC)
 
 
 def layout_of(model: nn.Module) -> BlockLayout:
