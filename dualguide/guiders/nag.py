@@ -2,7 +2,8 @@
 
 The cond branch's backbone call is one guided call whose rows are all ``"cond"`` rows (the guided rows NAG acts on):
 the family adapter's NAG processor wrappers (its ``hook_plan``) extrapolate every cross-attention's output away from
-the negative, whose K/V are computed once per run as ``GuidedDenoiser`` does (``dualguide.nag.negative_key_value``).
+the negative, whose K/V are computed once per run by the layout's ``nag_negative`` (UNets: as ``GuidedDenoiser`` does;
+Wan: after the transformer's text embedding, ``families.wan``).
 NAG adds no branch; with CFG off the guider has one condition. The negative is a runtime tensor, not config.
 """
 
