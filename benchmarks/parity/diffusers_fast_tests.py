@@ -162,6 +162,11 @@ def run_file(folder: str, test_file: str, swap: bool, keyword: str) -> Dict[str,
     if keyword:
         command += ["-k", keyword]
     subprocess.run(command, cwd=folder, env=env)
+    return junit_outcomes(report)
+
+
+def junit_outcomes(report: str) -> Dict[str, str]:
+    """``{"Class::test": "passed" | "failed" | "skipped"}`` of a pytest junit report (empty when pytest wrote none)."""
     outcomes: Dict[str, str] = {}
     if not os.path.exists(report):  # pytest stopped before writing it (its error is printed above)
         return outcomes
