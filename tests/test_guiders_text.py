@@ -173,3 +173,49 @@ def test_sd3_text_run_equals_embeds_run():
     assert torch.equal(out["latents"], given["latents"])
     without = run(plain, ClassifierFreeGuidance(guidance_scale=1.0), max_sequence_length=16)
     assert (out["latents"] - without["latents"]).abs().max() > 1e-3
+
+
+def test_wan_block_embeds_equal_the_encoder():
+    """Wan's step (UMT5, rows repeated num_videos_per_prompt times), on the text blocks alone: a tiny UMT5."""
+    from diffusers.modular_pipelines import SequentialPipelineBlocks
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from dualguide.tiny import tiny_t5_tokenizer
+
+    blocks = with_nag_negative_prompt(WanBlocks())
+    text = SequentialPipelineBlocks.from_blocks_dict({name: blocks.sub_blocks[name] for name in ("text_encoder", "nag_negative_prompt")})
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)).eval()
+    pipeline = text.init_pipeline()
+    guider = NormalizedAttentionGuidance(guidance_scale=5.0)
+    pipeline.update_components(text_encoder=encoder, tokenizer=tokenizer, guider=guider)
+    out = pipeline(prompt=[PROMPT, "a blue square"], nag_negative_prompt=NEGATIVE, num_videos_per_prompt=2, max_sequence_length=16,
+                   output="nag_negative_prompt_embeds")  # fmt: skip
+    alone = blocks.sub_blocks["text_encoder"].init_pipeline()
+    # CFG on: diffusers 0.42.1's WanTextEncoderStep raises with one condition (its negative embeds unbound)
+    alone.update_components(text_encoder=encoder, tokenizer=tokenizer, guider=ClassifierFreeGuidance(guidance_scale=5.0))
+    expected = alone(prompt=[NEGATIVE] * 2, max_sequence_length=16, output="prompt_embeds").repeat_interleave(2, dim=0)
+    assert expected.shape[0] == 4 and torch.equal(out, expected) and guider.nag_negative_prompt_embeds is out
+
+
+def test_generic_step_over_another_encoder(texted, components):
+    """A text-encoder step of no known family gets the generic step over that very step: the same embeds."""
+    from diffusers.modular_pipelines.stable_diffusion_xl.encoders import StableDiffusionXLTextEncoderStep
+
+    from dualguide.guiders import NAGNegativePromptStep
+
+    class OwnEncoderStep(StableDiffusionXLTextEncoderStep):
+        pass
+
+    blocks = StableDiffusionXLAutoBlocks()
+    blocks.sub_blocks["text_encoder"] = OwnEncoderStep()
+    step = with_nag_negative_prompt(blocks).sub_blocks["nag_negative_prompt"]
+    assert type(step) is NAGNegativePromptStep and "num_images_per_prompt" in step.input_names
+    pipeline = with_nag_negative_prompt(blocks).init_pipeline()
+    pipeline.update_components(**components)
+    pipeline.set_progress_bar_config(disable=True)
+    out = run(pipeline, NormalizedAttentionGuidance(guidance_scale=1.0), nag_negative_prompt=NEGATIVE)
+    assert torch.equal(out["nag_negative_prompt_embeds"], encoded(texted, [NEGATIVE]))
+    with pytest.raises(TypeError, match="encoder"):
+        NAGNegativePromptStep()
