@@ -302,13 +302,14 @@ def test_only_handled_shapes_match():
 
 
 def test_calls_it_cannot_place_refused():
-    """Calls whose generated tokens the layout cannot place are refused, naming what is not supported."""
+    """Calls and models whose generated tokens the layout cannot place are refused, naming what is not supported."""
     torch.manual_seed(0)
     tokens = torch.zeros(1, 16, 4)
     with pytest.raises(ValueError, match="kv_cache_mode"):
         FLUX2.branch_tokens(flux2(1, 1), (), dict(hidden_states=tokens, encoder_hidden_states=torch.zeros(1, 2, 32), kv_cache_mode="extract"))
+    layered = qwen_image(use_layer3d_rope=True)
     with pytest.raises(ValueError, match="Qwen-Image Layered"):
-        QWEN_IMAGE.branch_tokens(qwen_image(use_layer3d_rope=True), (), dict(hidden_states=tokens, img_shapes=[[(1, 4, 4)]]))
+        TokenPerturbationGuidance(guidance_scale=1.0).bind(layered)  # at every branch's prepare_models, before its call
     model = z_image()
     with pytest.raises(ValueError, match="Omni"):
         Z_IMAGE.branch_tokens(model, (), dict(x=[[torch.zeros(16, 1, 8, 8)]], t=torch.zeros(1), cap_feats=[[torch.zeros(3, 16)]]))

@@ -23,8 +23,9 @@ selected block; text, reference-image and padding tokens enter as they are.
 **Generated tokens of a call** (``branch_tokens``, from the loop's call arguments): Flux.2, the leading tokens whose
 ``img_ids`` time coordinate is the first token's (diffusers gives the latents t=0, reference images t=10, 20, ...;
 one host sync per TPG call); Qwen-Image, the first shape of ``img_shapes``; Z-Image, ``F/pF * H/p * W/p`` of the
-latents. Refused there: Flux.2 calls with a ``kv_cache_mode`` (reference tokens put first), Qwen-Image Layered
-(``use_layer3d_rope``: several generated layers), Z-Image's Omni call (nested lists) and latents of several sizes.
+latents. Refused at the call: Flux.2 calls with a ``kv_cache_mode`` (reference tokens put first), Z-Image's Omni call
+(nested lists) and latents of several sizes (no diffusers 0.42.1 modular loop makes them); before any call (at
+``hook_plan``): Qwen-Image Layered (``use_layer3d_rope``: several generated layers).
 
 **Default** ``tpg_layers`` (``default_tpg_for``): SDXL's TPG layers d6-d23 are its transformer blocks at 9-34% of its
 depth D = 70; over a backbone's blocks in run order, the rule takes blocks ``floor(0.09 D)`` to ``floor(0.34 D)``
@@ -109,14 +110,20 @@ class Stack:
 Generated = Callable[[nn.Module, Mapping[str, object]], Tuple[int, int]]
 
 
+def _any_model(transformer: nn.Module) -> None:
+    """A shape's ``check_model`` when every model of the shape runs TPG."""
+
+
 @dataclass(frozen=True)
 class Shape:
-    """A backbone type as the layout sees it: the parameters its forward takes, its stacks in run order, and how a
-    call's arguments give its rows and generated image tokens."""
+    """A backbone type as the layout sees it: the parameters its forward takes, its stacks in run order, how a call's
+    arguments give its rows and generated image tokens, and ``check_model`` (``ValueError`` for a variant it cannot
+    run, before any backbone call)."""
 
     call_params: FrozenSet[str]
     stacks: Tuple[Stack, ...]
     generated: Generated
+    check_model: Callable[[nn.Module], None] = _any_model
 
 
 def _takes(function: Callable, params: FrozenSet[str]) -> bool:
@@ -178,10 +185,11 @@ class TransformerLayout(BlockLayout):
         self, model: nn.Module, tpg_modules: Iterable[nn.Module], pag_attns: Iterable[nn.Module], nag_attns: Iterable[nn.Module]
     ) -> HookSites:
         """TPG's pre-hook on each selected block, by where its stack's image tokens sit; for blocks after the text,
-        the backbone's ``record_text_tokens``."""
+        the backbone's ``record_text_tokens``. ``ValueError`` for a variant the shape cannot run."""
         if list(pag_attns) or list(nag_attns):
             raise ValueError(f"only TPG runs on {self.title}: PAG and NAG have no published semantics there")
         selected, transformer = set(tpg_modules), unwrap_module(model)
+        self.shape.check_model(transformer)
         pre_hooks = [
             (block, shuffle_tokens_after_text if stack.after_text else shuffle_leading_tokens)
             for stack in self.shape.stacks
@@ -204,9 +212,12 @@ def _flux2_generated(transformer: nn.Module, call: Mapping[str, object]) -> Tupl
     return tokens.shape[0], other or tokens.shape[1]
 
 
-def _qwen_image_generated(transformer: nn.Module, call: Mapping[str, object]) -> Tuple[int, int]:
+def _qwen_image_check(transformer: nn.Module) -> None:
     if getattr(transformer.config, "use_layer3d_rope", False):
         raise ValueError("TPG on Qwen-Image Layered (use_layer3d_rope) is not supported: its call generates several layers")
+
+
+def _qwen_image_generated(transformer: nn.Module, call: Mapping[str, object]) -> Tuple[int, int]:
     tokens, shapes = call["hidden_states"], call["img_shapes"]
     if not shapes:
         return tokens.shape[0], tokens.shape[1]
@@ -246,6 +257,7 @@ QWEN_IMAGE = TransformerLayout(
         frozenset({"hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "img_shapes"}),
         (Stack("transformer_blocks", "j", frozenset({"hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "temb"})),),
         _qwen_image_generated,
+        _qwen_image_check,
     ),
     "j5-j20",
 )
