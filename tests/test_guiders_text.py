@@ -219,3 +219,53 @@ def test_generic_step_over_another_encoder(texted, components):
     assert torch.equal(out["nag_negative_prompt_embeds"], encoded(texted, [NEGATIVE]))
     with pytest.raises(TypeError, match="encoder"):
         NAGNegativePromptStep()
+
+
+def tiny_umt5():
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from dualguide.tiny import WAN_TEXT_DIM, tiny_t5_tokenizer
+
+    tokenizer = tiny_t5_tokenizer()
+    torch.manual_seed(0)
+    config = UMT5Config(vocab_size=len(tokenizer), d_model=WAN_TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    return UMT5EncoderModel(config).eval(), tokenizer
+
+
+@pytest.mark.parametrize("guidance_scale", [1.0, 5.0])
+def test_wan_text_negative_runs_with_cfg_on_and_off(guidance_scale):
+    """Wan from text to latents with nag_negative_prompt: with CFG off (one condition), diffusers' own
+    WanTextEncoderStep raises; the blocks from with_nag_negative_prompt run, and equal a run given the embeds."""
+    from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers.modular_pipelines import SequentialPipelineBlocks
+
+    from dualguide.guiders import WanOneConditionTextEncoderStep
+    from dualguide.tiny import tiny_wan_transformer_config, wan_scheduler_config
+
+    encoder, tokenizer = tiny_umt5()
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(**tiny_wan_transformer_config(num_layers=4)).eval()
+    blocks = with_nag_negative_prompt(WanBlocks())
+    assert type(blocks.sub_blocks["text_encoder"]) is WanOneConditionTextEncoderStep
+    assert type(WanBlocks().sub_blocks["text_encoder"]) is not WanOneConditionTextEncoderStep  # the original is left as it was
+
+    def run(blocks, guider, **kwargs):
+        no_decoder = SequentialPipelineBlocks.from_blocks_dict({k: v for k, v in blocks.sub_blocks.items() if k != "decode"})
+        pipeline = no_decoder.init_pipeline()
+        pipeline.update_components(text_encoder=encoder, tokenizer=tokenizer, transformer=transformer, guider=guider,
+                                   scheduler=UniPCMultistepScheduler(**wan_scheduler_config()))  # fmt: skip
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline(prompt=PROMPT, num_inference_steps=2, height=32, width=32, num_frames=5, max_sequence_length=16,
+                        generator=torch.Generator().manual_seed(0), output="latents", **kwargs)  # fmt: skip
+
+    settings = dict(guidance_scale=guidance_scale, nag_scale=3.0, nag_alpha=0.25)
+    texted = NormalizedAttentionGuidance(**settings)
+    latents = run(blocks, texted, nag_negative_prompt=NEGATIVE)
+    given = NormalizedAttentionGuidance(**settings, nag_negative_prompt_embeds=texted.nag_negative_prompt_embeds.clone())
+    plain = SequentialPipelineBlocks.from_blocks_dict({k: v for k, v in blocks.sub_blocks.items() if k != "nag_negative_prompt"})
+    assert torch.equal(latents, run(plain, given))
+    without = run(plain, NormalizedAttentionGuidance(guidance_scale=guidance_scale, nag_scale=1.0))
+    assert (latents - without).abs().max() > 1e-4
+    if guidance_scale == 1.0:
+        with pytest.raises(UnboundLocalError):  # diffusers 0.42.1's own step with one condition
+            run(WanBlocks(), NormalizedAttentionGuidance(guidance_scale=1.0, nag_scale=1.0))

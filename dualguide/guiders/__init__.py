@@ -11,6 +11,7 @@ from .text import (
     StableDiffusion3NAGNegativePromptStep,
     StableDiffusionXLNAGNegativePromptStep,
     WanNAGNegativePromptStep,
+    WanOneConditionTextEncoderStep,
     with_nag_negative_prompt,
 )
 from .tpg import TokenPerturbationGuidance
@@ -23,6 +24,7 @@ __all__ = [
     "StableDiffusionXLNAGNegativePromptStep",
     "TokenPerturbationGuidance",
     "WanNAGNegativePromptStep",
+    "WanOneConditionTextEncoderStep",
     "one_forward",
     "with_nag_negative_prompt",
 ]

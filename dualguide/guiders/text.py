@@ -8,7 +8,8 @@ That step encodes ``prompt`` whatever the guider's conditions, so NAG with CFG o
 gets its negative too. The embeds get one row per image, repeated ``num_images_per_prompt`` (Wan:
 ``num_videos_per_prompt``) times as the pipeline's input step repeats the prompt embeds.
 
-``with_nag_negative_prompt(blocks)`` gives a copy of ``blocks`` with the block inserted after the text encoder.
+``with_nag_negative_prompt(blocks)`` gives a copy of ``blocks`` with the block inserted after the text encoder (on
+Wan, diffusers' text encoder step is swapped for ``WanOneConditionTextEncoderStep``, which runs with CFG off).
 """
 
 from __future__ import annotations
@@ -140,15 +141,32 @@ class StableDiffusion3NAGNegativePromptStep(NAGNegativePromptStep):
     encoder_class = StableDiffusion3TextEncoderStep
 
 
+class WanOneConditionTextEncoderStep(WanTextEncoderStep):
+    """diffusers' ``WanTextEncoderStep`` that also runs with a one-condition guider (NAG or TPG with CFG off).
+
+    With such a guider, diffusers 0.42.1's step leaves its negative embeds unbound (``UnboundLocalError``), and its
+    Wan denoise step requires them anyway; this step always encodes the negative (``negative_prompt``, else the empty
+    text), which the loop then leaves unused: one more text-encoder pass per run. ``with_nag_negative_prompt`` puts it
+    in place of ``WanTextEncoderStep``."""
+
+    @staticmethod
+    def encode_prompt(components, prompt, device=None, prepare_unconditional_embeds: bool = True, negative_prompt=None,
+                      max_sequence_length: int = 512):  # fmt: skip
+        return WanTextEncoderStep.encode_prompt(components, prompt, device, True, negative_prompt, max_sequence_length)
+
+
 class WanNAGNegativePromptStep(NAGNegativePromptStep):
-    """``NAGNegativePromptStep`` over modular Wan's ``WanTextEncoderStep`` (rows repeated ``num_videos_per_prompt`` times)."""
+    """``NAGNegativePromptStep`` over modular Wan's text encoder (``WanOneConditionTextEncoderStep``, so that NAG with
+    CFG off runs; rows repeated ``num_videos_per_prompt`` times)."""
 
     model_name = "wan"
-    encoder_class = WanTextEncoderStep
+    encoder_class = WanOneConditionTextEncoderStep
     per_prompt = "num_videos_per_prompt"
 
 
 FAMILY_STEPS = (StableDiffusionXLNAGNegativePromptStep, StableDiffusion3NAGNegativePromptStep, WanNAGNegativePromptStep)
+# Text-encoder steps that ``with_nag_negative_prompt`` replaces (diffusers' step -> the project's that runs CFG off).
+ONE_CONDITION_ENCODERS = {WanTextEncoderStep: WanOneConditionTextEncoderStep}
 
 
 def step_for(encoder: ModularPipelineBlocks, blocks: ModularPipelineBlocks) -> NAGNegativePromptStep:
@@ -170,8 +188,10 @@ def with_nag_negative_prompt(blocks: SequentialPipelineBlocks) -> SequentialPipe
     blocks = copy.deepcopy(blocks)
     if any(isinstance(block, NAGNegativePromptStep) for block in blocks.sub_blocks.values()):
         return blocks
-    for index, block in enumerate(blocks.sub_blocks.values()):
+    for index, (name, block) in enumerate(blocks.sub_blocks.items()):
         if encodes_prompts(block):
+            if type(block) in ONE_CONDITION_ENCODERS:  # diffusers' step that fails with CFG off: the project's in its place
+                block = blocks.sub_blocks[name] = ONE_CONDITION_ENCODERS[type(block)]()
             blocks.sub_blocks.insert(TEXT, step_for(block, blocks), index + 1)
             return blocks
     raise TypeError(f"{type(blocks).__name__} has no top-level text-encoder step (a block taking prompt and giving prompt_embeds)")
