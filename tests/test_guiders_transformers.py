@@ -316,3 +316,32 @@ def test_calls_it_cannot_place_refused():
     with pytest.raises(ValueError, match="one size"):
         Z_IMAGE.branch_tokens(model, (), dict(x=[torch.zeros(16, 1, 8, 8), torch.zeros(16, 1, 4, 8)], t=torch.zeros(2), cap_feats=[]))
     assert Z_IMAGE.branch_tokens(model, (), dict(x=[torch.zeros(16, 1, 12, 12)] * 2, t=torch.zeros(2), cap_feats=[]))[0] == 2
+
+
+def test_per_image_seeds_checked_before_any_backbone_call(case):
+    """A per-image seed list longer or shorter than the batch is refused before any call, on every layout (Z-Image's
+    loop gives its prompt embeds as a list of per-image tensors, whose length is the batch)."""
+    spec, transformer, denoise = case
+    for seed, batch in (([1, 2, 3], 2), ([1, 2], 1)):
+        inputs = dict(spec.inputs, num_images_per_prompt=batch)
+        with rows_seen(transformer) as rows, pytest.raises(ValueError, match=rf"seed has {len(seed)} per-image seeds but the batch has {batch} images"):
+            run(denoise, TokenPerturbationGuidance(guidance_scale=4.0, seed=seed), **inputs)
+        assert rows == []
+
+
+def test_call_refused_at_its_start_leaves_no_hook():
+    """A backbone call the layout refuses when it starts (Flux.2's kv_cache_mode) leaves no hook and no call state,
+    before the guider is used again."""
+    torch.manual_seed(0)
+    transformer = flux2(1, 2)
+    guider = TokenPerturbationGuidance(guidance_scale=1.0, tpg_scale=3.0, tpg_layers="j0,s0")
+    kwargs = dict(hidden_states=torch.zeros(1, 16, 4), encoder_hidden_states=torch.zeros(1, 3, 32), timestep=torch.ones(1),
+                  img_ids=torch.zeros(16, 4), txt_ids=torch.zeros(3, 4), kv_cache_mode="extract")  # fmt: skip
+    guider.set_state(step=0, num_inference_steps=1, timestep=torch.tensor(999.0))
+    guider.prepare_inputs({"encoder_hidden_states": (torch.zeros(1, 1, 1), None)})
+    guider.prepare_models(transformer)
+    guider.cleanup_models(transformer)
+    guider.prepare_models(transformer)  # the TPG branch; the loop's cleanup_models never comes: the call raises
+    with pytest.raises(ValueError, match="kv_cache_mode"):
+        transformer(**kwargs)
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in transformer.modules()) and current_call() is None

@@ -15,7 +15,6 @@ import threading
 from contextlib import ExitStack
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
-import torch
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
 from torch import Tensor, nn
 
@@ -50,7 +49,12 @@ class BranchCall:
 
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if threading.get_ident() == self._thread:
-            self._stack.enter_context(guided_call(self._make_call(args, kwargs)))
+            try:
+                call = self._make_call(args, kwargs)
+            except BaseException:  # a call refused before the forward: every hook goes now, ``_exit``'s too
+                self.close()
+                raise
+            self._stack.enter_context(guided_call(call))
 
     def _exit(self, module: nn.Module, args: tuple, output) -> None:
         if threading.get_ident() == self._thread:
@@ -88,12 +92,22 @@ def check_seed(seed: Seed) -> Seed:
     raise TypeError(f"seed must be an int or a non-empty list of ints (one per image), got {seed!r}")
 
 
+def rows_of(value) -> Optional[int]:
+    """The rows of one guider input: a tensor's first dim, or the length of a list of per-image tensors (Z-Image's
+    ``cap_feats``); None for anything else."""
+    if isinstance(value, Tensor):
+        return value.shape[0]
+    if isinstance(value, list) and value and all(isinstance(item, Tensor) for item in value):
+        return len(value)
+    return None
+
+
 def batch_of(data) -> Optional[int]:
-    """The batch of a guider's inputs (``prepare_inputs``' dict of ``(cond, uncond)`` pairs): its first cond tensor's rows."""
+    """The batch of a guider's inputs (``prepare_inputs``' dict of ``(cond, uncond)`` pairs): its first cond input's rows."""
     for value in data.values():
-        cond = value[0] if isinstance(value, tuple) else value
-        if isinstance(cond, torch.Tensor):
-            return cond.shape[0]
+        rows = rows_of(value[0] if isinstance(value, tuple) else value)
+        if rows is not None:
+            return rows
     return None
 
 
@@ -154,7 +168,7 @@ class BranchGuidance(BaseGuidance):
 
     def prepare_inputs_from_block_state(self, data, input_fields) -> list:
         cond = next((getattr(data, v if isinstance(v, str) else v[0], None) for v in input_fields.values()), None)
-        branches = self._branch_inputs(cond.shape[0] if isinstance(cond, Tensor) else None)
+        branches = self._branch_inputs(rows_of(cond))
         return [self._prepare_batch_from_block_state(input_fields, data, index, name) for index, name in branches]
 
     def prepare_models(self, denoiser: nn.Module) -> None:
