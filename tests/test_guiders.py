@@ -156,6 +156,38 @@ def test_raising_branch_call_leaves_no_state(unet):
     assert unet_snapshot(unet) == before
 
 
+def test_interrupted_branch_call_state_ends_at_the_next_call(unet):
+    """A KeyboardInterrupt inside the TPG branch's call skips torch's always_call hook; the next call of the UNet in
+    this thread runs plain (equal to a call without the guider), and leaves no state and no hook behind."""
+    guider = TokenPerturbationGuidance(guidance_scale=1.0, tpg_layers="d6-d9")
+    before = unet_snapshot(unet)
+    inputs = dict(encoder_hidden_states=torch.randn(1, 77, 64, generator=torch.Generator().manual_seed(3)),
+                  added_cond_kwargs={"text_embeds": torch.zeros(1, unet.config.projection_class_embeddings_input_dim - 48),
+                                     "time_ids": torch.zeros(1, 6)})  # fmt: skip
+    sample = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = unet(sample, 999, **inputs).sample
+    guider.set_state(step=0, num_inference_steps=2, timestep=torch.tensor(999))
+    guider.prepare_inputs({"prompt_embeds": (inputs["encoder_hidden_states"], None)})
+    guider.prepare_models(unet)
+    guider.cleanup_models(unet)
+    guider.prepare_models(unet)  # the TPG branch
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    handle = unet.up_blocks[0].register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        unet(sample, 999, **inputs)
+    handle.remove()
+    assert current_call() is not None  # what torch leaves: the state outlives the interrupted call
+    with torch.no_grad():
+        after = unet(sample, 999, **inputs).sample
+    assert torch.equal(after, plain)
+    assert current_call() is None and not any(installed_count(m) for m in unet.modules())
+    assert unet_snapshot(unet) == before and not any(m._forward_pre_hooks or m._forward_hooks for m in unet.modules())
+
+
 @pytest.fixture(scope="module")
 def negative():
     """A NAG negative's prompt embeds, one row, the tiny text encoders' width."""

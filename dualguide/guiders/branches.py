@@ -31,11 +31,16 @@ MakeCall = Callable[[tuple, dict], GuidedCall]  # a branch's call state from its
 class BranchCall:
     """The guidance of one branch's backbone call: ``sites`` installed on ``model`` until ``close``, and the state
     ``make_call(args, kwargs)`` (the call's arguments) in force during the next call of ``model`` in this thread, reset after it whether it returns
-    or raises. Calls of ``model`` from other threads pass through untouched."""
+    or raises. Calls of ``model`` from other threads pass through untouched.
+
+    It guides one call. A forward stopped by a ``BaseException`` that is not an ``Exception`` (``KeyboardInterrupt``)
+    never reaches torch's ``always_call`` hook, so its state would outlive it: the next call of ``model`` in this
+    thread then resets that state, removes every hook and runs unguided."""
 
     def __init__(self, model: nn.Module, sites: HookSites, make_call: MakeCall) -> None:
         self._make_call = make_call
         self._thread = threading.get_ident()
+        self._entered = False
         self._stack = ExitStack()
         try:
             self._stack.enter_context(guidance_hooks(sites))
@@ -48,13 +53,18 @@ class BranchCall:
             raise
 
     def _enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if threading.get_ident() == self._thread:
-            try:
-                call = self._make_call(args, kwargs)
-            except BaseException:  # a call refused before the forward: every hook goes now, ``_exit``'s too
-                self.close()
-                raise
-            self._stack.enter_context(guided_call(call))
+        if threading.get_ident() != self._thread:
+            return
+        if self._entered:  # the guided call never reached ``_exit`` (interrupted): this one runs plain
+            self.close()
+            return
+        self._entered = True
+        try:
+            call = self._make_call(args, kwargs)
+        except BaseException:  # a call refused before the forward: every hook goes now, ``_exit``'s too
+            self.close()
+            raise
+        self._stack.enter_context(guided_call(call))
 
     def _exit(self, module: nn.Module, args: tuple, output) -> None:
         if threading.get_ident() == self._thread:
