@@ -40,7 +40,7 @@ from . import attention
 from .callstate import NAGCall, PAGCall, current_call
 from .guidance import nag_extrapolate
 from .joint import pag_rows, perturbed_heads
-from .perturb import shuffle_tokens
+from .perturb import shuffle_token_span
 from .rows import CallRows
 
 # The text tokens of the single-stream block running now (its attention sees only the concatenated tokens).
@@ -67,14 +67,7 @@ def _generated(image_tokens: Tensor) -> Tensor:
 def shuffle_generated_tokens(module: nn.Module, args: tuple, kwargs: dict):
     """TPG's forward pre-hook on a Flux block (``perturb.shuffle_tokens``) on the generated image tokens only;
     Kontext's reference tokens after them enter the block as they are."""
-    if not _REFERENCE_TOKENS.get():
-        return shuffle_tokens(module, args, kwargs)
-    hidden_states = kwargs["hidden_states"]
-    shuffled = shuffle_tokens(module, args, {**kwargs, "hidden_states": _generated(hidden_states)})
-    if shuffled is None:
-        return None
-    generated = shuffled[1]["hidden_states"]
-    return args, {**kwargs, "hidden_states": torch.cat([generated, hidden_states[:, generated.shape[1] :]], dim=1)}
+    return shuffle_token_span(module, args, kwargs, 0, kwargs["hidden_states"].shape[1] - _REFERENCE_TOKENS.get())
 
 
 def single_block_inputs(module: nn.Module, args: tuple, kwargs: dict):

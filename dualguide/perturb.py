@@ -38,6 +38,20 @@ def shuffle_tokens(module: nn.Module, args: tuple, kwargs: dict):
     return args, {**kwargs, "hidden_states": hidden_states}
 
 
+def shuffle_token_span(module: nn.Module, args: tuple, kwargs: dict, start: int, stop: int):
+    """``shuffle_tokens`` on the block input's tokens ``start`` to ``stop`` only (a block whose sequence holds other
+    tokens beside the generated image tokens: text before them, reference images or padding after them); the tokens
+    outside the span enter the block as they are."""
+    hidden_states = args[0] if args else kwargs["hidden_states"]
+    if start == 0 and stop == hidden_states.shape[1]:
+        return shuffle_tokens(module, args, kwargs)
+    shuffled = shuffle_tokens(module, (), {"hidden_states": hidden_states[:, start:stop]})
+    if shuffled is None:
+        return None
+    tokens = torch.cat([hidden_states[:, :start], shuffled[1]["hidden_states"], hidden_states[:, stop:]], dim=1)
+    return ((tokens, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": tokens})
+
+
 def _shuffled(hidden_states: Tensor, rows: slice, permutation: Tensor) -> Tensor:
     """``hidden_states`` with the tokens of ``rows`` permuted (in place at inference)."""
     selected = hidden_states[rows]

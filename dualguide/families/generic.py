@@ -54,7 +54,7 @@ from torch import nn
 
 from ..callstate import current_call
 from ..hooks import HookSites
-from ..perturb import shuffle_tokens
+from ..perturb import shuffle_token_span
 from .base import BlockLayout, Blocks
 
 # The text tokens before the image tokens in a single block's ``[text, image]`` sequence, for the call in flight.
@@ -69,18 +69,12 @@ def record_text_tokens(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def _shuffle_from(module: nn.Module, args: tuple, kwargs: dict, start: int):
-    """``perturb.shuffle_tokens`` on the block input's tokens ``start`` to ``start +`` the permutation's length only."""
+    """``perturb.shuffle_token_span`` on the block input's tokens ``start`` to ``start +`` the permutation's length."""
     call = current_call()
     permutation = None if call is None or call.tpg is None else call.tpg.permutations.get(module)
     if permutation is None:
         return None
-    tokens = args[0] if args else kwargs["hidden_states"]
-    stop = start + permutation.shape[-1]
-    if start == 0 and stop == tokens.shape[1]:
-        return shuffle_tokens(module, args, kwargs)
-    _, shuffled = shuffle_tokens(module, (), {"hidden_states": tokens[:, start:stop]})
-    tokens = torch.cat([tokens[:, :start], shuffled["hidden_states"], tokens[:, stop:]], dim=1)
-    return ((tokens, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": tokens})
+    return shuffle_token_span(module, args, kwargs, start, start + permutation.shape[-1])
 
 
 def shuffle_leading_tokens(module: nn.Module, args: tuple, kwargs: dict):
