@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from ..callstate import GuidedCall, NAGCall
 from ..config import NAG
-from ..families import layout_of
+from ..families import BlockLayout, layout_of
 from ..hooks import HookSites
 from ..rows import CallRows
 from .branches import BranchGuidance, MakeCall, check_window, in_window
@@ -84,6 +84,7 @@ class NormalizedAttentionGuidance(RuntimeNegative, BranchGuidance):
         )  # fmt: skip
         self.nag_start, self.nag_stop = check_window(nag_start, nag_stop, "nag_start", "nag_stop")
         self._model: Optional[nn.Module] = None
+        self._layout: Optional[BlockLayout] = None  # the bound model's
         self._attns: FrozenSet[nn.Module] = frozenset()
         self._sites = HookSites()
         self._call: Optional[NAGCall] = None  # the negative's K/V in every cross-attention of the bound model
@@ -138,10 +139,10 @@ class NormalizedAttentionGuidance(RuntimeNegative, BranchGuidance):
                 )
             self._attns = family.nag_attentions(model)
             self._sites = family.hook_plan(model, (), (), self._attns)
-            self._model, self._call = model, None
+            self._model, self._layout, self._call = model, family, None
         if self._call is None:
             negative = self._negative.to(device=model.device, dtype=model.dtype)
-            negative, cache = layout_of(model).nag_negative(model, self._attns, negative)  # checks the width
+            negative, cache = self._layout.nag_negative(model, self._attns, negative)  # checks the width
             settings = self._settings
             self._call = NAGCall(self._attns, settings.scale, settings.tau, settings.alpha, settings.use_l1, negative, cache)
 
@@ -155,7 +156,7 @@ class NormalizedAttentionGuidance(RuntimeNegative, BranchGuidance):
 
     def nag_call(self, args: tuple, kwargs: dict) -> GuidedCall:
         """The cond branch's call: all its rows are guided rows, with the run's negative K/V."""
-        rows, _ = layout_of(self._model).branch_tokens(self._model, args, kwargs)
+        rows, _ = self._layout.branch_tokens(self._model, args, kwargs)
         if rows != self._call.negative.shape[0]:
             raise ValueError(f"{NEGATIVE} has batch {self._call.negative.shape[0]}, the cond branch has {rows} rows")
         return GuidedCall(CallRows({"cond": slice(0, rows)}), nag=self._call)
