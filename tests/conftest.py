@@ -60,6 +60,15 @@ def generate(pipeline, seed=0, **kwargs):
     return pipeline(generator=torch.Generator().manual_seed(seed), **settings).images
 
 
+def modular_pipeline(blocks, components, **init):
+    """diffusers modular ``blocks`` as a pipeline (``init``: ``init_pipeline``'s keywords) with ``components``, the
+    tiny models built in code (no hub), progress bars off."""
+    pipeline = blocks.init_pipeline(**init)
+    pipeline.update_components(**components)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
 @pytest.fixture(scope="module")
 def model_folder(pipe, tmp_path_factory):
     """The tiny pipeline saved as a model folder, with a recommended.json of small, fast settings."""

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import SIZE, unet_snapshot
+from conftest import SIZE, modular_pipeline, unet_snapshot
 from counting import rows_seen
 from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.modular_pipelines import StableDiffusionXLAutoBlocks
@@ -22,10 +22,7 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def modular(components):
     """diffusers' modular SDXL with the tiny components (no hub: the blocks' components are all given)."""
-    pipeline = StableDiffusionXLAutoBlocks().init_pipeline()
-    pipeline.update_components(**components)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return modular_pipeline(StableDiffusionXLAutoBlocks(), components)
 
 
 def generator(seed):

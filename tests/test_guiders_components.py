@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import SIZE
+from conftest import SIZE, modular_pipeline
 from counting import rows_seen
 from diffusers import ComponentsManager
 from diffusers.guiders import ClassifierFreeGuidance
@@ -30,10 +30,7 @@ def guider(kind):
 
 
 def build(components, manager=None, collection=None, blocks=None):
-    pipeline = (blocks or StableDiffusionXLAutoBlocks()).init_pipeline(components_manager=manager, collection=collection)
-    pipeline.update_components(**components)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return modular_pipeline(blocks or StableDiffusionXLAutoBlocks(), components, components_manager=manager, collection=collection)
 
 
 def run(pipeline, chosen, **kwargs):

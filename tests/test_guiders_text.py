@@ -4,7 +4,7 @@ naming ``nag_negative_prompt`` before any backbone call."""
 
 import pytest
 import torch
-from conftest import SIZE
+from conftest import SIZE, modular_pipeline
 from counting import rows_seen
 from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.modular_pipelines import StableDiffusion3AutoBlocks, StableDiffusionXLAutoBlocks, WanBlocks
@@ -31,19 +31,13 @@ def generator(seed=0):
 @pytest.fixture(scope="module")
 def plain(components):
     """diffusers' modular SDXL with the tiny components."""
-    pipeline = StableDiffusionXLAutoBlocks().init_pipeline()
-    pipeline.update_components(**components)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return modular_pipeline(StableDiffusionXLAutoBlocks(), components)
 
 
 @pytest.fixture(scope="module")
 def texted(components):
     """The same pipeline with the NAG negative-text step."""
-    pipeline = with_nag_negative_prompt(StableDiffusionXLAutoBlocks()).init_pipeline()
-    pipeline.update_components(**components)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return modular_pipeline(with_nag_negative_prompt(StableDiffusionXLAutoBlocks()), components)
 
 
 def encoded(pipeline, texts, per_prompt=1):

@@ -3,7 +3,7 @@ diffusers' per-branch loop with the same guider (and SD3's NAG equals StableDiff
 
 import pytest
 import torch
-from conftest import SIZE, unet_snapshot
+from conftest import SIZE, modular_pipeline, unet_snapshot
 from counting import rows_seen
 from diffusers.guiders import ClassifierFreeGuidance, AdaptiveProjectedGuidance
 from diffusers.modular_pipelines import StableDiffusion3AutoBlocks, StableDiffusionXLAutoBlocks
@@ -22,10 +22,7 @@ def generator(seed=0):
 
 @pytest.fixture(scope="module")
 def modular(components):
-    pipeline = StableDiffusionXLAutoBlocks().init_pipeline()
-    pipeline.update_components(**components)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return modular_pipeline(StableDiffusionXLAutoBlocks(), components)
 
 
 @pytest.fixture(scope="module")
