@@ -7,13 +7,13 @@ import torch
 from diffusers import FluxPipeline
 
 from counting import rows_seen
+from flux_inputs import TEXT, embeds, nag_negative, negative
 from dualguide import FluxTPGPipeline
 from dualguide.families import FLUX
 from dualguide.families.flux import image_ids, pack_latents, unpack_latents
 from dualguide.tiny import build_tiny_flux
 
 SIZE = dict(height=32, width=32, max_sequence_length=16)
-TEXT = 96  # the tiny T5's width
 
 
 @pytest.fixture(scope="module", params=["dev", "schnell"])
@@ -26,26 +26,11 @@ def dev_components():
     return build_tiny_flux("dev")
 
 
-def embeds(seed: int, rows: int = 1):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, 16, TEXT, generator=generator), torch.randn(rows, 32, generator=generator)
-
-
 def latents(pipe, seed=0, **kwargs):
     prompt_embeds, pooled = embeds(100)
     arguments = dict(prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, num_inference_steps=3, guidance_scale=3.5,
                      output_type="latent", **SIZE)  # fmt: skip
     return pipe(**{**arguments, **kwargs}, generator=torch.Generator().manual_seed(seed)).images
-
-
-def negative(seed=200):
-    prompt_embeds, pooled = embeds(seed)
-    return dict(negative_prompt_embeds=prompt_embeds, negative_pooled_prompt_embeds=pooled)
-
-
-def nag_negative(seed=300):
-    prompt_embeds, pooled = embeds(seed)
-    return dict(nag_negative_prompt_embeds=prompt_embeds, nag_negative_pooled_prompt_embeds=pooled)
 
 
 def processors(transformer):

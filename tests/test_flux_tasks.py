@@ -10,12 +10,12 @@ import torch
 from diffusers import FluxImg2ImgPipeline, FluxKontextPipeline
 
 from counting import rows_seen
+from flux_inputs import embeds, nag_negative, negative
 from dualguide import FluxKontextTPGPipeline, FluxTPGImg2ImgPipeline, FluxTPGPipeline
 from dualguide.pipelines.flux_base import check_flux_call
 from dualguide.pipelines.parameters import with_absent
 from dualguide.tiny import build_tiny_flux
 
-TEXT = 96  # the tiny T5's width
 STEPS = 3
 
 
@@ -27,21 +27,6 @@ def dev_components():
 @pytest.fixture(scope="module")
 def kontext_components():
     return build_tiny_flux("kontext")
-
-
-def embeds(seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(1, 16, TEXT, generator=generator), torch.randn(1, 32, generator=generator)
-
-
-def negative(seed=200):
-    prompt_embeds, pooled = embeds(seed)
-    return dict(negative_prompt_embeds=prompt_embeds, negative_pooled_prompt_embeds=pooled)
-
-
-def nag_negative(seed=300):
-    prompt_embeds, pooled = embeds(seed)
-    return dict(nag_negative_prompt_embeds=prompt_embeds, nag_negative_pooled_prompt_embeds=pooled)
 
 
 def run(pipe, seed=0, **kwargs):
